@@ -1,0 +1,214 @@
+"""Model adapters: one batched ``predict(x) -> (n, n_outputs)`` tensor interface for every model.
+
+* :class:`TorchModel` wraps an ``nn.Module`` (gradients available, follows its device and dtype);
+* :class:`FunctionModel` wraps a scikit-learn estimator or any ``predict_proba`` / ``predict`` /
+  plain callable working on NumPy arrays (or pandas frames, when the estimator was fitted on one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from whatmatters.core.errors import InputError, ModelError
+from whatmatters.core.state import parameter_device_dtype
+
+
+def _batches(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def _as_2d_outputs(out: torch.Tensor) -> torch.Tensor:
+    if out.ndim == 1:
+        return out.unsqueeze(1)
+    if out.ndim != 2:
+        raise ModelError(
+            f"the model returned outputs of shape {tuple(out.shape)}; whatmatters needs one row per "
+            "sample, i.e. shape (n,) or (n, n_outputs). Wrap the model to select the output to explain."
+        )
+    return out
+
+
+@dataclass
+class Model:
+    """Base adapter. ``predict`` returns a float tensor of shape ``(n, n_outputs)``."""
+
+    batch_size: int = 4096
+    output: str = "auto"
+    _n_outputs: int | None = field(default=None, init=False, repr=False)
+
+    kind = "callable"
+    has_gradients = False
+
+    def _predict_batch(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def predict(self, x: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        """Model outputs for every row of ``x`` in batches of ``batch_size`` rows."""
+        size = batch_size or self.batch_size
+        if len(x) <= size:
+            return _as_2d_outputs(self._predict_batch(x))
+        return torch.cat([_as_2d_outputs(self._predict_batch(x[s])) for s in _batches(len(x), size)])
+
+    def n_outputs(self, example: torch.Tensor) -> int:
+        if self._n_outputs is None:
+            self._n_outputs = int(self.predict(example[:1]).shape[1])
+        return self._n_outputs
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float64
+
+
+@dataclass
+class FunctionModel(Model):
+    """A scikit-learn estimator or a callable on NumPy arrays."""
+
+    fn: Callable[[Any], Any] | None = None
+    feature_names: Sequence[str] | None = None
+    estimator: Any = None
+    is_classifier: bool = False
+
+    def _predict_batch(self, x: torch.Tensor) -> torch.Tensor:
+        array = x.detach().cpu().numpy()
+        if self.feature_names is not None:
+            import pandas as pd
+
+            array = pd.DataFrame(array, columns=list(self.feature_names))
+        out = np.asarray(self.fn(array))
+        if out.dtype == object or not np.issubdtype(out.dtype, np.number):
+            raise ModelError(
+                "the model's predictions are not numeric (class labels?); explain a classifier through "
+                "its probabilities: pass the estimator itself or its predict_proba"
+            )
+        return torch.from_numpy(out.astype(np.float64, copy=False))
+
+
+@dataclass
+class TorchModel(Model):
+    """An ``nn.Module``: outputs in its own device and dtype; gradients available."""
+
+    module: nn.Module | None = None
+    kind = "torch"
+    has_gradients = True
+
+    def __post_init__(self) -> None:
+        self._device, self._dtype = parameter_device_dtype(self.module)
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    def to_model(self, x: torch.Tensor) -> torch.Tensor:
+        """Inputs moved to the model's device; floating inputs in the model's dtype."""
+        x = x.to(self._device)
+        return x.to(self._dtype) if x.is_floating_point() else x
+
+    def _predict_batch(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.forward(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """A differentiable forward pass (outputs as (n, n_outputs))."""
+        out = self.module(self.to_model(x))
+        if not isinstance(out, torch.Tensor):
+            out = getattr(out, "logits", None)
+            if out is None:
+                raise ModelError("the model returned a non-tensor without .logits; wrap it so that it returns a tensor")
+        return _as_2d_outputs(out)
+
+
+def wrap(model: Any, *, feature_names: Sequence[str] | None = None, batch_size: int | None = None) -> Model:
+    """Turn an ``nn.Module``, scikit-learn estimator or callable into a :class:`Model`."""
+    if isinstance(model, Model):
+        return model
+    kwargs: dict[str, Any] = {} if batch_size is None else {"batch_size": batch_size}
+    if isinstance(model, nn.Module):
+        return TorchModel(module=model, **{"batch_size": 256, **kwargs})
+    names = None
+    fitted_names = getattr(model, "feature_names_in_", None)
+    if fitted_names is not None:
+        names = [str(n) for n in fitted_names]
+    if hasattr(model, "predict_proba"):
+        _check_fitted(model)
+        return FunctionModel(fn=model.predict_proba, feature_names=names, estimator=model, is_classifier=True, **kwargs)
+    if hasattr(model, "predict"):
+        _check_fitted(model)
+        return FunctionModel(fn=model.predict, feature_names=names, estimator=model, **kwargs)
+    if callable(model):
+        return FunctionModel(fn=model, **kwargs)
+    raise ModelError(
+        f"cannot explain a {type(model).__name__}: pass a torch nn.Module, a scikit-learn estimator, "
+        "or a callable mapping an (n, d) array to predictions"
+    )
+
+
+def _check_fitted(estimator: Any) -> None:
+    try:
+        from sklearn.exceptions import NotFittedError
+        from sklearn.utils.validation import check_is_fitted
+    except ImportError:  # pragma: no cover - scikit-learn is a core dependency
+        return
+    try:
+        check_is_fitted(estimator)
+    except NotFittedError:
+        raise ModelError(f"the {type(estimator).__name__} is not fitted yet; call .fit(X, y) first") from None
+    except TypeError:
+        pass
+
+
+def to_tensor(data: Any, name: str = "data") -> tuple[torch.Tensor, list[str] | None]:
+    """Numeric tensor from an array, tensor, DataFrame or nested list; pandas columns become names.
+
+    Raises :class:`InputError` for empty, non-numeric or non-finite data.
+    """
+    names = None
+    if hasattr(data, "columns") and hasattr(data, "dtypes"):  # pandas DataFrame
+        names = [str(c) for c in data.columns]
+        from pandas.api.types import is_bool_dtype, is_numeric_dtype
+
+        bad = [str(c) for c, t in data.dtypes.items() if not (is_numeric_dtype(t) or is_bool_dtype(t))]
+        if bad:
+            raise InputError(
+                f"{name} has non-numeric columns {bad}; encode them first (e.g. one-hot with "
+                "pandas.get_dummies or sklearn's OneHotEncoder in a Pipeline)"
+            )
+        data = data.to_numpy(dtype=np.float64)
+    if isinstance(data, torch.Tensor):
+        tensor = data.detach()
+    else:
+        try:
+            array = np.asarray(data)
+        except ValueError as err:
+            raise InputError(f"{name} is ragged or not array-like: {err}") from None
+        if array.dtype == object or array.dtype.kind in "USV":
+            raise InputError(
+                f"{name} is not numeric (dtype {array.dtype}); encode text or categorical columns as numbers first"
+            )
+        if array.dtype == np.bool_:
+            array = array.astype(np.float64)
+        tensor = torch.from_numpy(np.array(array, copy=True))  # never shares the user's memory
+    if tensor.numel() == 0 or tensor.ndim == 0 or tensor.shape[0] == 0:
+        raise InputError(f"{name} is empty (shape {tuple(tensor.shape)}); pass at least one sample")
+    if tensor.is_floating_point() or tensor.is_complex():
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            n_bad = int((~finite).sum())
+            raise InputError(
+                f"{name} contains {n_bad} NaN or infinite value(s); impute or drop them before explaining "
+                "(e.g. sklearn.impute.SimpleImputer)"
+            )
+    return tensor, names

@@ -1,0 +1,1 @@
+"""Plots and a self-contained HTML report."""
