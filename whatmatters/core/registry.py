@@ -94,9 +94,20 @@ def scorer(
     return register
 
 
+VERB_PACKAGES = ("explain", "compress", "tune", "curate")
+_loaded = False
+
+
 def _load_all() -> None:
-    """Import every module that registers scorers (idempotent, cheap after the first call)."""
-    import whatmatters.explain  # noqa: F401
+    """Import every module that registers scorers (once)."""
+    global _loaded
+    if _loaded:
+        return
+    from whatmatters.core.discover import import_submodules
+
+    for verb in VERB_PACKAGES:
+        import_submodules(f"whatmatters.{verb}")
+    _loaded = True
 
 
 def methods(unit: str | None = None, verb: str | None = None, family: str | None = None) -> list[str]:

@@ -1,0 +1,1 @@
+"""curate: see DESIGN in README."""

@@ -1,0 +1,1 @@
+"""tune: see DESIGN in README."""
