@@ -186,7 +186,7 @@ def to_tensor(data: Any, name: str = "data") -> tuple[torch.Tensor, list[str] | 
                 f"{name} has non-numeric columns {bad}; encode them first (e.g. one-hot with "
                 "pandas.get_dummies or sklearn's OneHotEncoder in a Pipeline)"
             )
-        data = data.to_numpy(dtype=np.float64)
+        data = data.to_numpy(dtype=np.float64, na_value=np.nan)  # missing values become NaN (rejected below)
     if isinstance(data, torch.Tensor):
         tensor = data.detach()
     else:
@@ -201,6 +201,8 @@ def to_tensor(data: Any, name: str = "data") -> tuple[torch.Tensor, list[str] | 
         if array.dtype == np.bool_:
             array = array.astype(np.float64)
         tensor = torch.from_numpy(np.array(array, copy=True))  # never shares the user's memory
+    if tensor.is_complex():
+        raise InputError(f"{name} holds complex numbers; whatmatters needs real numeric data")
     if tensor.numel() == 0 or tensor.ndim == 0 or tensor.shape[0] == 0:
         raise InputError(f"{name} is empty (shape {tuple(tensor.shape)}); pass at least one sample")
     if tensor.is_floating_point() or tensor.is_complex():

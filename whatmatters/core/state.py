@@ -32,28 +32,38 @@ WEIGHT_SNAPSHOT_LIMIT = 50_000_000
 def preserved(module: nn.Module, *, weights: bool | None = None) -> Iterator[nn.Module]:
     """Restore train/eval mode, ``requires_grad`` flags, hooks and (small models) weights on exit.
 
-    Hooks added inside the block are removed; hooks that were there before stay. With
-    ``weights=None`` weights are snapshotted when the model has at most
-    ``WEIGHT_SNAPSHOT_LIMIT`` elements; otherwise an in-place change raises ``ModelError``.
+    Hooks added inside the block are removed; hooks that were there before stay; gradients that
+    existed keep their values. Buffers are always snapshotted; with ``weights=None`` parameters
+    are snapshotted when the model has at most ``WEIGHT_SNAPSHOT_LIMIT`` elements; otherwise an
+    in-place change of a parameter raises ``ModelError``.
     """
     modules = list(module.modules())
     modes = [m.training for m in modules]
     tensors = [*module.parameters(), *module.buffers()]
     grad_flags = [p.requires_grad for p in module.parameters()]
     grads = [p.grad for p in module.parameters()]
+    # backward() accumulates into an existing .grad in place: keep its values to put back
+    grad_copies = [None if g is None else g.detach().clone() for g in grads]
+    grad_versions = [None if g is None else g._version for g in grads]
     hooks = [{name: dict(getattr(m, name, {})) for name in _HOOK_DICTS} for m in modules]
     if weights is None:
         weights = sum(t.numel() for t in tensors) <= WEIGHT_SNAPSHOT_LIMIT
-    snapshot = [t.detach().clone() for t in tensors] if weights else None
+    # buffers are always copied: some kernels update them in place without bumping their version
+    # counter (BatchNorm's running statistics in a train-mode forward pass)
+    n_params = len(grads)
+    snapshot = [t.detach().clone() if weights or i >= n_params else None for i, t in enumerate(tensors)]
     versions = [t._version for t in tensors]
     try:
         yield module
     finally:
         for m, training in zip(modules, modes):
             m.training = training
-        for p, flag, grad in zip(module.parameters(), grad_flags, grads):
+        for p, flag, grad, copy, version in zip(module.parameters(), grad_flags, grads, grad_copies, grad_versions):
             p.requires_grad_(flag)
             p.grad = grad
+            if grad is not None and grad._version != version:
+                with torch.no_grad():
+                    grad.copy_(copy)
         for m, before in zip(modules, hooks):
             for name, kept in before.items():
                 current = getattr(m, name, None)
@@ -61,12 +71,14 @@ def preserved(module: nn.Module, *, weights: bool | None = None) -> Iterator[nn.
                     continue
                 for key in [k for k in current if k not in kept]:
                     del current[key]
-        changed = [i for i, t in enumerate(tensors) if t._version != versions[i]]
-        if changed and snapshot is not None:
-            with torch.no_grad():
-                for i in changed:
-                    tensors[i].copy_(snapshot[i])
-        elif changed:
+        lost = False
+        with torch.no_grad():
+            for t, saved, version in zip(tensors, snapshot, versions):
+                if saved is not None and (t._version != version or not torch.equal(t, saved)):
+                    t.copy_(saved)
+                elif saved is None and t._version != version:
+                    lost = True
+        if lost:
             raise ModelError("a scorer changed the model's weights in place; this is a bug in whatmatters")
 
 

@@ -96,7 +96,12 @@ def resolve_target(target: Any, model: Model, inputs: torch.Tensor) -> torch.Ten
         if n_out == 1:
             return torch.zeros(n, dtype=torch.long)
         return model.predict(inputs).argmax(1).cpu()
-    tgt = torch.as_tensor(target.cpu() if isinstance(target, torch.Tensor) else target)
+    try:
+        tgt = torch.as_tensor(target.cpu() if isinstance(target, torch.Tensor) else target)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        raise TargetError(f"target must be an int output index or one int per sample, got {target!r}") from None
+    if tgt.dtype == torch.bool or tgt.is_complex():
+        raise TargetError(f"target must be an int output index or one int per sample, got {target!r}")
     if tgt.is_floating_point() and not bool((tgt == tgt.round()).all()):
         raise TargetError(f"target must be output indices (integers), got {target!r}")
     tgt = tgt.to(torch.long)

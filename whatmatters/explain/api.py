@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import numbers
 import time
 from typing import Any
 
+import torch
+
 from whatmatters.core.adapters import TorchModel, to_tensor, wrap
-from whatmatters.core.errors import MethodError, ModelError
+from whatmatters.core.errors import InputError, MethodError, ModelError
 from whatmatters.core.importance import Importance
 from whatmatters.core.registry import get_method
 from whatmatters.core.state import preserved, require_eval
@@ -47,6 +50,15 @@ def explain(
     Returns:
         An :class:`Importance` with one score per sample and unit (or per unit for global methods).
     """
+    if not isinstance(method, str):
+        raise MethodError(f"method must be a method name (str), got {method!r}; whatmatters.methods() lists them")
+    if batch_size is not None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+            raise InputError(f"batch_size must be a positive int (rows per model call), got {batch_size!r}")
+        batch_size = int(batch_size)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise InputError(f"seed must be an int, got {seed!r}")
+    seed = int(seed)
     info = get_method(method)
     if info.verb != "explain":
         raise MethodError(f"{method!r} is a {info.verb} method; use whatmatters.{info.verb}(...) for it")
@@ -54,6 +66,8 @@ def explain(
     inputs, names = to_tensor(data, "data")
     names = feature_names or names
     adapted = wrap(model, batch_size=batch_size)
+    if not isinstance(adapted, TorchModel) and not inputs.is_floating_point():
+        inputs = inputs.to(torch.float64)  # integer columns of a scikit-learn / NumPy model are features, not tokens
     if info.needs in ("gradients", "module") and not isinstance(adapted, TorchModel):
         raise ModelError(
             f"{info.name} needs gradients, so it needs a PyTorch nn.Module; for a {type(model).__name__} "
@@ -87,6 +101,9 @@ def explain(
     else:
         tgt, out, seconds = run()
     values, extra = out if isinstance(out, tuple) else (out, {})
+    if "unit_names" in extra:  # a scorer of its own units (e.g. feature groups) names them
+        extra = dict(extra)
+        names = list(extra.pop("unit_names"))
     unique = tgt.unique()
     return Importance(
         values=values,
