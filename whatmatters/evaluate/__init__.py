@@ -1,5 +1,46 @@
-"""Evaluation of any Importance: faithfulness, ground truth, agreement, benchmark table."""
+"""Evaluation of any Importance: faithfulness, ground truth, agreement, benchmark table.
+
+Metrics are registered by name (``metrics()`` lists them) and every module in this package is
+imported on first use of the registry, so a new metric family is one new module with ``@metric``
+functions.
+"""
 
 from whatmatters.evaluate.agreement import rank_agreement
+from whatmatters.evaluate.benchmark import BenchmarkResult, benchmark, compare
+from whatmatters.evaluate.faithfulness import (
+    auc,
+    deletion_auc,
+    deletion_curve,
+    insertion_auc,
+    insertion_curve,
+)
+from whatmatters.evaluate.ground_truth import pointing_game, precision_at_k, relevance_mass
+from whatmatters.evaluate.metrics import (
+    MetricResult,
+    describe_metric,
+    get_metric,
+    measure,
+    metric,
+    metrics,
+)
 
-__all__ = ["rank_agreement"]
+__all__ = [
+    "BenchmarkResult",
+    "MetricResult",
+    "auc",
+    "benchmark",
+    "compare",
+    "deletion_auc",
+    "deletion_curve",
+    "describe_metric",
+    "get_metric",
+    "insertion_auc",
+    "insertion_curve",
+    "measure",
+    "metric",
+    "metrics",
+    "pointing_game",
+    "precision_at_k",
+    "rank_agreement",
+    "relevance_mass",
+]

@@ -1,0 +1,213 @@
+"""The `whatmatters` command line through typer's CliRunner."""
+
+import joblib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+import whatmatters as wm
+from whatmatters.cli import app, parse_params
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A fitted scikit-learn pipeline (joblib), a torch model (.pt) and a CSV / Parquet of 20 rows with labels."""
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    folder = tmp_path_factory.mktemp("cli")
+    data = load_breast_cancer(as_frame=True)
+    x, y = data.data.iloc[:, :6], data.target
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500)).fit(x, y)
+    joblib.dump(model, folder / "model.joblib")
+    rows = pd.concat([x, y.rename("label")], axis=1).iloc[::28].reset_index(drop=True)  # 21 rows, both classes
+    rows.to_csv(folder / "data.csv", index=False)
+    rows.to_parquet(folder / "data.parquet")
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    torch.save(net, folder / "net.pt")
+    torch.save(net.state_dict(), folder / "state.pt")
+    return folder, model, rows
+
+
+def test_methods_lists_registered_methods():
+    result = invoke("methods")
+    assert result.exit_code == 0
+    for name in wm.methods():
+        assert name in result.stdout
+    assert "family" in result.stdout and "summary" in result.stdout
+    filtered = invoke("methods", "--unit", "feature", "--verb", "explain")
+    assert filtered.exit_code == 0 and "ablation" in filtered.stdout
+
+
+def test_methods_without_match_is_a_clean_error():
+    result = invoke("methods", "--unit", "nothing-has-this-unit")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: no method matches") and "Traceback" not in result.output
+
+
+def test_describe_prints_parameters():
+    result = invoke("describe", "ablation")
+    assert result.exit_code == 0
+    assert "ablation" in result.stdout and "baseline='mean'" in result.stdout
+
+
+def test_unknown_method_is_a_clean_error():
+    result = invoke("describe", "ablaton")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: unknown method 'ablaton'") and "ablation" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_explain_csv_with_sklearn_model_matches_python_api(files, tmp_path):
+    folder, model, rows = files
+    out = tmp_path / "scores.parquet"
+    result = invoke(
+        "explain", folder / "model.joblib", folder / "data.csv", "--method", "ablation", "--label-column", "label",
+        "--target", "1", "--param", "baseline=median", "--out", out,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "ablation: top" in result.stdout and str(out) in result.stdout.replace("\n", "")
+    saved = wm.Importance.load(out)
+    expected = wm.explain(model, rows.drop(columns="label"), "ablation", 1, baseline="median")
+    assert saved.names == tuple(rows.columns[:-1]) and saved.target == 1
+    assert saved.params["baseline"] == "median"
+    torch.testing.assert_close(saved.values, expected.values)
+    assert saved.aggregate().top(1)[0][0] in result.stdout
+
+
+def test_explain_parquet_with_torch_model(files, tmp_path):
+    folder, _, rows = files
+    out = tmp_path / "net.parquet"
+    result = invoke("explain", folder / "net.pt", folder / "data.parquet", "-m", "ablation", "-y", "label", "-o", out)
+    assert result.exit_code == 0, result.output
+    net = torch.load(folder / "net.pt", weights_only=False)
+    expected = wm.explain(net.eval(), rows.drop(columns="label"), "ablation")
+    torch.testing.assert_close(wm.Importance.load(out).values, expected.values)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("missing.joblib", "{f}/data.csv", "-m", "ablation"), "error: no such file: missing.joblib"),
+        (("{f}/model.joblib", "{f}/nope.csv", "-m", "ablation"), "error: no such file:"),
+        (("{f}/model.joblib", "{f}/data.csv", "-m", "ablation"), "error: data has 7 columns"),
+        (("{f}/model.joblib", "{f}/data.csv", "-m", "ablation", "-y", "lbl"), "error: no column 'lbl'"),
+        (("{f}/model.joblib", "{f}/data.csv", "-m", "ablation", "-y", "label", "-p", "steps"), "key=value"),
+        (("{f}/model.joblib", "{f}/data.csv", "-m", "ablation", "-y", "label", "-p", "steps=3"), "unknown parameter"),
+        (("{f}/model.joblib", "{f}/data.csv", "-m", "ablation", "-y", "label", "-t", "5"), "out of range"),
+        (("{f}/state.pt", "{f}/data.csv", "-m", "ablation", "-y", "label"), "state dict"),
+        (("{f}/data.csv", "{f}/data.csv", "-m", "ablation", "-y", "label"), "could not load a model"),
+        (("{f}/model.joblib", "{f}/model.joblib", "-m", "ablation"), "data must be a .csv"),
+    ],
+)
+def test_explain_errors_are_one_clean_line(files, args, message):
+    folder = files[0]
+    result = invoke("explain", *(a.format(f=folder) for a in args))
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: ") and message in result.stderr.replace("\n", " ")
+    assert "Traceback" not in result.output and result.stdout == ""
+
+
+def test_report_command_writes_self_contained_html(files, tmp_path):
+    folder = files[0]
+    paths = []
+    for baseline in ("mean", "zero"):
+        paths.append(tmp_path / f"{baseline}.parquet")
+        args = ("explain", folder / "model.joblib", folder / "data.csv", "-m", "ablation", "-y", "label")
+        assert invoke(*args, "-p", f"baseline={baseline}", "-o", paths[-1]).exit_code == 0
+    out = tmp_path / "r" / "report.html"
+    result = invoke("report", *paths, "-o", out, "--title", "two baselines")
+    assert result.exit_code == 0, result.output
+    text = out.read_text()
+    assert "two baselines" in text and text.count('src="data:image/png;base64,') == 5  # 2 x (bars, heatmap) + agreement
+    assert "http://" not in text and "https://" not in text
+    missing = invoke("report", tmp_path / "none.parquet")
+    assert missing.exit_code == 2 and missing.stderr.startswith("error: no such file")
+    not_scores = invoke("report", folder / "data.parquet")
+    assert not_scores.exit_code == 2 and "not written by Importance.save" in not_scores.stderr
+
+
+def test_evaluate_prints_metrics_table(files, tmp_path):
+    pytest.importorskip("whatmatters.evaluate.benchmark", reason="whatmatters.evaluate.benchmark not written yet")
+    folder = files[0]
+    scores = tmp_path / "s.parquet"
+    args = ("explain", folder / "model.joblib", folder / "data.csv", "-m", "ablation", "-y", "label", "-o", scores)
+    assert invoke(*args).exit_code == 0
+    report = tmp_path / "eval.html"
+    result = invoke(
+        "evaluate", folder / "model.joblib", folder / "data.csv", "-s", scores, "-y", "label",
+        "--metric", "deletion_auc", "--report", report,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "deletion_auc" in result.stdout and "ablation" in result.stdout and "↓" in result.stdout
+    assert report.exists() and "deletion_auc" in report.read_text()
+    wrong_rows = invoke("evaluate", folder / "model.joblib", folder / "data.csv", "-s", scores, "-y", "label", "-n", 5)
+    assert wrong_rows.exit_code == 2 and "--rows 21" in wrong_rows.stderr
+    unknown = invoke(
+        "evaluate", folder / "model.joblib", folder / "data.csv", "-s", scores, "-y", "label", "--metric", "nope"
+    )
+    assert unknown.exit_code == 2 and unknown.stderr.startswith("error: unknown metric 'nope'")
+
+
+def test_evaluate_scores_matches_the_metrics(files, tmp_path):
+    from whatmatters.cli import evaluate_scores
+    from whatmatters.evaluate import deletion_auc
+
+    _, model, rows = files
+    x, y = rows.drop(columns="label"), rows["label"].to_numpy()
+    imp = wm.explain(model, x, "ablation", 1)
+    result = evaluate_scores(model, x, {"ablation": imp}, ["deletion_auc"], y=y)
+    assert list(result.table.index) == ["ablation", "random"] and result.reference == "random"
+    assert result.table.loc["ablation", "deletion_auc"] == pytest.approx(deletion_auc(model, x, imp).value)
+    assert result.table.loc["ablation", "seconds"] == imp.seconds
+    assert result.metric_info["deletion_auc"] == ("faithfulness", False)
+    fractions, outputs = result.curves["ablation"]["deletion"]
+    assert fractions[0] == 0 and fractions[-1] == 1 and len(outputs) == len(fractions)
+
+
+def test_demo_quick(tmp_path):
+    pytest.importorskip("whatmatters.evaluate.benchmark", reason="whatmatters.evaluate.benchmark not written yet")
+    out = tmp_path / "demo"
+    result = invoke("demo", "--quick", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert (out / "report.html").exists() and (out / "model.pt").exists() and (out / "data.csv").exists()
+    parquets = sorted(out.glob("*.parquet"))
+    assert len(parquets) >= 2
+    assert "report:" in result.stdout and "deletion" in result.stdout
+    # the saved model and data work with the explain command
+    again = invoke(
+        "explain", out / "model.pt", out / "data.csv", "-m", "ablation", "-y", "target", "-o", tmp_path / "a.pq"
+    )
+    assert again.exit_code == 0, again.output
+
+
+def test_parse_params_literals_and_strings():
+    assert parse_params(["steps=50", "baseline=zero", "w=[1, 2]", "x=1e-3", "flag=True", "s='a=b'"]) == {
+        "steps": 50,
+        "baseline": "zero",
+        "w": [1, 2],
+        "x": 1e-3,
+        "flag": True,
+        "s": "a=b",
+    }
+    with pytest.raises(wm.InputError):
+        parse_params(["=3"])
+
+
+def test_version_and_help():
+    assert invoke("--version").stdout.strip() == f"whatmatters {wm.__version__}"
+    help_text = invoke("explain", "--help").stdout
+    assert "runs code" in " ".join(help_text.split())
+    assert np.all([cmd in invoke("--help").stdout for cmd in ("methods", "describe", "explain", "evaluate", "report")])
