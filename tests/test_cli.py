@@ -140,7 +140,6 @@ def test_report_command_writes_self_contained_html(files, tmp_path):
 
 
 def test_evaluate_prints_metrics_table(files, tmp_path):
-    pytest.importorskip("whatmatters.evaluate.benchmark", reason="whatmatters.evaluate.benchmark not written yet")
     folder = files[0]
     scores = tmp_path / "s.parquet"
     args = ("explain", folder / "model.joblib", folder / "data.csv", "-m", "ablation", "-y", "label", "-o", scores)
@@ -161,14 +160,13 @@ def test_evaluate_prints_metrics_table(files, tmp_path):
     assert unknown.exit_code == 2 and unknown.stderr.startswith("error: unknown metric 'nope'")
 
 
-def test_evaluate_scores_matches_the_metrics(files, tmp_path):
-    from whatmatters.cli import evaluate_scores
-    from whatmatters.evaluate import deletion_auc
+def test_compare_matches_the_metrics(files, tmp_path):
+    from whatmatters.evaluate import compare, deletion_auc
 
     _, model, rows = files
     x, y = rows.drop(columns="label"), rows["label"].to_numpy()
     imp = wm.explain(model, x, "ablation", 1)
-    result = evaluate_scores(model, x, {"ablation": imp}, ["deletion_auc"], y=y)
+    result = compare(model, x, {"ablation": imp}, ["deletion_auc"], y=y)
     assert list(result.table.index) == ["ablation", "random"] and result.reference == "random"
     assert result.table.loc["ablation", "deletion_auc"] == pytest.approx(deletion_auc(model, x, imp).value)
     assert result.table.loc["ablation", "seconds"] == imp.seconds
@@ -178,7 +176,6 @@ def test_evaluate_scores_matches_the_metrics(files, tmp_path):
 
 
 def test_demo_quick(tmp_path):
-    pytest.importorskip("whatmatters.evaluate.benchmark", reason="whatmatters.evaluate.benchmark not written yet")
     out = tmp_path / "demo"
     result = invoke("demo", "--quick", "-o", out)
     assert result.exit_code == 0, result.output

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ast
 import functools
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -267,117 +267,6 @@ def print_errors(result: Any) -> None:
             console.print(f"[yellow]failed: {escape_markup(str(method))}: {escape_markup(message)}[/yellow]")
 
 
-def _steps(labels: list[str], what: str, enabled: bool | None) -> Iterator[str]:
-    """Yield ``labels`` under a transient rich progress bar (default: when stderr is a terminal)."""
-    import sys
-
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    if not enabled:
-        yield from labels
-        return
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"))
-    with Progress(*columns, TimeElapsedColumn(), console=_console(stderr=True), transient=True) as bar:
-        task = bar.add_task(what, total=len(labels))
-        for label in labels:
-            bar.update(task, description=f"{what}: {label}")
-            yield label
-            bar.advance(task)
-
-
-def evaluate_scores(
-    model: Any,
-    data: Any,
-    importances: dict[str, Any],
-    metrics: list[str] | None = None,
-    *,
-    y: Any = None,
-    target: Any = None,
-    background: Any = None,
-    seed: int = 0,
-    reference: bool = True,
-    progress: bool | None = None,
-):
-    """A ``BenchmarkResult`` for importances computed earlier (``benchmark`` explains them itself).
-
-    Every importance is measured with every metric (default: the registered ones for the data's
-    units that need no ground truth); a random-scores reference row is added unless ``reference``
-    is false. Failures are recorded in the ``"error"`` column, as in ``benchmark``.
-    """
-    import math
-
-    import pandas as pd
-    import torch
-
-    from whatmatters.core.adapters import to_tensor
-    from whatmatters.core.importance import Importance
-    from whatmatters.core.task import infer_unit
-    from whatmatters.evaluate import BenchmarkResult, get_metric
-    from whatmatters.evaluate import metrics as metric_names
-    from whatmatters.report.html import agreement_matrix
-
-    inputs, _ = to_tensor(data, "data")
-    unit = infer_unit(inputs)
-    if metrics:
-        entries = [get_metric(m) for m in metrics]
-    else:
-        entries = [get_metric(m) for m in metric_names(unit=unit)]
-        entries = [e for e in entries if e.needs is None]
-    if not entries:
-        raise InputError(f"no metric applies to {unit} units")
-    runs = dict(importances)
-    ref_label = None
-    if reference:
-        first = next(iter(importances.values()))
-        ref_label = "random" if "random" not in runs else "random (reference)"
-        gen = torch.Generator().manual_seed(seed)
-        runs[ref_label] = Importance(
-            torch.rand(first.values.shape, generator=gen, dtype=torch.float64),
-            unit=first.unit,
-            names=first.names,
-            per_sample=first.per_sample,
-            method="random",
-            seed=seed,
-        )
-    context = {"target": target, "background": background, "y": y, "seed": seed, "progress": False}
-    rows: dict[str, dict[str, Any]] = {}
-    curves: dict[str, dict[str, Any]] = {}
-    labels = list(runs)
-    for label in _steps(labels, "evaluating", progress):
-        imp = runs[label]
-        row: dict[str, Any] = {e.name: math.nan for e in entries}
-        errors = []
-        for entry in entries:
-            kwargs = {k: v for k, v in context.items() if k in entry.accepted}
-            try:
-                measured = entry(model, data, imp, **kwargs)
-            except Exception as err:  # a failing metric is a cell of the table, as in benchmark
-                errors.append(f"{entry.name}: {type(err).__name__}: {err}")
-                continue
-            row[entry.name] = measured.value
-            for name, curve in measured.mean_curves().items():
-                curves.setdefault(label, {})[name] = curve
-        row["seconds"] = imp.seconds
-        row["error"] = "; ".join(errors) or None
-        rows[label] = row
-    columns = [*(e.name for e in entries), "seconds", "error"]
-    table = pd.DataFrame.from_dict(rows, orient="index", columns=columns)
-    table.index.name = "method"
-    info = {e.name: (e.category, e.higher_is_better) for e in entries}
-    info["seconds"] = ("cost", False)
-    agreement = agreement_matrix(importances)
-    return BenchmarkResult(
-        table=table,
-        importances=runs,
-        curves=curves,
-        agreement=agreement if agreement is not None else pd.DataFrame(),
-        metric_info=info,
-        reference=ref_label,
-    )
-
-
 # ----------------------------------------------------------------- commands
 @app.command("methods")
 @_clean_errors
@@ -502,7 +391,9 @@ def evaluate_cmd(
                 f"{path} holds scores of {imp.n_samples} samples but the data has {len(features)} rows; "
                 f"evaluate on the rows that were explained (e.g. --rows {imp.n_samples})"
             )
-    result = evaluate_scores(
+    from whatmatters.evaluate import compare
+
+    result = compare(
         estimator,
         features,
         importances,
@@ -511,6 +402,7 @@ def evaluate_cmd(
         target=_target(target),  # None: each importance at the output it explained
         seed=seed,
         reference=not no_reference,
+        progress=None,
     )
     _console().print(metrics_table(result, title=f"evaluation on {data.name}"))
     print_errors(result)
