@@ -35,6 +35,8 @@ PREFERRED = (
 )
 QUICK = ("ablation", "integrated_gradients", "gradient_x_input", "saliency", "permutation")
 TARGET = 0  # class 0 of load_breast_cancer is "malignant"
+# Path methods start from the training mean, the same reference the deletion/insertion curves use.
+METHOD_PARAMS = {"integrated_gradients": {"baseline": "mean"}}
 
 
 class MLP(nn.Module):
@@ -168,6 +170,7 @@ def _run(folder: Path, quick: bool, methods: list[str] | None, seed: int, consol
         target=TARGET,
         background=x_train,
         seed=seed,
+        method_params={m: p for m, p in METHOD_PARAMS.items() if m in chosen},
         progress=console is not None and not quick,
     )
 
