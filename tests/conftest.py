@@ -5,7 +5,7 @@ import pytest
 import torch
 
 os.environ.setdefault("MPLBACKEND", "Agg")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(1)  # pytest runs one worker per core (-n 2); more threads per worker only contend
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,276 @@
+"""Gradient attributions: saliency, gradient x input, integrated gradients and SmoothGrad.
+
+All of them are gradients of the target output with respect to the input, taken in batches of
+rows on the model's device and in its dtype. Rows per forward/backward call are bounded: by
+``internal_batch_size`` (integrated gradients), else the ``batch_size`` given to ``explain``, else
+about ``ROW_ELEMENTS`` input values per call. The user's inputs are never modified.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from whatmatters.core.adapters import _batches
+from whatmatters.core.errors import MethodError, ModelError
+from whatmatters.core.registry import scorer
+from whatmatters.core.task import Task, progress_bar
+from whatmatters.explain.baselines import baseline_row
+
+# Input values per forward/backward call when no batch size is given (1 M values: 4 MB in float32).
+ROW_ELEMENTS = 2**20
+
+NO_GRADIENT = (
+    "the model's output has no gradient with respect to its input (its forward pass detaches the input, "
+    "goes through NumPy, or runs under torch.no_grad), so gradient methods cannot explain it. Keep the "
+    "forward pass differentiable in torch, or use a perturbation method such as 'ablation' or 'permutation'."
+)
+
+GRADIENT_UNITS = ("feature", "pixel")
+
+
+def _rows_per_call(task: Task, row_numel: int, limit: int | None = None) -> int:
+    if limit is not None:
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise MethodError(f"internal_batch_size must be a positive integer, got {limit!r}")
+        return limit
+    if task.batch_size:
+        return int(task.batch_size)
+    return max(1, ROW_ELEMENTS // max(1, row_numel))
+
+
+def input_gradients(task: Task, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Gradient of each row's target output with respect to that row, in one forward/backward call.
+
+    ``x`` is on the model's device and in its dtype; it is not modified (a fresh leaf is used).
+    Raises :class:`ModelError` when the output does not depend differentiably on the input.
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        leaf = x.detach().clone().requires_grad_(True)
+        out = task.forward_target(leaf, target.clone())  # clones: normal tensors even under inference_mode
+        if not out.requires_grad:
+            raise ModelError(NO_GRADIENT)
+        (grad,) = torch.autograd.grad(out.sum(), leaf, allow_unused=True)
+    if grad is None:
+        raise ModelError(NO_GRADIENT)
+    return grad
+
+
+def _gradient_map(
+    task: Task, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], description: str
+) -> torch.Tensor:
+    """``fn(x, grad)`` for every sample, in batches of rows."""
+    model = task.torch_model
+    rows = _rows_per_call(task, int(np.prod(task.unit_shape)))
+    out = None
+    chunks = _batches(task.n, rows)
+    for s in progress_bar(chunks, len(chunks), description, task.progress):
+        x = model.to_model(task.inputs[s])
+        values = fn(x, input_gradients(task, x, task.target[s]))
+        if out is None:
+            out = torch.empty((task.n, *values.shape[1:]), dtype=values.dtype, device=values.device)
+        out[s] = values
+    return out
+
+
+@scorer("saliency", family="gradient", units=GRADIENT_UNITS, needs="gradients")
+def saliency(task: Task, *, abs: bool = True) -> torch.Tensor:
+    """Saliency: the gradient of the target output with respect to each input (absolute value by default)."""
+    return _gradient_map(task, lambda x, g: g.abs() if abs else g, "saliency")
+
+
+@scorer("gradient_x_input", family="gradient", units=GRADIENT_UNITS, needs="gradients", aliases=("input_x_gradient",))
+def gradient_x_input(task: Task) -> torch.Tensor:
+    """Gradient x input: each input times the gradient of the target output with respect to it."""
+    return _gradient_map(task, lambda x, g: x * g, "gradient x input")
+
+
+def path_points(steps: int, rule: str) -> tuple[np.ndarray, np.ndarray]:
+    """Positions ``alpha`` in [0, 1] along the path and their quadrature weights (summing to 1).
+
+    ``gausslegendre`` (Gauss-Legendre nodes on [0, 1]), ``riemann_left`` / ``_right`` /
+    ``_middle`` and ``riemann_trapezoid`` (``steps`` points from 0 to 1, spacing ``1/(steps-1)``;
+    captum's trapezoid weights sum to ``(steps-1)/steps`` instead of 1).
+    """
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise MethodError(f"steps must be a positive integer, got {steps!r}")
+    if rule == "gausslegendre":
+        nodes, weights = np.polynomial.legendre.leggauss(steps)
+        return 0.5 * (nodes + 1.0), 0.5 * weights
+    k = np.arange(steps, dtype=np.float64)
+    if rule == "riemann_trapezoid":
+        if steps < 2:
+            raise MethodError("riemann_trapezoid needs steps >= 2")
+        weights = np.full(steps, 1.0 / (steps - 1))
+        weights[[0, -1]] /= 2
+        return k / (steps - 1), weights
+    offsets = {"riemann_left": 0.0, "riemann_middle": 0.5, "riemann_right": 1.0}
+    if rule not in offsets:
+        raise MethodError(
+            f"unknown rule {rule!r}; use 'gausslegendre', 'riemann_trapezoid', 'riemann_middle', "
+            "'riemann_left' or 'riemann_right'"
+        )
+    return (k + offsets[rule]) / steps, np.full(steps, 1.0 / steps)
+
+
+def _baselines(task: Task, baseline: Any) -> torch.Tensor:
+    """Baselines as ``(n, *unit_shape)`` or ``(1, *unit_shape)`` on the CPU in the inputs' dtype."""
+    if isinstance(baseline, (str, int, float)):
+        return baseline_row(task, baseline).unsqueeze(0)
+    value = baseline.detach().cpu() if isinstance(baseline, torch.Tensor) else torch.as_tensor(np.asarray(baseline))
+    if tuple(value.shape) == tuple(task.inputs.shape):
+        return value.to(task.inputs.dtype)
+    return baseline_row(task, value).unsqueeze(0)
+
+
+def _target_outputs(task: Task, x: torch.Tensor, target: torch.Tensor, rows: int) -> torch.Tensor:
+    """Target outputs of the rows of ``x`` (no gradients), in batches of ``rows``."""
+    model = task.torch_model
+    outs = []
+    with torch.no_grad():
+        for s in _batches(len(x), rows):
+            outs.append(task.forward_target(model.to_model(x[s]), target[s]))
+    return torch.cat(outs)
+
+
+@scorer("integrated_gradients", family="gradient", units=GRADIENT_UNITS, needs="gradients", aliases=("ig",))
+def integrated_gradients(
+    task: Task,
+    *,
+    baseline: Any = "zero",
+    steps: int = 50,
+    rule: str = "gausslegendre",
+    internal_batch_size: int | None = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Integrated gradients: (input - baseline) times the mean gradient along the straight path between them.
+
+    Args:
+        baseline: ``"zero"`` (captum's default), ``"mean"`` / ``"median"`` of the background (or the
+            data), a number, one sample-shaped array, or one baseline per sample (the data's shape).
+        steps: points on the path.
+        rule: quadrature rule (captum's ``method``; ``method`` here is explain's own argument),
+            ``"gausslegendre"`` (captum's default), ``"riemann_trapezoid"``,
+            ``"riemann_middle"``, ``"riemann_left"`` or ``"riemann_right"``.
+        internal_batch_size: at most this many (sample x step) rows per forward/backward call
+            (default: the ``batch_size`` given to explain, else about ``ROW_ELEMENTS`` input values).
+            The path points are built one call at a time, so memory stays bounded for any ``steps``.
+
+    ``extra["delta"]`` is the completeness error per sample, ``sum(attributions) - (f(x) - f(baseline))``
+    (``extra["max_abs_delta"]`` its largest magnitude): it shrinks as ``steps`` grows.
+    """
+    model = task.torch_model
+    alphas_np, weights_np = path_points(steps, rule)
+    base_all = _baselines(task, baseline)
+    per_sample_base = base_all.shape[0] == task.n and task.n > 1
+    alphas = torch.as_tensor(alphas_np, dtype=model.dtype, device=model.device)
+    weights = torch.as_tensor(weights_np, dtype=model.dtype, device=model.device)
+    shape = task.unit_shape
+    ones = (1,) * len(shape)
+    rows = _rows_per_call(task, int(np.prod(shape)), internal_batch_size)
+    total = torch.empty((task.n, *shape), dtype=model.dtype, device=model.device)
+
+    def base_of(s: slice) -> torch.Tensor:
+        return model.to_model(base_all[s] if per_sample_base else base_all)
+
+    if rows >= steps:  # whole paths of several samples per call
+        chunks = _batches(task.n, rows // steps)
+        for s in progress_bar(chunks, len(chunks), "integrated gradients", task.progress):
+            x, b = model.to_model(task.inputs[s]), base_of(s)
+            m = x.shape[0]
+            points = b.unsqueeze(1) + alphas.view(1, steps, *ones) * (x - b).unsqueeze(1)  # (m, steps, *shape)
+            grads = input_gradients(task, points.flatten(0, 1), task.target[s].repeat_interleave(steps))
+            total[s] = torch.einsum("ms...,s->m...", grads.view(m, steps, *shape), weights)
+    else:  # one sample's path spans several calls
+        pieces = [(i, k) for i in range(task.n) for k in _batches(steps, rows)]
+        for i, k in progress_bar(pieces, len(pieces), "integrated gradients", task.progress):
+            s = slice(i, i + 1)
+            x, b = model.to_model(task.inputs[s]), base_of(s)
+            points = b + alphas[k].view(-1, *ones) * (x - b)
+            grads = input_gradients(task, points, task.target[s].expand(len(points)))
+            part = torch.einsum("s...,s->...", grads, weights[k])
+            total[i] = part if k.start == 0 else total[i] + part
+
+    x_all = model.to_model(task.inputs)
+    b_all = model.to_model(base_all).expand_as(x_all)
+    attributions = (x_all - b_all) * total
+    eval_rows = max(1, rows)
+    f_x = _target_outputs(task, task.inputs, task.target, eval_rows)
+    f_b = _target_outputs(task, b_all, task.target, eval_rows)
+    delta = attributions.flatten(1).sum(1) - (f_x - f_b)
+    extra = {"delta": delta.detach().cpu().double().numpy(), "max_abs_delta": float(delta.abs().max())}
+    return attributions, extra
+
+
+def _noise_sigma(task: Task, noise: float) -> torch.Tensor:
+    """Noise standard deviation: ``noise`` times the range of each sample (images) or feature (tables)."""
+    if not isinstance(noise, (int, float)) or isinstance(noise, bool) or noise < 0:
+        raise MethodError(f"noise must be a non-negative fraction of the input range, got {noise!r}")
+    x = task.inputs
+    if x.ndim == 2:  # features have their own scales: each feature's range over the background (or data)
+        ref = task.background if task.background is not None else x
+        ref = ref.to(torch.float64)
+        return noise * (ref.amax(0) - ref.amin(0)).unsqueeze(0)
+    flat = x.flatten(1).to(torch.float64)
+    return (noise * (flat.amax(1) - flat.amin(1))).view(-1, *(1,) * (x.ndim - 1))
+
+
+SMOOTHGRAD_BASES = ("saliency", "gradient", "gradient_x_input")
+
+
+@scorer("smoothgrad", family="gradient", units=GRADIENT_UNITS, needs="gradients", aliases=("smooth_grad",))
+def smoothgrad(
+    task: Task, *, base: str = "saliency", n_samples: int = 50, noise: float = 0.15
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """SmoothGrad: the average of a gradient attribution over noisy copies of each input.
+
+    Args:
+        base: ``"saliency"`` (absolute gradient, as captum's NoiseTunnel over Saliency),
+            ``"gradient"`` (signed gradient, as in the SmoothGrad paper) or ``"gradient_x_input"``
+            (noisy input times its gradient).
+        n_samples: noisy copies per input.
+        noise: Gaussian noise standard deviation as a fraction of the input range: of each sample's
+            (max - min) for images (the paper's noise level), of each feature's range over the
+            background (or the data) for tables. ``extra["sigma"]`` holds the standard deviations used.
+
+    Noise draw ``j`` is ``torch.randn(inputs.shape, generator)`` in the model's dtype, on its device,
+    with a generator seeded by ``seed``, times the standard deviation; draws are made in order, so
+    results depend on the seed only, not on batch sizes.
+    """
+    if base not in SMOOTHGRAD_BASES:
+        raise MethodError(f"unknown base {base!r}; use one of {list(SMOOTHGRAD_BASES)}")
+    if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
+        raise MethodError(f"n_samples must be a positive integer, got {n_samples!r}")
+    model = task.torch_model
+    sigma64 = _noise_sigma(task, noise)
+    sigma = sigma64.to(model.device, model.dtype)
+    combine = {
+        "saliency": lambda x, g: g.abs(),
+        "gradient": lambda x, g: g,
+        "gradient_x_input": lambda x, g: x * g,
+    }[base]
+    n, shape = task.n, task.unit_shape
+    rows = _rows_per_call(task, int(np.prod(shape)))
+    generator = task.generator(model.device)
+    x_all = model.to_model(task.inputs)
+    total = torch.zeros_like(x_all)
+
+    def draw() -> torch.Tensor:
+        return torch.randn(x_all.shape, generator=generator, dtype=model.dtype, device=model.device) * sigma
+
+    if rows >= n:  # several noise draws of every sample per call
+        per = rows // n
+        groups = _batches(n_samples, per)
+        for g in progress_bar(groups, len(groups), "smoothgrad", task.progress):
+            noisy = (x_all.unsqueeze(0) + torch.stack([draw() for _ in range(g.stop - g.start)])).flatten(0, 1)
+            grads = input_gradients(task, noisy, task.target.repeat(g.stop - g.start))
+            total += combine(noisy, grads).view(-1, n, *shape).sum(0)
+    else:  # one draw spans several calls
+        for _ in progress_bar(range(n_samples), n_samples, "smoothgrad", task.progress):
+            noisy_all = x_all + draw()
+            for s in _batches(n, rows):
+                total[s] += combine(noisy_all[s], input_gradients(task, noisy_all[s], task.target[s]))
+    extra = {"sigma": sigma64.squeeze(0).flatten().numpy() if task.inputs.ndim == 2 else sigma64.flatten().numpy()}
+    return total / n_samples, extra
