@@ -62,16 +62,18 @@ class Task:
             raise ModelError("this method needs a PyTorch nn.Module")
         return self.model
 
-    def score(self, x: torch.Tensor, description: str = "model calls") -> torch.Tensor:
+    def score(
+        self, x: torch.Tensor, description: str = "model calls", target: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Target outputs for perturbed copies of every sample.
 
         ``x`` has shape ``(n, m, *unit_shape)``: ``m`` variants of each of the ``n`` samples. Returns
-        ``(n, m)``: for every variant, the model output at its sample's target. Rows are sent to the
-        model in batches of the model's batch size.
+        ``(n, m)``: for every variant, the model output at its sample's target (``target``, one per
+        row of ``x``, defaults to the task's). Rows go to the model in batches of the batch size.
         """
         n, m = x.shape[:2]
         flat = x.reshape(n * m, *x.shape[2:])
-        rows = self.target.to(torch.long).repeat_interleave(m)
+        rows = (self.target if target is None else target).to(torch.long).repeat_interleave(m)
         size = self.batch_size or self.model.batch_size
         chunks = _batches(len(flat), size)
         outs = []
