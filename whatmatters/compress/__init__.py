@@ -1,1 +1,23 @@
-"""compress: see DESIGN in README."""
+"""compress: which parts of a model matter, and actions that make the model smaller.
+
+``score(model, method, data=...)`` scores weights (``ModelImportance``: one ``Importance`` per layer) or
+other model parts; ``prune(model, importance, sparsity=..., pattern=...)`` zeroes the least important
+weights of a copy; ``calibrate(model, data)`` computes activation / gradient statistics once for several
+scores. Every module in this package is imported on first use of the registry.
+"""
+
+from whatmatters.compress.api import ModelImportance, score
+from whatmatters.compress.calibrate import Calibration, calibrate, lm_windows
+from whatmatters.compress.prune import Pruned, PruneReport, measure, prune
+
+__all__ = [
+    "Calibration",
+    "ModelImportance",
+    "PruneReport",
+    "Pruned",
+    "calibrate",
+    "lm_windows",
+    "measure",
+    "prune",
+    "score",
+]
