@@ -19,7 +19,7 @@ def nonlinear():
 
 @pytest.fixture(scope="module")
 def linear():
-    X, y = make_friedman1(n_samples=200, n_features=7, random_state=0)
+    X, y = make_friedman1(n_samples=200, n_features=6, random_state=0)
     return X, LinearRegression().fit(X, y)
 
 
@@ -28,7 +28,7 @@ def test_exact_matches_shap_exact_explainer(case, request):
     shap = pytest.importorskip("shap")
     X, model = request.getfixturevalue(case)
     f = model.predict if case == "linear" else (lambda a: model.predict_proba(a)[:, 1])
-    background, xs = X[:40], X[100:106]
+    background, xs = X[:25], X[100:103]
     ours = wm.explain(f, xs, "shapley_exact", background=background)
     ref = shap.explainers.ExactExplainer(f, shap.maskers.Independent(background, max_samples=100))(xs)
     np.testing.assert_allclose(ours.numpy(), ref.values, rtol=0, atol=1e-6)
