@@ -315,7 +315,9 @@ def describe_cmd(method: str = typer.Argument(..., help="A method name from `wha
 @_clean_errors
 def explain_cmd(
     model: Path = typer.Argument(..., help="Model file: .joblib / .pkl (scikit-learn) or .pt (torch.save(model))."),
-    data: Path = typer.Argument(..., help="Data file: .csv or .parquet, one row per sample."),
+    data: list[Path] = typer.Argument(
+        ..., help="Data file: .csv or .parquet, one row per sample; or one or more image files (.png, .jpg)."
+    ),
     method: str = typer.Option(..., "--method", "-m", help="Method name (see `whatmatters methods`)."),
     target: str | None = typer.Option(None, "--target", "-t", help="Output index to explain; default: predicted."),
     label_column: str | None = typer.Option(
@@ -327,12 +329,26 @@ def explain_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed of every random draw."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Rows per model call."),
     top: int = typer.Option(10, "--top", help="How many units to print."),
+    image_size: int = typer.Option(224, "--image-size", help="Images: resized to this square size."),
+    image_norm: str = typer.Option("imagenet", "--image-norm", help="Images: 'imagenet' mean/std or 'none' ([0, 1])."),
+    overlay: Path | None = typer.Option(None, "--overlay", help="Images: PNG of the maps; default: METHOD.png."),
 ) -> None:
     from whatmatters.explain import explain
 
     params = parse_params(param)
     estimator = load_model(model)
-    features, y = split_label(load_table(data), label_column, rows)
+    # --- vision: image files are loaded as one batch (n, 3, size, size) and their maps drawn as overlays
+    from whatmatters.vision.transforms import is_image_file, load_images, normalization
+
+    images = None
+    if all(is_image_file(p) for p in data):
+        mean, std = normalization(image_norm)
+        images = load_images(data, size=image_size, mean=mean, std=std)
+        features, y = (images if rows is None else images[:rows]), None
+    elif len(data) != 1:
+        raise InputError("give one data file (.csv / .parquet), or only image files (.png / .jpg)")
+    else:  # --- end vision
+        features, y = split_label(load_table(data[0]), label_column, rows)
     try:
         importance = explain(
             estimator,
@@ -356,6 +372,12 @@ def explain_cmd(
         f"({importance.seconds:.2f} s)",
         markup=False,
     )
+    if images is not None:  # --- vision: overlay PNG (methods x images)
+        from whatmatters.vision.overlay import overlay_grid
+
+        picture = overlay if overlay is not None else Path(f"{importance.method}.png")
+        overlay_grid({importance.method: importance}, features, picture, mean=mean, std=std)
+        console.print(f"overlay: {picture}", markup=False)
 
 
 def _load_scores(paths: list[Path]) -> list[Any]:
