@@ -1,0 +1,227 @@
+"""LRP: parity with zennit, conservation, transformers, layer relevance, model state and errors."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import whatmatters as wm
+import whatmatters.lrp
+import whatmatters.lrp.rules
+from whatmatters.core.errors import MethodError
+from whatmatters.lrp import Rule, layer_relevance, lrp, merge_batchnorm
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures" / "lrp"
+
+
+def _goldens_module():
+    spec = importlib.util.spec_from_file_location("make_lrp_goldens", ROOT / "benchmarks" / "make_lrp_goldens.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def golden():
+    maker = _goldens_module()
+    model = maker.fixture_cnn()
+    model.load_state_dict(torch.load(FIXTURES / "cnn.pt"))
+    model.eval()
+    return maker, model, dict(np.load(FIXTURES / "goldens.npz"))
+
+
+@pytest.mark.parametrize(
+    "composite", ["epsilon", "epsilon_plus", "epsilon_gamma_box", "epsilon_alpha2_beta1", "epsilon_plus_flat"]
+)
+def test_parity_with_zennit(golden, composite):
+    """Input relevance equals zennit 0.5.1's (SequentialMergeBatchNorm canonizer; goldens from
+    benchmarks/make_lrp_goldens.py). Tolerance: correlation >= 0.999 over all values and max abs
+    difference <= 1e-4 x the largest |relevance| (measured: about 2e-5 relative, float32)."""
+    maker, model, data = golden
+    x, t = torch.tensor(data["inputs"]), torch.tensor(data["targets"])
+    ours, _ = lrp(model, x, t, composite, low=maker.LOW, high=maker.HIGH)
+    ref = torch.tensor(data[composite])
+    assert ours.shape == ref.shape
+    corr = np.corrcoef(ours.flatten().numpy(), ref.flatten().numpy())[0, 1]
+    assert corr >= 0.999
+    assert (ours - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_scorer_gives_pixel_maps_summing_to_relevance(golden):
+    _, model, data = golden
+    x, t = torch.tensor(data["inputs"]), torch.tensor(data["targets"])
+    imp = wm.explain(model, x, "lrp", target=t.tolist(), composite="epsilon_plus")
+    assert imp.unit == "pixel" and imp.values.shape == (len(x), 16, 16)
+    ref = torch.tensor(data["epsilon_plus"]).sum(1)
+    assert torch.allclose(imp.values, ref, atol=1e-4 * ref.abs().max().item())
+    assert np.allclose(imp.extra["relevance_sum"], ref.flatten(1).sum(1).numpy(), rtol=1e-3, atol=1e-7)
+
+
+def test_epsilon_conserves_on_bias_free_mlp():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(6, 16, bias=False), nn.ReLU(), nn.Linear(16, 16, bias=False), nn.Tanh(), nn.Linear(16, 3, bias=False)
+    ).double()
+    x = torch.randn(32, 6, dtype=torch.float64)
+    rel, _ = lrp(model, x, 2, "epsilon", epsilon=0.0)
+    assert torch.allclose(rel.sum(1), model(x)[:, 2].detach(), atol=1e-5)
+    # LRP-0 on a ReLU net is gradient x input; the Tanh pass rule makes this one differ from it
+    xg = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(model(xg)[:, 2].sum(), xg)
+    assert not torch.allclose(rel, x * g, atol=1e-6)
+
+
+def test_merge_batchnorm_is_equivalent_and_leaves_model_alone(golden):
+    _, model, data = golden
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    merged, names = merge_batchnorm(model)
+    assert names == ["1", "5", "13"]
+    x = torch.tensor(data["inputs"])
+    assert torch.allclose(merged(x), model(x), atol=1e-5)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert isinstance(model[1], nn.BatchNorm2d)
+
+
+def _tiny_vit(zero_biases: bool) -> nn.Module:
+    from whatmatters.vision.nets import ShapesViT
+
+    torch.manual_seed(1)
+    vit = ShapesViT(n_classes=4, image_size=8, patch=4, dim=16, depth=2, heads=2).double().eval()
+    with torch.no_grad():
+        for name, p in vit.named_parameters():
+            if name.endswith("bias") and zero_biases:
+                p.zero_()
+            elif name.endswith("norm1.weight") or name.endswith("norm2.weight") or name == "norm.weight":
+                p.uniform_(0.5, 1.5)
+        if zero_biases:
+            vit.pos_embed.zero_()
+            vit.cls_token.zero_()
+    return vit
+
+
+def test_vit_relevance_is_conserved():
+    """Conservative LRP (LayerNorm std and attention softmax constant): without biases the input
+    relevance sums to the logit; with plain gradient x input it does not."""
+    vit = _tiny_vit(zero_biases=True)
+    x = torch.randn(5, 3, 8, 8, dtype=torch.float64)
+    rel, _ = lrp(vit, x, 1, "epsilon", epsilon=0.0)
+    logit = vit(x)[:, 1].detach()
+    err = (rel.flatten(1).sum(1) - logit).abs().max()
+    assert err <= 1e-8 * logit.abs().max()
+    xg = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(vit(xg)[:, 1].sum(), xg)
+    assert (((x * g).flatten(1).sum(1) - logit).abs().max()) > 1e-3 * logit.abs().max()
+
+
+def test_vit_scorer_runs_with_biases():
+    vit = _tiny_vit(zero_biases=False)
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    imp = wm.explain(vit, x, "lrp", target=0)
+    assert imp.values.shape == (3, 8, 8) and torch.isfinite(imp.values).all()
+
+
+def test_hf_vit_with_functional_softmax_is_conserved():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ViTConfig(
+        image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, num_labels=3, attn_implementation="eager", hidden_act="gelu",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.ViTForImageClassification(cfg).double().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "position_embeddings" in name or "cls_token" in name:
+                p.zero_()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    rel, _ = lrp(model, x, 2, "epsilon", epsilon=0.0, softmax_functions=True)
+    logit = model(x).logits[:, 2].detach()
+    assert torch.allclose(rel.flatten(1).sum(1), logit, atol=1e-8, rtol=1e-6)
+
+
+def test_layer_relevance_per_layer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8, bias=False), nn.ReLU(), nn.Linear(8, 8, bias=False), nn.ReLU(),
+                          nn.Linear(8, 2, bias=False)).double()  # fmt: skip
+    x = torch.randn(6, 4, dtype=torch.float64)
+    imp = layer_relevance(model, x, 0, reduce="sum", epsilon=0.0)
+    assert imp.unit == "layer" and imp.names == ("0", "2", "4") and imp.values.shape == (6, 3)
+    logit = model(x)[:, 0].detach()
+    # bias-free and epsilon=0: every layer passes the full logit on (the last layer's output is the logit)
+    assert torch.allclose(imp.values.double(), logit[:, None].expand(6, 3), atol=1e-5)
+    absolute = layer_relevance(model, x, 0)
+    assert (absolute.values >= imp.values.abs() - 1e-6).all()
+
+
+class _Custom(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(4))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+def test_unsupported_layer_names_it_and_the_fix():
+    model = nn.Sequential(nn.Linear(4, 4), _Custom(), nn.Linear(4, 2)).eval()
+    with pytest.raises(MethodError, match=r"'1' \(_Custom\).*rules=\{'1'"):
+        lrp(model, torch.randn(2, 4), 0)
+    rel, _ = lrp(model, torch.randn(2, 4), 0, rules={"1": "pass"})
+    assert rel.shape == (2, 4)
+
+
+class _Broken(Rule):
+    def backward(self, module, x, z, g):
+        raise RuntimeError("boom")
+
+
+def test_model_unchanged_even_on_error(golden):
+    _, model, data = golden
+    x = torch.tensor(data["inputs"])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [p.requires_grad for p in model.parameters()]
+    for canonize in (False, True):
+        with pytest.raises(RuntimeError, match="boom"):
+            lrp(model, x, 0, canonize=canonize, rules={"4": _Broken()})
+        lrp(model, x, 0, canonize=canonize)
+    assert all(not m._forward_hooks and not m._backward_hooks for m in model.modules())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert [p.requires_grad for p in model.parameters()] == flags and not model.training
+    assert all(p.grad is None for p in model.parameters())
+    model.train()
+    try:
+        lrp(model, x, 0, canonize=False)
+        assert model.training and all(m.training for m in model.modules())
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # BN stats untouched
+    finally:
+        model.eval()
+
+
+def test_bad_composite_and_target(golden):
+    _, model, data = golden
+    x = torch.tensor(data["inputs"])
+    with pytest.raises(MethodError, match="unknown LRP composite"):
+        lrp(model, x, 0, "epsilon_pluss")
+    with pytest.raises(ValueError, match="target"):
+        lrp(model, x, 7)
+
+
+@pytest.mark.parametrize("rule", ["wsquare", "flat", "zbox", "gamma", "alpha2_beta1", "zplus"])
+def test_first_layer_and_conv_rules_conserve(rule):
+    """Every rule conserves relevance through a bias-free layer (sums match the logit; epsilon=0 above)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3, bias=False)
+    ).double()  # fmt: skip
+    x = torch.rand(3, 2, 6, 6, dtype=torch.float64)
+    comp = wm.lrp.get_composite("epsilon", epsilon=0.0, stabilizer=0.0)
+    first = wm.lrp.rules.ZBox(0.0, 1.0, 0.0) if rule == "zbox" else wm.lrp.RULES[rule](stabilizer=0.0)
+    rules = {"0": first}
+    rel, _ = lrp(model, x, 0, comp, rules=rules)
+    out = model(x)[:, 0].detach()
+    assert torch.allclose(rel.flatten(1).sum(1), out, atol=1e-9, rtol=1e-7)

@@ -1,0 +1,65 @@
+"""Layer-wise relevance propagation scorers (the machinery is in :mod:`whatmatters.lrp`).
+
+Relevance of the target logit is propagated back to the input with a rule composite. Images
+``(n, C, H, W)`` give pixel maps ``(n, H, W)`` (relevance summed over channels, so the map still sums
+to the propagated logit); other inputs give one value per input element.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from whatmatters.core.adapters import _batches
+from whatmatters.core.registry import scorer
+from whatmatters.core.task import Task, progress_bar
+
+
+def _run(task: Task, composite: str, canonize: bool, params: dict[str, Any]) -> tuple[torch.Tensor, dict]:
+    from whatmatters.lrp.core import lrp
+
+    model = task.torch_model
+    size = task.batch_size or 64
+    chunks = _batches(task.n, size)
+    out = []
+    for s in progress_bar(chunks, len(chunks), f"lrp {composite}", task.progress):
+        rel, _ = lrp(
+            model.module, model.to_model(task.inputs[s]), task.target[s], composite, canonize=canonize, **params
+        )
+        out.append(rel.sum(1) if rel.ndim == 4 else rel)
+    values = torch.cat(out)
+    total = values.flatten(1).sum(1)
+    return values, {"relevance_sum": total.tolist()}
+
+
+@scorer("lrp", family="lrp", units=("feature", "pixel"), needs="module")
+def lrp_scorer(
+    task: Task,
+    *,
+    composite: str = "epsilon_plus",
+    epsilon: float = 1e-6,
+    gamma: float = 0.25,
+    low: float = 0.0,
+    high: float = 1.0,
+    canonize: bool = True,
+    rules: dict | None = None,
+    softmax_functions: bool = False,
+) -> tuple[torch.Tensor, dict]:
+    """LRP with a rule composite (epsilon, epsilon_plus, epsilon_gamma_box, epsilon_alpha2_beta1, epsilon_plus_flat).
+
+    ``low``/``high``: input bounds for the z-beta box rule (epsilon_gamma_box). ``canonize`` folds
+    BatchNorm into the preceding layer (on a copy). ``rules`` maps layer names to rule names.
+    LayerNorm and Softmax modules are handled conservatively, so ViTs work with any composite;
+    ``softmax_functions`` also freezes functional softmax calls (Hugging Face eager attention).
+    ``extra["relevance_sum"]`` holds each sample's total relevance (the logit, if conserved).
+    """
+    params = {"epsilon": epsilon, "gamma": gamma, "low": low, "high": high, "rules": rules}
+    params["softmax_functions"] = softmax_functions
+    return _run(task, composite, canonize, params)
+
+
+@scorer("lrp_epsilon", family="lrp", units=("feature", "pixel"), needs="module")
+def lrp_epsilon(task: Task, *, epsilon: float = 1e-6, canonize: bool = True) -> tuple[torch.Tensor, dict]:
+    """LRP-epsilon on every Linear and Conv layer (``epsilon=0``: LRP-0)."""
+    return _run(task, "epsilon", canonize, {"epsilon": epsilon})

@@ -1,0 +1,54 @@
+"""Canonizers: rewrite a copy of a model into an equivalent one that LRP rules explain better."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import torch
+from torch import nn
+
+from whatmatters.lrp.composites import BATCHNORM, CONV, LINEAR
+
+
+def _merge(layer: nn.Module, bn: nn.Module) -> None:
+    """Fold an eval-mode BatchNorm into the preceding layer (in place, on the copy)."""
+    with torch.no_grad():
+        var, mean = bn.running_var, bn.running_mean  # type: ignore[union-attr]
+        scale = torch.rsqrt(var + bn.eps)  # type: ignore[operator]
+        if bn.weight is not None:
+            scale = scale * bn.weight
+        shift = -mean * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias
+        w = layer.weight  # type: ignore[union-attr]
+        w.mul_(scale.reshape(-1, *([1] * (w.ndim - 1))).to(w.dtype))
+        bias = layer.bias if layer.bias is not None else torch.zeros_like(scale)  # type: ignore[union-attr]
+        layer.bias = nn.Parameter((bias * scale + shift).to(w.dtype), requires_grad=w.requires_grad)
+
+
+def merge_batchnorm(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """A deep copy of ``model`` with every BatchNorm that directly follows a Conv/Linear inside an
+    ``nn.Sequential`` folded into that layer (and replaced by ``nn.Identity``). The model is not changed.
+
+    Returns the copy and the names of the merged BatchNorm layers. BatchNorms elsewhere (not after a
+    Conv/Linear in the same Sequential, or without running statistics) stay and get the pass rule.
+    """
+    out = copy.deepcopy(model)
+    merged = []
+    for name, seq in out.named_modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        keys = list(seq._modules)
+        for a, b in itertools.pairwise(keys):
+            layer, bn = seq._modules[a], seq._modules[b]
+            if (
+                isinstance(layer, CONV + LINEAR)
+                and isinstance(bn, BATCHNORM)
+                and bn.running_mean is not None
+                and bn.num_features == layer.weight.shape[0]
+            ):
+                _merge(layer, bn)
+                seq._modules[b] = nn.Identity()
+                merged.append(f"{name}.{b}" if name else b)
+    return out, merged

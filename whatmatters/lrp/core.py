@@ -1,0 +1,217 @@
+"""Run LRP: attach the composite's rules as hooks (removed on exit), backpropagate, read relevance."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from whatmatters.core.errors import InputError, MethodError, ModelError
+from whatmatters.core.state import hooks, preserved
+from whatmatters.lrp.canonizers import merge_batchnorm
+from whatmatters.lrp.composites import Composite, get_composite
+from whatmatters.lrp.rules import RULES, Rule, stabilize
+
+Tensor = torch.Tensor
+
+
+class _Relevance(torch.autograd.Function):
+    """Identity in the forward pass; the rule's modified gradient with respect to the layer input backwards."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, z: Tensor, rule: Rule, module: nn.Module, state: dict) -> Tensor:  # type: ignore[override]
+        ctx.rule, ctx.module, ctx.state = rule, module, state
+        ctx.is_input = x is state.get("input")
+        ctx.save_for_backward(x, z)
+        return z.clone()
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, z = ctx.saved_tensors
+        with torch.no_grad():
+            out = ctx.rule.backward(ctx.module, x, z, g)
+        if ctx.rule.raw:  # relevance itself: exact at the model input, else turned into a gradient
+            if ctx.is_input:
+                ctx.state.setdefault("direct", []).append(out)
+                out = torch.zeros_like(x)
+            else:
+                out = out / stabilize(x, 1e-12)
+        return out, None, None, None, None
+
+
+def _hook(rule: Rule, state: dict) -> Any:
+    def on_forward(module: nn.Module, inputs: tuple, output: Any) -> Any:
+        if not inputs or not isinstance(inputs[0], Tensor) or not isinstance(output, Tensor):
+            raise MethodError(
+                f"LRP rule {type(rule).__name__} needs a layer with one tensor input and output; "
+                f"{type(module).__name__} gave {type(output).__name__}"
+            )
+        x = inputs[0]
+        replaced = rule.forward(module, x, output)
+        if replaced is not None:
+            return replaced
+        if not x.requires_grad:  # nothing upstream to explain
+            return output
+        return _Relevance.apply(x, output, rule, module, state)
+
+    return on_forward
+
+
+@contextmanager
+def attached(model: nn.Module, composite: Composite, state: dict) -> Iterator[dict[str, tuple[nn.Module, Rule | None]]]:
+    """Attach the composite's rules to ``model`` as forward hooks; they are removed on exit."""
+    assigned = composite.assign(model)
+    handles = [m.register_forward_hook(_hook(r, state)) for m, r in assigned.values() if r is not None]
+    with hooks(*handles):
+        yield assigned
+
+
+def _as_rule(rule: str | Rule) -> Rule:
+    if isinstance(rule, Rule):
+        return rule
+    if rule not in RULES:
+        raise MethodError(f"unknown LRP rule {rule!r}; choose one of {sorted(RULES)} or pass a Rule")
+    return RULES[rule]()
+
+
+def prepare(
+    model: nn.Module,
+    composite: str | Composite = "epsilon_plus",
+    *,
+    canonize: bool = True,
+    rules: dict[str, str | Rule] | None = None,
+    **params: Any,
+) -> tuple[nn.Module, Composite]:
+    """The model to hook (a BatchNorm-merged copy when ``canonize``) and the composite with name rules added."""
+    comp = get_composite(composite, **params)
+    if rules:
+        comp = Composite(
+            comp.layer_map, comp.first_map, {**comp.name_map, **{k: _as_rule(v) for k, v in rules.items()}}
+        )
+    if canonize:
+        model, _ = merge_batchnorm(model)
+    return model, comp
+
+
+def _logits(out: Any) -> Tensor:
+    if isinstance(out, Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if not isinstance(logits, Tensor):
+        raise ModelError("the model returned a non-tensor without .logits; wrap it so that it returns a tensor")
+    return logits
+
+
+def _target_rows(target: Any, n: int, logits: Tensor) -> Tensor:
+    if target is None:
+        return logits.detach().argmax(1)
+    t = torch.as_tensor(target, device=logits.device).long().reshape(-1)
+    if t.numel() == 1:
+        t = t.expand(n)
+    if t.numel() != n or t.min() < 0 or t.max() >= logits.shape[1]:
+        raise InputError(
+            f"target must be one class index (or one per sample) in [0, {logits.shape[1]}); got {target!r}"
+        )
+    return t
+
+
+def lrp(
+    model: nn.Module,
+    inputs: Tensor,
+    target: Any = None,
+    composite: str | Composite = "epsilon_plus",
+    *,
+    canonize: bool = True,
+    rules: dict[str, str | Rule] | None = None,
+    layers: Sequence[str] | None = None,
+    softmax_functions: bool = False,
+    **params: Any,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Relevance of every input value for the target logit, shaped like ``inputs``.
+
+    The target output's relevance is its logit, so with conservative rules (epsilon -> 0, no
+    biases) the relevance sums to the logit. ``layers`` (names in the hooked model) also returns the
+    relevance arriving at each of those layers' outputs, shaped like the output. The user's model is
+    never changed: hooks go on a BatchNorm-merged copy (``canonize``) or, without canonizing, on the
+    model itself inside :func:`whatmatters.core.state.preserved`. ``softmax_functions`` also treats
+    calls of ``torch.softmax`` / ``F.softmax`` as constants (attention written without a Softmax module).
+    """
+    work, comp = prepare(model, composite, canonize=canonize, rules=rules, **params)
+    device = next((p.device for p in work.parameters()), inputs.device)
+    state: dict = {}
+    captured: dict[str, Tensor] = {}
+    with ExitStack() as stack:
+        stack.enter_context(preserved(model))
+        if work is not model:
+            stack.enter_context(preserved(work, weights=False))
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.enable_grad())
+        if softmax_functions:
+            stack.enter_context(constant_softmax())
+        for p in work.parameters():
+            p.requires_grad_(False)
+        stack.enter_context(attached(work, comp, state))
+        if layers:
+            stack.enter_context(_capture(work, layers, captured))
+        x = inputs.detach().to(device).clone().requires_grad_(True)
+        state["input"] = x
+        logits = _logits(work(x))
+        if logits.ndim != 2:
+            raise ModelError(f"LRP needs outputs of shape (n, classes); the model returned {tuple(logits.shape)}")
+        rows = _target_rows(target, len(x), logits)
+        onehot = torch.zeros_like(logits).scatter_(1, rows.unsqueeze(1), 1.0)
+        if not logits.requires_grad:
+            raise ModelError("the model's output does not depend differentiably on its input, so LRP cannot run")
+        (grad,) = torch.autograd.grad(logits, x, onehot, allow_unused=True)
+        rel = x.detach() * (grad if grad is not None else 0)
+        for direct in state.get("direct", []):
+            rel = rel + direct
+        layer_rel = {name: t.detach() for name, t in captured.items()}
+    return rel.detach(), layer_rel
+
+
+@contextmanager
+def _capture(model: nn.Module, layers: Sequence[str], store: dict[str, Tensor]) -> Iterator[None]:
+    """Store ``output * gradient`` (the relevance arriving at the output) of each named layer."""
+    from whatmatters.core.state import find_module
+
+    def make(name: str) -> Any:
+        def on_forward(_m: nn.Module, _inp: Any, out: Any) -> None:
+            t = out[0] if isinstance(out, (tuple, list)) else out
+            if not isinstance(t, Tensor) or not t.requires_grad:
+                raise MethodError(f"layer {name!r} does not return a tensor on the path to the output; choose another")
+            val = t.detach()
+            t.register_hook(lambda g: store.__setitem__(name, store[name] + val * g if name in store else val * g))
+
+        return on_forward
+
+    handles = [find_module(model, name).register_forward_hook(make(name)) for name in layers]
+    with hooks(*handles):
+        yield
+
+
+@contextmanager
+def constant_softmax() -> Iterator[None]:
+    """Within the block, ``torch.softmax``, ``Tensor.softmax`` and ``F.softmax`` return detached outputs.
+
+    This is the AH-rule for attention implemented with functional softmax calls (Hugging Face
+    eager attention). It patches module attributes for the block's duration (not thread-safe).
+    """
+    import torch.nn.functional as F
+
+    originals = (torch.softmax, F.softmax, Tensor.softmax)
+
+    def const(fn: Any) -> Any:
+        def wrapped(*args: Any, **kwargs: Any) -> Tensor:
+            return fn(*args, **kwargs).detach()
+
+        return wrapped
+
+    torch.softmax, F.softmax, Tensor.softmax = (const(f) for f in originals)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.softmax, F.softmax, Tensor.softmax = originals  # type: ignore[assignment]

@@ -1,0 +1,313 @@
+"""LRP rules as modified gradients.
+
+Convention (the "gradient x input" form of LRP): what flows backwards through the network is a
+gradient ``g``, and the relevance of any tensor ``a`` is ``R = a * g``. A rule attached to a layer
+with input ``x`` and output ``z`` receives ``g_out`` (so ``R_out = z * g_out``) and returns
+``g_in`` with ``x * g_in`` equal to the rule's ``R_in``. Layers without a rule pass the plain
+gradient: for ReLU, max-pooling, reshapes, residual additions (a sum splits relevance in proportion
+to each summand, the LRP-0 rule) and matrix products with a constant factor this *is* relevance
+propagation, which is why skip connections and attention need no special code here.
+
+Rules whose relevance does not factor through the input (z-beta box, flat, w-square) are meant
+for the first layer; their ``R_in`` is returned exactly when that layer's input is the model input
+and divided by the stabilised input otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from whatmatters.core.errors import MethodError
+
+Tensor = torch.Tensor
+
+
+def stabilize(z: Tensor, eps: float) -> Tensor:
+    """``z + eps * sign(z)``, with sign(0) taken as +1 (so the result is never 0 for eps > 0)."""
+    return z + eps * torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
+
+
+def _affine(module: nn.Module) -> Callable[[Tensor, Tensor, Tensor | None], Tensor]:
+    """The layer's forward as a function of (input, weight, bias)."""
+    if isinstance(module, nn.Linear):
+        return F.linear
+    if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
+        return module._conv_forward  # type: ignore[union-attr]
+    raise MethodError(
+        f"this LRP rule needs a Linear or Conv layer, not {type(module).__name__}; give that layer another rule"
+    )
+
+
+def _params(module: nn.Module) -> tuple[Tensor, Tensor | None]:
+    w = module.weight.detach()
+    b = module.bias.detach() if getattr(module, "bias", None) is not None else None
+    return w, b
+
+
+def _vjp(fn: Callable[[Tensor], Tensor], x: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+    """``(fn(x), J_fn(x)^T s)`` for a function linear in ``x``."""
+    with torch.enable_grad():
+        xx = x.detach().requires_grad_(True)
+        z = fn(xx)
+        (g,) = torch.autograd.grad(z, xx, s)
+    return z.detach(), g
+
+
+def _jt(fn: Callable[[Tensor], Tensor], like: Tensor, s: Tensor) -> Tensor:
+    """``J^T s`` for a linear function ``fn`` (its Jacobian does not depend on the point)."""
+    return _vjp(fn, torch.zeros_like(like), s)[1]
+
+
+_CONV_INPUT_GRAD = {1: "conv1d_input", 2: "conv2d_input", 3: "conv3d_input"}
+
+
+def _lin_t(module: nn.Module, w: Tensor, x: Tensor, s: Tensor) -> Tensor:
+    """``W^T s`` for the layer with weight ``w`` (no forward pass where torch has the transposed op)."""
+    if isinstance(module, nn.Linear):
+        return s @ w
+    dims = w.ndim - 2
+    if (
+        isinstance(module, nn.modules.conv._ConvNd)
+        and module.padding_mode == "zeros"
+        and not isinstance(module.padding, str)
+        and dims in _CONV_INPUT_GRAD
+    ):
+        fn = getattr(torch.nn.grad, _CONV_INPUT_GRAD[dims])
+        return fn(x.shape, w, s, module.stride, module.padding, module.dilation, module.groups)
+    f = _affine(module)
+    return _jt(lambda t: f(t, w, None), x, s)
+
+
+def _pos(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.clamp(min=0)
+
+
+def _neg(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.clamp(max=0)
+
+
+@dataclass
+class Rule:
+    """Base class: ``backward(module, x, z, g_out) -> g_in``; ``raw`` rules return ``R_in`` instead."""
+
+    raw = False  # True: backward returns relevance, not a gradient
+
+    def backward(self, module: nn.Module, x: Tensor, z: Tensor, g: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, module: nn.Module, x: Tensor, z: Tensor) -> Tensor | None:
+        """Optional replacement of the layer's output (same value, different graph); None keeps it."""
+        return None
+
+
+@dataclass
+class Epsilon(Rule):
+    """LRP-epsilon: ``R_in = x * W^T (R_out / (z + eps sign z))``; ``epsilon=0`` is LRP-0."""
+
+    epsilon: float = 1e-6
+
+    def backward(self, module: nn.Module, x: Tensor, z: Tensor, g: Tensor) -> Tensor:
+        w, _ = _params(module)
+        return _lin_t(module, w, x, z * g / stabilize(z, self.epsilon))
+
+
+@dataclass
+class Norm(Rule):
+    """Epsilon rule for parameter-free linear layers (average pooling): the layer's own gradient, renormalised."""
+
+    stabilizer: float = 1e-6
+
+    def backward(self, module: nn.Module, x: Tensor, z: Tensor, g: Tensor) -> Tensor:
+        _, gx = _vjp(module.forward, x, z * g / stabilize(z, self.stabilizer))  # forward: no hooks
+        return gx
+
+
+@dataclass
+class AlphaBeta(Rule):
+    """LRP-alpha-beta (``alpha - beta = 1``): positive and negative contributions weighted separately.
+
+    Positive part ``W+ x+ + W- x- + b+``, negative part ``W- x+ + W+ x- + b-``; ``alpha=1, beta=0``
+    is the z+ rule.
+    """
+
+    alpha: float = 2.0
+    beta: float = 1.0
+    stabilizer: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.alpha < 0 or self.beta < 0 or abs(self.alpha - self.beta - 1) > 1e-12:
+            raise MethodError(f"alpha-beta needs alpha, beta >= 0 and alpha - beta = 1; got {self.alpha}, {self.beta}")
+
+    def backward(self, module: nn.Module, x: Tensor, z: Tensor, g: Tensor) -> Tensor:
+        w, b = _params(module)
+        f = _affine(module)
+        wp, wn = w.clamp(min=0), w.clamp(max=0)
+        xp, xn = x.clamp(min=0), x.clamp(max=0)
+        r = z * g
+        zp = f(xp, wp, _pos(b)) + f(xn, wn, None)
+        sp = r / stabilize(zp, self.stabilizer)
+        gp_pos, gp_neg = _lin_t(module, wp, x, sp), _lin_t(module, wn, x, sp)
+        if self.beta == 0:
+            return torch.where(x > 0, gp_pos, gp_neg)
+        zn = f(xp, wn, _neg(b)) + f(xn, wp, None)
+        sn = r / stabilize(zn, self.stabilizer)
+        gn_pos, gn_neg = _lin_t(module, wn, x, sn), _lin_t(module, wp, x, sn)
+        return torch.where(x > 0, self.alpha * gp_pos - self.beta * gn_pos, self.alpha * gp_neg - self.beta * gn_neg)
+
+
+def ZPlus(stabilizer: float = 1e-6) -> AlphaBeta:
+    """The z+ rule: alpha-beta with ``alpha=1, beta=0``."""
+    return AlphaBeta(1.0, 0.0, stabilizer)
+
+
+@dataclass
+class Gamma(Rule):
+    """LRP-gamma (generalised to signed inputs): positive contributions boosted by ``gamma``.
+
+    Where ``z > 0`` relevance follows ``(W + gamma W+) x+ + (W + gamma W-) x- + b + gamma b+``; where
+    ``z < 0`` it follows ``(W + gamma W-) x+ + (W + gamma W+) x- + b + gamma b-``.
+    """
+
+    gamma: float = 0.25
+    stabilizer: float = 1e-6
+
+    def backward(self, module: nn.Module, x: Tensor, z: Tensor, g: Tensor) -> Tensor:
+        w, b = _params(module)
+        f = _affine(module)
+        wu, wd = w + self.gamma * w.clamp(min=0), w + self.gamma * w.clamp(max=0)
+        bu = None if b is None else b + self.gamma * b.clamp(min=0)
+        bd = None if b is None else b + self.gamma * b.clamp(max=0)
+        xp, xn = x.clamp(min=0), x.clamp(max=0)
+        r = z * g
+        up = r * (z > 0) / stabilize(f(xp, wu, bu) + f(xn, wd, None), self.stabilizer)
+        down = r * (z < 0) / stabilize(f(xp, wd, bd) + f(xn, wu, None), self.stabilizer)
+        g_pos = _lin_t(module, wu, x, up) + _lin_t(module, wd, x, down)
+        g_neg = _lin_t(module, wd, x, up) + _lin_t(module, wu, x, down)
+        return torch.where(x > 0, g_pos, g_neg)
+
+
+@dataclass
+class ZBox(Rule):
+    """z-beta (bounded input): ``R = x g(W) - l g(W+) - h g(W-)`` over ``z = W x - W+ l - W- h``.
+
+    ``low`` / ``high`` are the smallest and largest possible input values (floats or tensors that
+    broadcast against one sample, e.g. ``(C, 1, 1)`` per channel). For the first layer.
+    """
+
+    low: float | Tensor = 0.0
+    high: float | Tensor = 1.0
+    stabilizer: float = 1e-6
+    raw = True
+
+    def backward(self, module: nn.Module, x: Tensor, z: Tensor, g: Tensor) -> Tensor:
+        w, _ = _params(module)
+        f = _affine(module)
+        wp, wn = w.clamp(min=0), w.clamp(max=0)
+        low = torch.as_tensor(self.low, dtype=x.dtype, device=x.device).expand_as(x[0]).expand_as(x)
+        high = torch.as_tensor(self.high, dtype=x.dtype, device=x.device).expand_as(x[0]).expand_as(x)
+        zz = f(x, w, None) - f(low, wp, None) - f(high, wn, None)
+        s = z * g / stabilize(zz, self.stabilizer)
+        return x * _lin_t(module, w, x, s) - low * _lin_t(module, wp, x, s) - high * _lin_t(module, wn, x, s)
+
+
+@dataclass
+class Flat(Rule):
+    """Flat rule: relevance spread uniformly over each output's receptive field (first layer)."""
+
+    stabilizer: float = 1e-6
+    raw = True
+
+    def backward(self, module: nn.Module, x: Tensor, z: Tensor, g: Tensor) -> Tensor:
+        w, _ = _params(module)
+        f = _affine(module)
+        wo = torch.ones_like(w)
+        s = z * g / stabilize(f(torch.ones_like(x), wo, None), self.stabilizer)
+        return _lin_t(module, wo, x, s)
+
+
+@dataclass
+class WSquare(Rule):
+    """w-square rule: relevance spread in proportion to ``W**2`` (first layer, unbounded inputs)."""
+
+    stabilizer: float = 1e-6
+    raw = True
+
+    def backward(self, module: nn.Module, x: Tensor, z: Tensor, g: Tensor) -> Tensor:
+        w, b = _params(module)
+        f = _affine(module)
+        w2 = w * w
+        zz = f(torch.ones_like(x), w2, None if b is None else b * b)
+        return _lin_t(module, w2, x, z * g / stabilize(zz, self.stabilizer))
+
+
+@dataclass
+class Pass(Rule):
+    """Identity rule for element-wise layers (activations, unmerged BatchNorm): ``R_in = R_out``.
+
+    For ReLU this is the plain gradient; for others ``g_in = z / x * g_out`` (0 where ``x = 0``).
+    """
+
+    def backward(self, module: nn.Module, x: Tensor, z: Tensor, g: Tensor) -> Tensor:
+        ratio = torch.where(x != 0, z / torch.where(x != 0, x, 1), 0)
+        return ratio * g
+
+
+@dataclass
+class Gradient(Rule):
+    """The plain gradient (no rule): right for ReLU, max-pooling, reshapes, dropout, additions."""
+
+    def backward(self, module: nn.Module, x: Tensor, z: Tensor, g: Tensor) -> Tensor:
+        raise AssertionError("Gradient is not attached as a hook")
+
+
+@dataclass
+class LayerNormRule(Rule):
+    """Conservative LayerNorm (Ali et al. 2022): the standard deviation is a constant in the backward pass.
+
+    The output is recomputed as ``(x - mean(x)) / std.detach() * w + b``; relevance then follows the
+    centred input linearly, and the bias ``b`` (and the mean) absorb the rest, as in LRP-0.
+    """
+
+    def forward(self, module: nn.Module, x: Tensor, z: Tensor) -> Tensor:
+        shape = module.normalized_shape  # type: ignore[attr-defined]
+        dims = tuple(range(-len(shape), 0))
+        centred = x - x.mean(dims, keepdim=True)
+        std = (centred.pow(2).mean(dims, keepdim=True) + module.eps).sqrt().detach()  # type: ignore[attr-defined]
+        out = centred / std
+        if getattr(module, "weight", None) is not None:
+            out = out * module.weight.detach()
+        if getattr(module, "bias", None) is not None:
+            out = out + module.bias.detach()
+        return z.detach() + (out - out.detach())
+
+
+@dataclass
+class Constant(Rule):
+    """The layer's output is a constant in the backward pass (attention softmax: the AH-rule)."""
+
+    def forward(self, module: nn.Module, x: Tensor, z: Tensor) -> Tensor:
+        return z.detach()
+
+
+RULES: dict[str, Callable[..., Rule]] = {
+    "epsilon": Epsilon,
+    "zero": lambda: Epsilon(0.0),
+    "gamma": Gamma,
+    "alpha1_beta0": ZPlus,
+    "zplus": ZPlus,
+    "alpha2_beta1": lambda stabilizer=1e-6: AlphaBeta(2.0, 1.0, stabilizer),
+    "alpha_beta": AlphaBeta,
+    "zbox": ZBox,
+    "flat": Flat,
+    "wsquare": WSquare,
+    "norm": Norm,
+    "pass": Pass,
+    "gradient": Gradient,
+    "layernorm": LayerNormRule,
+    "constant": Constant,
+}
