@@ -25,6 +25,9 @@ _LAZY = {
     "write_report": "whatmatters.report.html",
     "dhondt_seats": "whatmatters.explain.dhondt",
     "Actionability": "whatmatters.explain.recourse",
+    "layer_relevance": "whatmatters.lrp",
+    "select_features": "whatmatters.select",
+    "score_features": "whatmatters.select",
 }
 
 
