@@ -8,6 +8,7 @@ scores. Every module in this package is imported on first use of the registry.
 
 from whatmatters.compress.api import ModelImportance, score
 from whatmatters.compress.calibrate import Calibration, calibrate, lm_windows
+from whatmatters.compress.kvcache import evict_scores, kv_eviction
 from whatmatters.compress.prune import Pruned, PruneReport, measure, prune
 
 __all__ = [
@@ -16,6 +17,8 @@ __all__ = [
     "PruneReport",
     "Pruned",
     "calibrate",
+    "evict_scores",
+    "kv_eviction",
     "lm_windows",
     "measure",
     "prune",
