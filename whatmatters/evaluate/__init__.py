@@ -23,12 +23,14 @@ from whatmatters.evaluate.metrics import (
     metric,
     metrics,
 )
+from whatmatters.evaluate.robustness import cascade_layers, max_sensitivity, randomization
 
 __all__ = [
     "BenchmarkResult",
     "MetricResult",
     "auc",
     "benchmark",
+    "cascade_layers",
     "compare",
     "deletion_auc",
     "deletion_curve",
@@ -36,11 +38,13 @@ __all__ = [
     "get_metric",
     "insertion_auc",
     "insertion_curve",
+    "max_sensitivity",
     "measure",
     "metric",
     "metrics",
     "pointing_game",
     "precision_at_k",
+    "randomization",
     "rank_agreement",
     "relevance_mass",
 ]
