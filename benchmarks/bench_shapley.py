@@ -71,7 +71,7 @@ def relative_error(est: np.ndarray, exact: np.ndarray) -> float:
     return float(np.mean(np.linalg.norm(est - exact, axis=1) / np.linalg.norm(exact, axis=1)))
 
 
-def estimators(f, xs: np.ndarray, background: np.ndarray, budget: int, d: int) -> dict:
+def estimators(f, xs: np.ndarray, background: np.ndarray, budget: int, d: int, batch_size: int | None) -> dict:
     """name -> run(seed) -> (values, coalition evaluations used per sample)."""
     import shap
 
@@ -80,7 +80,15 @@ def estimators(f, xs: np.ndarray, background: np.ndarray, budget: int, d: int) -
     def ours(method: str, **kw):
         def run(seed: int):
             imp = wm.explain(
-                f, xs, method, background=background, max_background=len(background), max_evals=budget, seed=seed, **kw
+                f,
+                xs,
+                method,
+                background=background,
+                max_background=len(background),
+                max_evals=budget,
+                seed=seed,
+                batch_size=batch_size,
+                **kw,
             )
             return imp.numpy(), imp.extra["evaluations"]
 
@@ -119,6 +127,9 @@ def main() -> None:
         default="classification_mlp,classification_gbm,friedman_gbm,friedman_mlp",
         help="also available: friedman20_gbm (20 features, ground truth from TreeSHAP)",
     )
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="rows per model call for ours (default: library's)"
+    )
     parser.add_argument("--json", default=None, help="also write the JSON here")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -129,7 +140,12 @@ def main() -> None:
     import whatmatters as wm
 
     budgets = [int(b) for b in args.evals.split(",")]
-    report: dict = {"samples": args.samples, "background": args.background, "seeds": args.seeds}
+    report: dict = {
+        "batch_size": args.batch_size,
+        "samples": args.samples,
+        "background": args.background,
+        "seeds": args.seeds,
+    }
     report["error"] = "mean over samples of ||phi_hat - phi||_2 / ||phi||_2 vs exact Shapley values, mean over seeds"
     report["results"] = {}
     rows = []
@@ -149,7 +165,7 @@ def main() -> None:
         exact_seconds = time.perf_counter() - start
 
         for budget in budgets:
-            runs = estimators(f, xs, background, budget, x.shape[1])
+            runs = estimators(f, xs, background, budget, x.shape[1], args.batch_size)
             res = {}
             for name, run in runs.items():
                 errors, seconds, used = [], [], 0

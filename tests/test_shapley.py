@@ -218,6 +218,22 @@ def test_clear_errors():
         wm.explain(f, X, "kernel_shap", max_background=0)
 
 
+@settings(max_examples=15, deadline=None)
+@given(
+    budget=st.one_of(
+        st.booleans(),
+        st.floats(-10, 1e4).filter(lambda v: not v.is_integer() or v < 22),
+        st.text(max_size=3),
+        st.integers(-5, 21),
+    )
+)
+def test_bad_budgets_are_refused_clearly(budget):
+    X = np.random.default_rng(0).normal(size=(3, 10))
+    for method in ("kernel_shap", "shapley_sampling"):
+        with pytest.raises(wm.InputError, match="max_evals"):
+            wm.explain(lambda a: a.sum(1), X, method, max_evals=budget)
+
+
 @settings(max_examples=40, deadline=None)
 @given(d=st.integers(2, 14), extra=st.integers(0, 400), seed=st.integers(0, 3))
 def test_design_is_distinct_paired_and_within_budget(d, extra, seed):

@@ -41,9 +41,10 @@ def tree_shap(task: Task, *, output: str = "probability", max_background: int = 
       for binary models only. ``output="raw"`` explains the log-odds (decision function) exactly.
 
     shap compares feature values in float32; HistGradientBoosting splits in float64, so data lying
-    between a threshold and its float32 rounding can shift its values slightly. The values' sum is
-    checked against the model (``extra["efficiency_gap"]``) and ``extra["exact"]`` is False when it
-    is off. ``extra``: ``base_value`` per sample, ``exact``, ``output``, ``efficiency_gap``.
+    between a threshold and its float32 rounding can shift its values slightly. For probabilities and
+    regressions the values' sum is checked against the model (``extra["efficiency_gap"]``) and
+    ``extra["exact"]`` is False when it is off. ``extra``: ``base_value`` per sample, ``exact``,
+    ``output``, ``efficiency_gap``.
     """
     if output not in OUTPUTS:
         raise InputError(f"output must be one of {OUTPUTS}, got {output!r}")
@@ -61,11 +62,11 @@ def tree_shap(task: Task, *, output: str = "probability", max_background: int = 
         explainer = shap.TreeExplainer(
             estimator, data=background, feature_perturbation="interventional", model_output=model_output
         )
-    except Exception as err:  # shap names the model types it supports
+    except Exception as err:  # shap says which model types and outputs it supports
         raise ModelError(
-            f"tree_shap cannot explain a {type(estimator).__name__} ({type(err).__name__}: {err}); it needs a tree "
-            "ensemble (RandomForest, ExtraTrees, GradientBoosting, HistGradientBoosting, XGBoost, LightGBM). "
-            "Use method='kernel_shap' for other models."
+            f"shap's TreeExplainer cannot explain this {type(estimator).__name__} ({type(err).__name__}: {err}). "
+            "It supports tree ensembles such as RandomForest, ExtraTrees, (Hist)GradientBoosting, XGBoost and "
+            "LightGBM; use method='kernel_shap' for any other model."
         ) from None
     tree_output = getattr(explainer.model, "tree_output", "raw_value")
     try:
