@@ -29,7 +29,7 @@ from whatmatters.core.adapters import _batches
 from whatmatters.core.errors import InputError
 from whatmatters.core.importance import Importance
 from whatmatters.core.task import Task, progress_bar
-from whatmatters.evaluate.metrics import flat_scores, metric, metric_task, unit_axes
+from whatmatters.evaluate.metrics import Curve, flat_scores, metric, metric_task, unit_axes
 from whatmatters.explain.baselines import baseline_row
 
 Baseline = str | float | np.ndarray | torch.Tensor | Callable[[torch.Tensor], Any]
@@ -141,126 +141,106 @@ def _normalized(outputs: torch.Tensor, mode: str) -> torch.Tensor:
     return (outputs - fb) / span
 
 
-def _curve_metric(
-    mode: str,
-    model: Any,
-    data: Any,
-    importance: Importance,
-    *,
-    target: Any,
-    background: Any,
-    seed: int,
-    batch_size: int | None,
-    progress: bool | None,
-    baseline: Baseline,
-    steps: int,
-    by_abs: bool,
-    normalize: bool,
-    relative: bool,
-    n_random: int,
-) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    if relative and n_random < 1:
-        raise InputError("relative=True compares with random orders: n_random must be at least 1")
-    with metric_task(
-        model,
-        data,
-        importance,
-        target=target,
-        background=background,
-        seed=seed,
-        batch_size=batch_size,
-        progress=progress,
-    ) as task:
-        fractions, outputs = perturbation_curves(
-            task,
-            importance,
-            mode=mode,
-            steps=steps,
-            baseline=baseline,
-            by_abs=by_abs,
-            n_random=n_random if relative else 0,
-        )
-    if normalize:
-        outputs = _normalized(outputs, mode)
-    areas = auc(fractions, outputs)
-    curves = {mode: (fractions, outputs[:, 0])}
-    if not relative:
-        return areas[:, 0], curves
-    curves[f"{mode}_random"] = (fractions, outputs[:, 1:].mean(1))
-    return areas[:, 0] - areas[:, 1:].mean(1), curves
+def _curve_fn(mode: str, doc: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    def curve(
+        model: Any,
+        data: Any,
+        importance: Importance,
+        *,
+        target: Any = None,
+        baseline: Baseline = "mean",
+        steps: int = 50,
+        by_abs: bool = False,
+        background: Any = None,
+        seed: int = 0,
+        batch_size: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        with metric_task(
+            model, data, importance, target=target, background=background, seed=seed, batch_size=batch_size
+        ) as task:
+            fractions, outputs = perturbation_curves(
+                task, importance, mode=mode, steps=steps, baseline=baseline, by_abs=by_abs
+            )
+        return fractions, outputs[:, 0]
+
+    curve.__name__ = curve.__qualname__ = f"{mode}_curve"
+    curve.__doc__ = doc
+    return curve
 
 
-def deletion_curve(
-    model: Any,
-    data: Any,
-    importance: Importance,
-    *,
-    target: Any = None,
-    baseline: Baseline = "mean",
-    steps: int = 50,
-    by_abs: bool = False,
-    background: Any = None,
-    seed: int = 0,
-    batch_size: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+deletion_curve = _curve_fn(
+    "deletion",
     """``(fractions (m,), outputs (n, m))``: target output as the most important units are removed.
 
     ``outputs[:, 0]`` is ``f(x)`` and ``outputs[:, -1]`` is ``f(baseline)``.
-    """
-    with metric_task(
-        model, data, importance, target=target, background=background, seed=seed, batch_size=batch_size
-    ) as task:
-        fractions, outputs = perturbation_curves(
-            task, importance, mode="deletion", steps=steps, baseline=baseline, by_abs=by_abs
-        )
-    return fractions, outputs[:, 0]
-
-
-def insertion_curve(
-    model: Any,
-    data: Any,
-    importance: Importance,
-    *,
-    target: Any = None,
-    baseline: Baseline = "mean",
-    steps: int = 50,
-    by_abs: bool = False,
-    background: Any = None,
-    seed: int = 0,
-    batch_size: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    """,
+)
+insertion_curve = _curve_fn(
+    "insertion",
     """``(fractions (m,), outputs (n, m))``: target output as the most important units are revealed.
 
     ``outputs[:, 0]`` is ``f(baseline)`` and ``outputs[:, -1]`` is ``f(x)``.
-    """
-    with metric_task(
-        model, data, importance, target=target, background=background, seed=seed, batch_size=batch_size
-    ) as task:
-        fractions, outputs = perturbation_curves(
-            task, importance, mode="insertion", steps=steps, baseline=baseline, by_abs=by_abs
-        )
-    return fractions, outputs[:, 0]
+    """,
+)
 
 
-@metric("deletion_auc", category="faithfulness", higher_is_better=False, units=("feature", "pixel"))
-def deletion_auc(
-    model: Any,
-    data: Any,
-    importance: Importance,
-    *,
-    target: Any = None,
-    background: Any = None,
-    seed: int = 0,
-    batch_size: int | None = None,
-    progress: bool | None = None,
-    baseline: Baseline = "mean",
-    steps: int = 50,
-    by_abs: bool = False,
-    normalize: bool = False,
-    relative: bool = False,
-    n_random: int = 4,
-) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """Deletion AUC: area under the target output as units are removed, most important first (lower is better).
+def _auc_metric(mode: str, doc: str) -> Callable[..., tuple[torch.Tensor, dict[str, Curve]]]:
+    def auc_metric(
+        model: Any,
+        data: Any,
+        importance: Importance,
+        *,
+        target: Any = None,
+        background: Any = None,
+        seed: int = 0,
+        batch_size: int | None = None,
+        progress: bool | None = None,
+        baseline: Baseline = "mean",
+        steps: int = 50,
+        by_abs: bool = False,
+        normalize: bool = False,
+        relative: bool = False,
+        n_random: int = 4,
+    ) -> tuple[torch.Tensor, dict[str, Curve]]:
+        if relative and n_random < 1:
+            raise InputError("relative=True compares with random orders: n_random must be at least 1")
+        with metric_task(
+            model,
+            data,
+            importance,
+            target=target,
+            background=background,
+            seed=seed,
+            batch_size=batch_size,
+            progress=progress,
+        ) as task:
+            fractions, outputs = perturbation_curves(
+                task,
+                importance,
+                mode=mode,
+                steps=steps,
+                baseline=baseline,
+                by_abs=by_abs,
+                n_random=n_random if relative else 0,
+            )
+        if normalize:
+            outputs = _normalized(outputs, mode)
+        areas = auc(fractions, outputs)
+        curves = {mode: (fractions, outputs[:, 0])}
+        if not relative:
+            return areas[:, 0], curves
+        curves[f"{mode}_random"] = (fractions, outputs[:, 1:].mean(1))
+        return areas[:, 0] - areas[:, 1:].mean(1), curves
+
+    auc_metric.__name__ = auc_metric.__qualname__ = f"{mode}_auc"
+    auc_metric.__doc__ = doc
+    return auc_metric
+
+
+deletion_auc = metric("deletion_auc", category="faithfulness", higher_is_better=False, units=("feature", "pixel"))(
+    _auc_metric(
+        "deletion",
+        """Deletion AUC: area under the target output as units are removed, most important first (lower is better).
 
     Units are replaced by ``baseline`` (``"mean"`` of the background or data, ``"zero"``, a number,
     an array, or a callable ``f(inputs) -> references``) in ``steps`` equal fractions, in order of
@@ -268,66 +248,19 @@ def deletion_auc(
     fraction removed, in the model's output units; ``normalize`` rescales each curve to run from 1
     (``f(x)``) to 0 (``f(baseline)``); ``relative`` subtracts the mean AUC of ``n_random`` random
     orders. Curve: ``"deletion"`` (and ``"deletion_random"`` when relative).
-    """
-    return _curve_metric(
-        "deletion",
-        model,
-        data,
-        importance,
-        target=target,
-        background=background,
-        seed=seed,
-        batch_size=batch_size,
-        progress=progress,
-        baseline=baseline,
-        steps=steps,
-        by_abs=by_abs,
-        normalize=normalize,
-        relative=relative,
-        n_random=n_random,
+    """,
     )
-
-
-@metric("insertion_auc", category="faithfulness", higher_is_better=True, units=("feature", "pixel"))
-def insertion_auc(
-    model: Any,
-    data: Any,
-    importance: Importance,
-    *,
-    target: Any = None,
-    background: Any = None,
-    seed: int = 0,
-    batch_size: int | None = None,
-    progress: bool | None = None,
-    baseline: Baseline = "mean",
-    steps: int = 50,
-    by_abs: bool = False,
-    normalize: bool = False,
-    relative: bool = False,
-    n_random: int = 4,
-) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """Insertion AUC: area under the target output as units are revealed, most important first (higher is better).
+)
+insertion_auc = metric("insertion_auc", category="faithfulness", higher_is_better=True, units=("feature", "pixel"))(
+    _auc_metric(
+        "insertion",
+        """Insertion AUC: area under the target output as units are revealed, most important first (higher is better).
 
     Starts from ``baseline`` (see ``deletion_auc``) and puts back the input's units in order of
     decreasing score, in ``steps`` equal fractions; trapezoid rule over the fraction inserted.
     ``normalize`` rescales each curve to run from 0 (``f(baseline)``) to 1 (``f(x)``); ``relative``
     subtracts the mean AUC of ``n_random`` random orders. Curve: ``"insertion"`` (and
     ``"insertion_random"`` when relative).
-    """
-    return _curve_metric(
-        "insertion",
-        model,
-        data,
-        importance,
-        target=target,
-        background=background,
-        seed=seed,
-        batch_size=batch_size,
-        progress=progress,
-        baseline=baseline,
-        steps=steps,
-        by_abs=by_abs,
-        normalize=normalize,
-        relative=relative,
-        n_random=n_random,
+    """,
     )
+)

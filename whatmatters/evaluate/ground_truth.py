@@ -21,7 +21,7 @@ Scores are returned per sample (shape ``(n,)``) or as one value (shape ``()``) w
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -215,43 +215,30 @@ def _precision_metric(
     return precision_at_k(_with_names(importance, data), relevant, k, aggregate=aggregate, by_abs=by_abs)
 
 
-@metric(
-    "relevance_mass",
-    category="localization",
-    higher_is_better=True,
-    units=("feature", "pixel", "token"),
-    needs="relevant",
-)
-def _relevance_mass_metric(
-    model: Any,
-    data: Any,
-    importance: Importance,
-    *,
-    relevant: Any,
-    target: Any = None,
-    aggregate: bool | None = None,
-    by_abs: bool = True,
-) -> torch.Tensor:
-    """Relevance mass: share of the total (absolute) importance on the relevant units."""
-    return relevance_mass(_with_names(importance, data), relevant, aggregate=aggregate, by_abs=by_abs)
+def _localization_metric(score: Callable[..., torch.Tensor], doc: str) -> Callable[..., torch.Tensor]:
+    def localization(
+        model: Any,
+        data: Any,
+        importance: Importance,
+        *,
+        relevant: Any,
+        target: Any = None,
+        aggregate: bool | None = None,
+        by_abs: bool = True,
+    ) -> torch.Tensor:
+        return score(_with_names(importance, data), relevant, aggregate=aggregate, by_abs=by_abs)
+
+    localization.__name__ = localization.__qualname__ = f"_{score.__name__}_metric"
+    localization.__doc__ = doc
+    return localization
 
 
-@metric(
-    "pointing_game",
-    category="localization",
-    higher_is_better=True,
-    units=("feature", "pixel", "token"),
-    needs="relevant",
+_LOCALIZATION = {"category": "localization", "higher_is_better": True, "units": ("feature", "pixel", "token")}
+metric("relevance_mass", needs="relevant", **_LOCALIZATION)(
+    _localization_metric(
+        relevance_mass, "Relevance mass: share of the total (absolute) importance on the relevant units."
+    )
 )
-def _pointing_game_metric(
-    model: Any,
-    data: Any,
-    importance: Importance,
-    *,
-    relevant: Any,
-    target: Any = None,
-    aggregate: bool | None = None,
-    by_abs: bool = True,
-) -> torch.Tensor:
-    """Pointing game: is the top-scored unit a relevant one (1) or not (0)."""
-    return pointing_game(_with_names(importance, data), relevant, aggregate=aggregate, by_abs=by_abs)
+metric("pointing_game", needs="relevant", **_LOCALIZATION)(
+    _localization_metric(pointing_game, "Pointing game: is the top-scored unit a relevant one (1) or not (0).")
+)

@@ -15,8 +15,10 @@ data, labels, seed and fit parameters (:func:`shared_fit`); :func:`fit_kan` and
 from __future__ import annotations
 
 import hashlib
+import inspect
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -203,20 +205,30 @@ _FIT_DOC = """
 """
 
 
-@scorer("kan_l1", family="kan", units="feature", needs="fit", per_sample=False)
-def kan_l1(
-    task: Task,
-    *,
-    objective: str = "auto",
-    hidden: int | list[int] = 8,
-    grid_size: int = 5,
-    order: int = 3,
-    steps: int = 200,
-    lr: float = 1e-2,
-    penalty: float = 1e-2,
-    val_fraction: float = 0.2,
-    center: bool = True,
-) -> tuple[torch.Tensor, dict]:
+_FIT_DEFAULTS: dict[str, Any] = dict(
+    objective="auto", hidden=8, grid_size=5, order=3, steps=200, lr=1e-2, penalty=1e-2, val_fraction=0.2
+)
+
+
+def _register(kind: Kind, doc: str, centered: bool) -> Callable[..., tuple[torch.Tensor, dict]]:
+    """Register ``kan_<kind>``: the shared fit parameters (plus ``center`` for L1/L2) and ``doc``."""
+    defaults = {**_FIT_DEFAULTS, **({"center": True} if centered else {})}
+
+    def fn(task: Task, **params: Any) -> tuple[torch.Tensor, dict]:
+        params = {**defaults, **params}
+        center = params.pop("center", True)
+        return _run(task, kind, params, center)
+
+    fn.__name__ = fn.__qualname__ = f"kan_{kind}"
+    fn.__doc__ = doc + _FIT_DOC
+    task_param = inspect.Parameter("task", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Task)
+    keyword = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v) for k, v in defaults.items()]
+    fn.__signature__ = inspect.Signature([task_param, *keyword])  # type: ignore[attr-defined]
+    return scorer(f"kan_{kind}", family="kan", units="feature", needs="fit", per_sample=False)(fn)
+
+
+kan_l1 = _register(
+    "l1",
     """KAN-L1: mean absolute first-layer edge activation of each input over the data.
 
     ``score_j = mean_{n, o} |phi_oj(x_nj) - c_oj|`` over samples ``n`` and hidden units ``o``. The
@@ -224,51 +236,22 @@ def kan_l1(
     (``center=False``); the paper's text calls it the L1 norm of the input's spline coefficients.
     ``center=True`` (our default) subtracts each edge's mean over the data, ``c_oj = mean_n
     phi_oj``, because a constant offset is absorbed by the next layer and carries no information.
-    """
-    params = dict(objective=objective, hidden=hidden, grid_size=grid_size, order=order, steps=steps, lr=lr)
-    params |= dict(penalty=penalty, val_fraction=val_fraction)
-    return _run(task, "l1", params, center)
-
-
-@scorer("kan_l2", family="kan", units="feature", needs="fit", per_sample=False)
-def kan_l2(
-    task: Task,
-    *,
-    objective: str = "auto",
-    hidden: int | list[int] = 8,
-    grid_size: int = 5,
-    order: int = 3,
-    steps: int = 200,
-    lr: float = 1e-2,
-    penalty: float = 1e-2,
-    val_fraction: float = 0.2,
-    center: bool = True,
-) -> tuple[torch.Tensor, dict]:
+    """,
+    centered=True,
+)
+kan_l2 = _register(
+    "l2",
     """KAN-L2: root-mean-square first-layer edge activation of each input over the data.
 
     ``score_j = sqrt(mean_{n, o} (phi_oj(x_nj) - c_oj)^2)``: the L2 "energy" of the learned
     univariate transforms. As in the authors' code with ``center=False``; with ``center=True``
     (our default) it is the root mean of the edges' variances over the data (pykan's own
     attribution likewise uses the standard deviation of edge activations).
-    """
-    params = dict(objective=objective, hidden=hidden, grid_size=grid_size, order=order, steps=steps, lr=lr)
-    params |= dict(penalty=penalty, val_fraction=val_fraction)
-    return _run(task, "l2", params, center)
-
-
-@scorer("kan_si", family="kan", units="feature", needs="fit", per_sample=False)
-def kan_si(
-    task: Task,
-    *,
-    objective: str = "auto",
-    hidden: int | list[int] = 8,
-    grid_size: int = 5,
-    order: int = 3,
-    steps: int = 200,
-    lr: float = 1e-2,
-    penalty: float = 1e-2,
-    val_fraction: float = 0.2,
-) -> tuple[torch.Tensor, dict]:
+    """,
+    centered=True,
+)
+kan_si = _register(
+    "si",
     """KAN-SI (sensitivity integral): mean absolute gradient of the KAN's outputs w.r.t. each input.
 
     ``score_j = mean_n sum_c |d z_c(x_n) / d x_j|`` on standardized inputs over all samples, with
@@ -277,25 +260,11 @@ def kan_si(
     authors' code differentiates ``sum_c |z_c|`` in one pass, which lets class gradients cancel and
     depends on the logits' arbitrary shift. Summing per-class absolute gradients of centred
     logits (one backward pass per class, all samples at once) is our choice.
-    """
-    params = dict(objective=objective, hidden=hidden, grid_size=grid_size, order=order, steps=steps, lr=lr)
-    params |= dict(penalty=penalty, val_fraction=val_fraction)
-    return _run(task, "si", params)
-
-
-@scorer("kan_ko", family="kan", units="feature", needs="fit", per_sample=False)
-def kan_ko(
-    task: Task,
-    *,
-    objective: str = "auto",
-    hidden: int | list[int] = 8,
-    grid_size: int = 5,
-    order: int = 3,
-    steps: int = 200,
-    lr: float = 1e-2,
-    penalty: float = 1e-2,
-    val_fraction: float = 0.2,
-) -> tuple[torch.Tensor, dict]:
+    """,
+    centered=False,
+)
+kan_ko = _register(
+    "ko",
     """KAN-KO (knock-out): increase of the held-out loss when an input's first-layer edges are removed.
 
     As in the paper and the authors' code: zero input ``j``'s base weights and spline coefficients
@@ -304,11 +273,6 @@ def kan_ko(
     held-out rows, clipped at 0. The raw increases and the drop in held-out accuracy / R² are in
     ``extra``. Ours: all inputs are knocked out in one batched pass (no copy of the network per
     input); the paper normalizes scores to sum 1, we keep loss units.
-    """
-    params = dict(objective=objective, hidden=hidden, grid_size=grid_size, order=order, steps=steps, lr=lr)
-    params |= dict(penalty=penalty, val_fraction=val_fraction)
-    return _run(task, "ko", params)
-
-
-for _fn in (kan_l1, kan_l2, kan_si, kan_ko):
-    _fn.__doc__ = (_fn.__doc__ or "") + _FIT_DOC
+    """,
+    centered=False,
+)
