@@ -34,11 +34,16 @@ def _as_2d_outputs(out: torch.Tensor) -> torch.Tensor:
     return out
 
 
+# Scikit-learn models and callables get large batches: per-call overhead (input validation, tree
+# traversal set-up) dominates small calls; 2**22 input values (32 MiB in float64) bound the memory.
+VALUES_PER_CALL = 1 << 22
+
+
 @dataclass
 class Model:
     """Base adapter. ``predict`` returns a float tensor of shape ``(n, n_outputs)``."""
 
-    batch_size: int = 4096
+    batch_size: int | None = None  # rows per call; None: about VALUES_PER_CALL input values per call
     output: str = "auto"
     _n_outputs: int | None = field(default=None, init=False, repr=False)
 
@@ -48,9 +53,16 @@ class Model:
     def _predict_batch(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def rows_per_call(self, x: torch.Tensor) -> int:
+        """Rows of ``x`` per model call: ``batch_size``, or as many as hold ``VALUES_PER_CALL`` values."""
+        if self.batch_size:
+            return self.batch_size
+        per_row = max(1, x[0].numel()) if len(x) else 1
+        return max(1, VALUES_PER_CALL // per_row)
+
     def predict(self, x: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
-        """Model outputs for every row of ``x`` in batches of ``batch_size`` rows."""
-        size = batch_size or self.batch_size
+        """Model outputs for every row of ``x`` in batches of ``batch_size`` rows (default: ``rows_per_call``)."""
+        size = batch_size or self.rows_per_call(x)
         if len(x) <= size:
             return _as_2d_outputs(self._predict_batch(x))
         return torch.cat([_as_2d_outputs(self._predict_batch(x[s])) for s in _batches(len(x), size)])
@@ -98,6 +110,7 @@ class TorchModel(Model):
     """An ``nn.Module``: outputs in its own device and dtype; gradients available."""
 
     module: nn.Module | None = None
+    batch_size: int | None = 256
     kind = "torch"
     has_gradients = True
 
@@ -137,7 +150,7 @@ def wrap(model: Any, *, feature_names: Sequence[str] | None = None, batch_size: 
         return model
     kwargs: dict[str, Any] = {} if batch_size is None else {"batch_size": batch_size}
     if isinstance(model, nn.Module):
-        return TorchModel(module=model, **{"batch_size": 256, **kwargs})
+        return TorchModel(module=model, **kwargs)
     names = None
     fitted_names = getattr(model, "feature_names_in_", None)
     if fitted_names is not None:

@@ -74,13 +74,17 @@ class Task:
         n, m = x.shape[:2]
         flat = x.reshape(n * m, *x.shape[2:])
         rows = (self.target if target is None else target).to(torch.long).repeat_interleave(m)
-        size = self.batch_size or self.model.batch_size
+        size = self.rows_per_call(flat)
         chunks = _batches(len(flat), size)
         outs = []
         for s in progress_bar(chunks, len(chunks), description, self.progress):
             out = self.model.predict(flat[s], batch_size=size)
             outs.append(out.gather(1, rows[s].to(out.device).unsqueeze(1)).squeeze(1))
         return torch.cat(outs).reshape(n, m)
+
+    def rows_per_call(self, x: torch.Tensor | None = None) -> int:
+        """Rows per model call: the task's ``batch_size``, else the model's choice for rows like ``x``."""
+        return self.batch_size or self.model.rows_per_call(self.inputs if x is None else x)
 
     def forward_target(self, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
         """Differentiable target outputs ``(len(x),)`` of a torch model (targets default to the task's)."""

@@ -112,7 +112,7 @@ def perturbation_curves(
     # Row (i, j, k) of the flat list of variants: sample i, order j, step k. Variants are built one
     # model batch at a time, so memory stays that of one batch however many steps and samples.
     total = n * r * m
-    size = task.batch_size or task.model.batch_size
+    size = task.rows_per_call()
     chunks = _batches(total, size)
     outputs = torch.empty(total, dtype=torch.float64)
     for rows in progress_bar(chunks, len(chunks), mode, task.progress):

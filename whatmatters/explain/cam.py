@@ -186,7 +186,7 @@ def class_activation_map(
         raise MethodError(f"CAMs need images (n, channels, height, width), got data of shape {task.unit_shape}")
     size = (int(task.inputs.shape[-2]), int(task.inputs.shape[-1]))
     name, module = resolve_layer(model.module, layer, model.forward, task.inputs[:1])
-    size_b = task.batch_size or model.batch_size
+    size_b = task.rows_per_call()
     chunks = _batches(task.n, size_b)
     maps: list[torch.Tensor] = []
     extra: dict[str, Any] = {"layer": name}

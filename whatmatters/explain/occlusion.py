@@ -140,7 +140,7 @@ def occlusion(
     masks = window_masks(hw, win, std).to(device)  # (m, H, W)
     m = len(masks)
     # windows per chunk: about ELEMENTS_PER_CHUNK values, rounded to whole model calls where possible
-    rows_per_call = task.batch_size or getattr(task.model, "batch_size", None) or 256
+    rows_per_call = task.rows_per_call()
     rows = max(1, ELEMENTS_PER_CHUNK // max(1, x[0].numel()))
     rows = max(rows_per_call, rows // rows_per_call * rows_per_call)
     chunk = max(1, rows // len(x))

@@ -243,7 +243,7 @@ def responsiveness(
     grid, valid, x_dev = grid.to(device), valid.to(device), x.to(device)
     direction = torch.tensor([DIRECTIONS.index(c.direction) for c in rules], device=device)[:, None]
 
-    size = task.batch_size or task.model.batch_size
+    size = task.rows_per_call()
     current = torch.cat([task.model.predict(x[s], batch_size=size) for s in _batches(n, size)])
     reach = _predicate(desired, current.shape[1])
     at_target = reach(current).to(device)

@@ -82,7 +82,7 @@ def coalition_values(task: Task, masks: torch.Tensor, max_background: int = 100)
 def _empty_and_full(task: Task, max_background: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``v(empty)`` (the background's mean output) and ``v(full) = f(x)`` per sample, in two model calls."""
     bg = _background(task, max_background)
-    size = task.batch_size or task.model.batch_size
+    size = task.rows_per_call()
     target = task.target.to(torch.long)
     mean_bg = task.model.predict(bg, batch_size=size).double().mean(0).cpu()
     fx = task.model.predict(task.inputs, batch_size=size).double().cpu()

@@ -91,7 +91,7 @@ def tree_shap(task: Task, *, output: str = "probability", max_background: int = 
     exact = model_output == "raw" or tree_output == "probability"
     extra: dict[str, Any] = {"base_value": torch.from_numpy(base.astype(np.float64)), "output": model_output}
     if model_output == "probability" or not classifier:  # the output the adapter predicts: check efficiency
-        size = task.batch_size or task.model.batch_size
+        size = task.rows_per_call()
         fx = task.model.predict(task.inputs, batch_size=size).double().cpu().numpy()[np.arange(task.n), target]
         fb = task.model.predict(torch.from_numpy(background), batch_size=size).double().cpu().numpy().mean(0)[target]
         gap = float(np.abs(values.sum(1) - (fx - fb)).max())
