@@ -46,7 +46,7 @@ from whatmatters.compress.calibrate import (
     weight_matrix,
 )
 from whatmatters.core.errors import InputError, MethodError, ModelError
-from whatmatters.core.importance import Importance, _jsonable
+from whatmatters.core.importance import Importance, _jsonable, read_parquet, write_parquet
 from whatmatters.core.registry import get_method
 from whatmatters.core.state import preserved
 from whatmatters.core.task import check_params
@@ -221,7 +221,6 @@ class ModelImportance(Mapping[str, Importance]):
         """Write all layers to one Parquet file (one row per layer); :meth:`load` restores it exactly."""
         import numpy as np
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         path = Path(path)
         common = torch.float32
@@ -238,43 +237,17 @@ class ModelImportance(Mapping[str, Importance]):
             "version": __version__,
             "layers": [imp.metadata() for imp in self._layers.values()],
         }
-        table = table.replace_schema_metadata({_META_KEY: json.dumps(meta, allow_nan=True).encode()})
-        path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, path)
-        return path
+        return write_parquet(table, _META_KEY, meta, path)
 
     @classmethod
     def load(cls, path: str | Path) -> ModelImportance:
         """Read a file written by :meth:`save`."""
-        import pyarrow.parquet as pq
-
-        path = Path(path)
-        if not path.exists():
-            raise InputError(f"no model importance file at {path}")
-        table = pq.read_table(path)
-        raw = (table.schema.metadata or {}).get(_META_KEY)
-        if raw is None:
-            raise InputError(f"{path} was not written by ModelImportance.save")
-        meta = json.loads(raw)
-        names = table.column("layer").to_pylist()
+        table, meta = read_parquet(path, _META_KEY, "ModelImportance.save")
         column = table.column("values").combine_chunks()
-        layers = {}
-        for i, (name, m) in enumerate(zip(names, meta["layers"])):
-            flat = column[i].values.to_numpy(zero_copy_only=False)
-            values = torch.from_numpy(flat.copy()).to(getattr(torch, m["dtype"])).reshape(m["shape"])
-            layers[name] = Importance(
-                values=values,
-                unit=m["unit"],
-                names=tuple(m["names"]) if m["names"] is not None else None,
-                per_sample=m["per_sample"],
-                method=m["method"],
-                params=m["params"],
-                target=m["target"],
-                seed=m["seed"],
-                version=m["version"],
-                seconds=math.nan if m["seconds"] is None else m["seconds"],
-                extra=m["extra"],
-            )
+        layers = {
+            name: Importance.from_metadata(m, column[i].values.to_numpy(zero_copy_only=False))
+            for i, (name, m) in enumerate(zip(table.column("layer").to_pylist(), meta["layers"]))
+        }
         seconds = math.nan if meta["seconds"] is None else meta["seconds"]
         return cls(layers, method=meta["method"], params=meta["params"], seconds=seconds)
 

@@ -249,33 +249,20 @@ class Importance:
     def save(self, path: str | Path) -> Path:
         """Write a Parquet file: one row per sample, the values as a list column, metadata as JSON."""
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
-        path = Path(path)
         flat = self._flat().cpu().numpy()
         column = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
-        table = pa.table({"values": column})
-        meta = json.dumps(self.metadata(), allow_nan=True).encode()
-        table = table.replace_schema_metadata({_META_KEY: meta})
-        path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, path)
-        return path
+        return write_parquet(pa.table({"values": column}), _META_KEY, self.metadata(), path)
 
     @classmethod
     def load(cls, path: str | Path) -> Importance:
         """Read a file written by :meth:`save`; the result equals the saved object exactly."""
-        import pyarrow.parquet as pq
+        table, meta = read_parquet(path, _META_KEY, "Importance.save")
+        return cls.from_metadata(meta, table.column("values").combine_chunks().values.to_numpy(zero_copy_only=False))
 
-        path = Path(path)
-        if not path.exists():
-            raise InputError(f"no importance file at {path}")
-        table = pq.read_table(path)
-        raw = (table.schema.metadata or {}).get(_META_KEY)
-        if raw is None:
-            raise InputError(f"{path} is a Parquet file but was not written by Importance.save")
-        meta = json.loads(raw)
-        column = table.column("values").combine_chunks()
-        flat = column.values.to_numpy(zero_copy_only=False)
+    @classmethod
+    def from_metadata(cls, meta: dict[str, Any], flat: np.ndarray) -> Importance:
+        """Rebuild an importance from :meth:`metadata` and its flattened values (as :meth:`save` writes them)."""
         values = torch.from_numpy(flat.copy()).to(getattr(torch, meta["dtype"])).reshape(meta["shape"])
         return cls(
             values=values,
@@ -311,3 +298,28 @@ class Importance:
         from whatmatters.report.plots import bar_chart
 
         return bar_chart(self, ax=ax, k=k, **kwargs)
+
+
+def write_parquet(table: Any, key: bytes, meta: dict[str, Any], path: str | Path) -> Path:
+    """Write a pyarrow ``table`` to ``path`` with ``meta`` as JSON under the schema metadata ``key``."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    table = table.replace_schema_metadata({key: json.dumps(meta, allow_nan=True).encode()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+    return path
+
+
+def read_parquet(path: str | Path, key: bytes, writer: str) -> tuple[Any, dict[str, Any]]:
+    """``(table, meta)`` of a file written with :func:`write_parquet`; clear errors for other files."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"no file at {path}")
+    table = pq.read_table(path)
+    raw = (table.schema.metadata or {}).get(key)
+    if raw is None:
+        raise InputError(f"{path} is a Parquet file but was not written by {writer}")
+    return table, json.loads(raw)
