@@ -23,7 +23,8 @@ from whatmatters.evaluate.metrics import (
     metric,
     metrics,
 )
-from whatmatters.evaluate.robustness import cascade_layers, max_sensitivity, randomization
+from whatmatters.evaluate.road import noisy_linear_imputation, road_curves, road_lerf, road_morf
+from whatmatters.evaluate.robustness import cascade_layers, gradient_noise, max_sensitivity, randomization
 
 __all__ = [
     "BenchmarkResult",
@@ -36,15 +37,20 @@ __all__ = [
     "deletion_curve",
     "describe_metric",
     "get_metric",
+    "gradient_noise",
     "insertion_auc",
     "insertion_curve",
     "max_sensitivity",
     "measure",
     "metric",
     "metrics",
+    "noisy_linear_imputation",
     "pointing_game",
     "precision_at_k",
     "randomization",
     "rank_agreement",
     "relevance_mass",
+    "road_curves",
+    "road_lerf",
+    "road_morf",
 ]

@@ -5,8 +5,11 @@
 * ``randomization`` (Adebayo et al. 2018, "Sanity Checks for Saliency Maps"): cascading
   model-parameter randomization; an explanation that still looks the same once the model's
   weights are random does not explain the model. Lower correlation is better.
+* ``gradient_noise``: how much the map changes when Gaussian noise is added to the gradient the
+  method back-propagates (at its target layer for CAMs, at the input for pixel-gradient methods),
+  the robustness CF-CAM's authors claim for their method. Lower is better.
 
-Both re-run the importance's own method (``importance.method`` with its ``params``) through
+All three re-run the importance's own method (``importance.method`` with its ``params``) through
 :func:`whatmatters.explain`, batched: all perturbations of all samples in one call. The benchmark's
 random reference has no method to re-run: its scores are NaN. Both are registered for pixel units
 (so image benchmarks run them by default) and work on tabular features when called directly.
@@ -26,6 +29,7 @@ from whatmatters.core.adapters import TorchModel
 from whatmatters.core.errors import InputError, MethodError, ModelError
 from whatmatters.core.importance import Importance
 from whatmatters.core.registry import get_method
+from whatmatters.core.state import hooks
 from whatmatters.evaluate.metrics import flat_scores, metric, metric_task
 
 
@@ -51,6 +55,15 @@ def _method_params(importance: Importance) -> tuple[str, dict[str, Any]]:
         raise MethodError(f"{importance.method!r} is a {info.verb} method; only explain methods can be re-run here")
     params = {k: v for k, v in (importance.params or {}).items() if k in info.defaults}
     return info.name, params
+
+
+def _explain_again(
+    model: Any, inputs: torch.Tensor, method: str, params: dict[str, Any], *, target: Any, background: Any, **kw: Any
+) -> Importance:
+    """The importance's method re-run on ``inputs`` (same parameters), without a progress bar."""
+    from whatmatters.explain import explain
+
+    return explain(model, inputs, method=method, target=target, background=background, progress=False, **kw, **params)
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -100,18 +113,8 @@ def max_sensitivity(
         perturbed = x.repeat_interleave(n_samples, dim=0) + noise.to(x.device, x.dtype)
         tgt = task.target.repeat_interleave(n_samples)
         background = task.background if task.background is not None else x
-        from whatmatters.explain import explain
-
-        again = explain(
-            model,
-            perturbed,
-            method=method,
-            target=tgt,
-            background=background,
-            seed=seed,
-            batch_size=batch_size,
-            progress=False,
-            **params,
+        again = _explain_again(
+            model, perturbed, method, params, target=tgt, background=background, seed=seed, batch_size=batch_size
         )
     e = flat_scores(importance, n)  # (n, d)
     e2 = flat_scores(again, n * n_samples).reshape(n, n_samples, -1)
@@ -149,8 +152,13 @@ def _reinitialize(module: nn.Module) -> None:
 
 def _spearman_abs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Row-wise Spearman correlation of ``|a|`` and ``|b|`` (average ranks for ties; NaN for constant rows)."""
-    ra = torch.from_numpy(rankdata(a.abs().numpy(), axis=1))
-    rb = torch.from_numpy(rankdata(b.abs().numpy(), axis=1))
+    return _spearman(a.abs(), b.abs())
+
+
+def _spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise Spearman correlation of float64 CPU rows (average ranks for ties; NaN for constant rows)."""
+    ra = torch.from_numpy(rankdata(a.numpy(), axis=1))
+    rb = torch.from_numpy(rankdata(b.numpy(), axis=1))
     ra = ra - ra.mean(1, keepdim=True)
     rb = rb - rb.mean(1, keepdim=True)
     den = torch.linalg.vector_norm(ra, dim=1) * torch.linalg.vector_norm(rb, dim=1)
@@ -196,28 +204,172 @@ def randomization(
     twin = copy.deepcopy(model)
     twin.eval()
     named = dict(twin.named_modules())
-    from whatmatters.explain import explain
-
     curve = torch.empty(n, len(layers), dtype=torch.float64)
     cuda = sorted({p.device.index or 0 for p in twin.parameters() if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)
         for k, name in enumerate(layers):
             _reinitialize(named[name])
-            again = explain(
-                twin,
-                x,
-                method=method,
-                target=tgt,
-                background=bg,
-                seed=seed,
-                batch_size=batch_size,
-                progress=False,
-                **params,
-            )
+            again = _explain_again(twin, x, method, params, target=tgt, background=bg, seed=seed, batch_size=batch_size)
             curve[:, k] = _spearman_abs(original, flat_scores(again, n))
     steps = torch.arange(1, len(layers) + 1, dtype=torch.float64)
     return curve[:, -1].clone(), {"cascade": (steps, curve)}
 
 
-__all__ = ["cascade_layers", "max_sensitivity", "randomization"]
+class GradientNoise:
+    """A tensor hook adding ``N(0, (sigma * std_row(g))^2)`` to each row of a gradient; counts the gradients it saw.
+
+    ``std_row`` is the population standard deviation of the row's clean gradient (all its elements),
+    so the noise is relative to the gradient's own scale; a row whose gradient is constant gets none.
+    """
+
+    def __init__(self, sigma: float, seed: int) -> None:
+        self.sigma = float(sigma)
+        self.seed = int(seed)
+        self.calls = 0
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def __call__(self, grad: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.sigma == 0:
+            return grad
+        gen = self._generators.get(grad.device)
+        if gen is None:
+            gen = self._generators[grad.device] = torch.Generator(device=grad.device).manual_seed(self.seed)
+        work = torch.promote_types(grad.dtype, torch.float32)
+        rows = grad.reshape(grad.shape[0], -1).to(work) if grad.ndim else grad.reshape(1, 1).to(work)
+        scale = self.sigma * rows.std(dim=1, correction=0, keepdim=True)
+        noise = torch.randn(rows.shape, generator=gen, device=grad.device, dtype=work) * scale
+        return (rows + noise).reshape(grad.shape).to(grad.dtype)
+
+
+def _noise_at_layer(layer: nn.Module, noise: GradientNoise) -> Any:
+    """Hooks adding ``noise`` to the gradient of ``layer``'s output, whichever other hooks the method adds.
+
+    A forward pre-hook registers, at each call of the layer, a one-shot forward hook; being added last,
+    it runs after the method's own hooks (a CAM replaces the output by a leaf's copy) and attaches
+    ``noise`` to the output the rest of the model consumes. Outputs without autograd get nothing.
+    """
+    pending: list[Any] = []
+
+    def attach(_m: nn.Module, _inp: Any, out: Any) -> None:
+        pending.pop().remove()
+        tensor = out if isinstance(out, torch.Tensor) else next((t for t in out if isinstance(t, torch.Tensor)), None)
+        if tensor is not None and tensor.requires_grad:
+            tensor.register_hook(noise)
+
+    def arm(_m: nn.Module, _inp: Any) -> None:
+        pending.append(layer.register_forward_hook(attach))
+
+    pre = layer.register_forward_pre_hook(arm)
+
+    class _Handles:
+        def remove(self) -> None:
+            pre.remove()
+            while pending:
+                pending.pop().remove()
+
+    return _Handles()
+
+
+def _noise_at_input(module: nn.Module, noise: GradientNoise) -> Any:
+    """A forward pre-hook passing the model's first input through a view whose gradient gets ``noise``."""
+
+    def pre(_m: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        if not args or not isinstance(args[0], torch.Tensor) or not args[0].requires_grad:
+            return None
+        view = args[0].view_as(args[0])
+        view.register_hook(noise)
+        return (view, *args[1:])
+
+    return module.register_forward_pre_hook(pre)
+
+
+def _distance(clean: torch.Tensor, noisy: torch.Tensor, distance: str) -> torch.Tensor:
+    if distance == "spearman":
+        return torch.where((clean == noisy).all(-1), 0.0, 1 - _spearman(clean, noisy))  # exact 0 for equal maps
+    num = torch.linalg.vector_norm(noisy - clean, dim=-1)
+    den = torch.linalg.vector_norm(clean, dim=-1)
+    return torch.where(den > 0, num / den.clamp_min(1e-300), torch.full_like(num, float("nan")))
+
+
+@metric("gradient_noise", category="robustness", higher_is_better=False, units="pixel")
+def gradient_noise(
+    model: Any,
+    data: Any,
+    importance: Importance,
+    *,
+    target: Any = None,
+    background: Any = None,
+    seed: int = 0,
+    batch_size: int | None = None,
+    sigma: float = 0.1,
+    n_repeats: int = 3,
+    at: str = "auto",
+    distance: str = "relative_l2",
+) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Gradient-noise stability: change of the map when the back-propagated gradient is noisy (lower is better).
+
+    The importance's method is re-run (same parameters and target) once cleanly and ``n_repeats`` times
+    with zero-mean Gaussian noise of standard deviation ``sigma * std(g)`` added to the gradient ``g``
+    flowing back through one point (``std`` per sample, over the gradient's elements):
+
+    * ``at="layer"``: the output of the method's target layer (``layer`` parameter, else the layer
+      the importance records, else the automatic choice); the gradient CAMs weigh their channels by;
+    * ``at="input"``: the model's input (saliency, gradient x input, integrated gradients and
+      SmoothGrad get the noise in every gradient they take);
+    * ``"auto"``: ``"layer"`` for the CAM family (CF-CAM included), ``"input"`` otherwise.
+
+    Score per sample: the mean over repeats of ``||e_noisy - e||_2 / ||e||_2`` (``distance="relative_l2"``,
+    default: zero exactly when the maps agree, grows with the noise, does not depend on the map's
+    overall scale, and matches ``max_sensitivity``) or of ``1 - Spearman(e_noisy, e)``
+    (``"spearman"``: only the ranking, which is what deletion and ROAD read). ``e`` is the clean
+    re-run, so ``sigma=0`` gives exactly 0. A method that takes no gradient through that point
+    (Score-CAM, Eigen-CAM, occlusion, and the benchmark's random reference) is not applicable: NaN
+    scores, not a perfect 0. Curve ``"repeats"``: ``x = 1..n_repeats``, ``y`` each repeat's distance.
+    The model's hooks are removed on exit, also on error.
+    """
+    n_repeats = _positive_int("n_repeats", n_repeats)
+    if not isinstance(sigma, numbers.Real) or isinstance(sigma, bool) or not (sigma >= 0 and sigma < float("inf")):
+        raise InputError(f"sigma must be a non-negative number (noise std relative to the gradient's), got {sigma!r}")
+    if at not in ("auto", "layer", "input"):
+        raise InputError(f"at must be 'auto', 'layer' or 'input', got {at!r}")
+    if distance not in ("relative_l2", "spearman"):
+        raise InputError(f"distance must be 'relative_l2' or 'spearman', got {distance!r}")
+    if not importance.per_sample:
+        raise InputError("gradient_noise needs per-sample explanations; this importance is aggregated")
+    n_rows = flat_scores(importance).shape[0]
+    if _is_reference(importance):
+        return torch.full((n_rows,), float("nan"), dtype=torch.float64), {}
+    method, params = _method_params(importance)
+    info = get_method(method)
+    if at == "auto":
+        at = "layer" if info.family == "cam" and "layer" in info.defaults else "input"
+    with metric_task(model, data, importance, target=target, background=background, seed=seed) as task:
+        if not isinstance(task.model, TorchModel):
+            raise ModelError("gradient_noise perturbs gradients inside the model: it needs a PyTorch nn.Module")
+        x, tgt, bg, module = task.inputs, task.target, task.background, task.model.module
+        if at == "layer":
+            if "layer" not in info.defaults:
+                raise InputError(f"{method!r} takes no target layer; use at='input'")
+            from whatmatters.core.layers import resolve_layer
+
+            chosen = params.get("layer") or (importance.extra or {}).get("layer")
+            layer = resolve_layer(module, chosen, task.model.forward, task.model.to_model(x[:1]))[1]
+        kw = dict(target=tgt, background=bg, seed=seed, batch_size=batch_size)
+        n = x.shape[0]
+        clean = flat_scores(_explain_again(model, x, method, params, **kw), n)
+        curve = torch.empty(n, n_repeats, dtype=torch.float64)
+        noise = GradientNoise(sigma, seed)
+        for r in range(n_repeats):
+            handle = _noise_at_layer(layer, noise) if at == "layer" else _noise_at_input(module, noise)
+            with hooks(handle):
+                noisy = flat_scores(_explain_again(model, x, method, params, **kw), n)
+            curve[:, r] = _distance(clean, noisy, distance)
+    if noise.calls == 0:  # no gradient went through the noisy point: the metric does not apply
+        curve.fill_(float("nan"))
+    steps = torch.arange(1, n_repeats + 1, dtype=torch.float64)
+    return curve.mean(1), {"repeats": (steps, curve)}
+
+
+__all__ = ["GradientNoise", "cascade_layers", "gradient_noise", "max_sensitivity", "randomization"]
