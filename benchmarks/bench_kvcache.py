@@ -14,6 +14,10 @@
    ``--context`` tokens are prefilled with eviction, then ``--cont`` tokens are fed one at a time
    (teacher forcing, each a decoding step) and their predictions compared with the full-cache model:
    perplexity, next-token (argmax) agreement and KL(full || evicted), at 25 / 50 / 75 % cache.
+   ``--policies scissorhands`` re-runs only the named policies (same setup, so rows add to earlier runs').
+4. **Token importance** (``accumulated_attention``) on SmolLM2: time of whatmatters' hook-based scores
+   (sdpa attention + attention rebuilt per layer from q / k) vs the reference computation with transformers'
+   eager attention and ``output_attentions=True`` (summed), median of ``--repeats``, max abs difference.
 
 kvpress pins ``transformers<5.3``; install it away from the main environment, without its pins:
 ``python -m venv --system-site-packages /tmp/venv-kvpress && /tmp/venv-kvpress/bin/pip install --no-deps
@@ -210,6 +214,52 @@ def lm_quality(context: int, cont: int, n_windows: int, policies: tuple[str, ...
     return rows
 
 
+def token_importance(seq: int, repeats: int) -> list[dict[str, Any]]:
+    """Accumulated attention per token: whatmatters (sdpa + hooks) vs eager attention with output_attentions."""
+    from whatmatters.compress import score
+    from whatmatters.models import load_smollm2, load_texts
+
+    model, tok = load_smollm2()
+    eager, _ = load_smollm2()
+    eager.set_attn_implementation("eager")
+    stream = tok("\n\n".join(load_texts("python-docs")), return_tensors="pt").input_ids[0]
+    rows = []
+    for batch in (1, 4):
+        ids = torch.stack([stream[i * seq : (i + 1) * seq] for i in range(batch)])
+
+        def ours(ids: torch.Tensor = ids) -> torch.Tensor:
+            return score(model, "accumulated_attention", data=ids, batch_size=len(ids)).values
+
+        def reference(ids: torch.Tensor = ids) -> torch.Tensor:
+            with torch.no_grad():
+                att = eager(ids, output_attentions=True).attentions
+            return torch.stack([a.sum(dim=(1, 2)) for a in att]).sum(0)
+
+        a, b = ours(), reference()  # warm-up and the difference
+        t_ours, t_ref = [], []
+        for _ in range(repeats):  # interleaved medians (the machine is shared)
+            t0 = time.perf_counter()
+            ours()
+            t_ours.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            reference()
+            t_ref.append(time.perf_counter() - t0)
+        mo, mr = statistics.median(t_ours), statistics.median(t_ref)
+        rows.append(
+            {
+                "batch": batch,
+                "seq_len": seq,
+                "ms_whatmatters_sdpa": 1e3 * mo,
+                "ms_eager_output_attentions": 1e3 * mr,
+                "ratio": mo / mr,
+                "max_abs_diff": float((a - b).abs().max()),
+                "max_value": float(b.max()),
+            }
+        )
+        print(f"  tokens batch={batch}: {rows[-1]}", file=sys.stderr)
+    return rows
+
+
 def _table(rows: list[dict[str, Any]], keys: list[str]) -> str:
     def fmt(v: Any) -> str:
         return f"{v:.4g}" if isinstance(v, float) else str(v)
@@ -226,6 +276,9 @@ def main() -> None:
     ap.add_argument("--cont", type=int, default=32)
     ap.add_argument("--windows", type=int, default=2, help="text windows scored on SmolLM2")
     ap.add_argument("--no-lm", action="store_true", help="skip the SmolLM2 quality part")
+    ap.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES, help="policies in part 3")
+    ap.add_argument("--no-tokens", action="store_true", help="skip the token importance timing (part 4)")
+    ap.add_argument("--repeats", type=int, default=5, help="repeats (median) of the token importance timing")
     ap.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (1: on a shared machine more threads spin-wait)"
     )
@@ -258,7 +311,7 @@ def main() -> None:
         result["overhead"] = overhead(seq, n_new, window, rep)
         result["overhead_setup"] = {"prompt": seq, "new_tokens": n_new, "repeats_median_of": rep, "ratio": 0.5}
     if not args.no_lm:
-        result["lm"] = lm_quality(args.context, args.cont, args.windows, POLICIES)
+        result["lm"] = lm_quality(args.context, args.cont, args.windows, tuple(args.policies))
         result["lm_setup"] = {
             "model": "SmolLM2-135M-Instruct",
             "text": "python-docs",
@@ -266,6 +319,8 @@ def main() -> None:
             "cont": args.cont,
             "windows": args.windows,
         }
+    if not args.no_tokens:
+        result["tokens"] = token_importance(args.context, args.repeats)
     print(json.dumps(result, indent=1))
     if "parity" in result:
         print("\n## Kept positions identical to kvpress (tiny Llama, GQA)\n")
@@ -280,6 +335,10 @@ def main() -> None:
     if "lm" in result:
         print(f"\n## SmolLM2-135M: {args.context}-token context evicted, {args.cont} teacher-forced decoding steps\n")
         print(_table(result["lm"], ["policy", "cache", "perplexity", "next_token_agreement", "kl_full_to_evicted"]))
+    if "tokens" in result:
+        print("\n## Token importance (accumulated attention) on SmolLM2, ratio whatmatters / eager output_attentions\n")
+        keys = ["batch", "seq_len", "ms_whatmatters_sdpa", "ms_eager_output_attentions", "ratio", "max_abs_diff"]
+        print(_table(result["tokens"], keys))
 
 
 if __name__ == "__main__":

@@ -129,11 +129,11 @@ def test_ratio_zero_reproduces_generate_exactly(models, ids, name):
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
-@pytest.mark.parametrize("policy", ["snapkv", "knorm", "heavy_hitter"])
+@pytest.mark.parametrize("policy", ["snapkv", "knorm", "heavy_hitter", "scissorhands"])
 def test_evicted_next_token_logits_match_manual_cache(models, ids, name, policy):
     """Ground truth: the hooked forward equals a forward on a cache gathered by hand at the kept positions."""
     model = models[name]
-    params = {"decoding": False} if policy == "heavy_hitter" else SMALL.get(policy, {})
+    params = {"decoding": False} if policy in ("heavy_hitter", "scissorhands") else SMALL.get(policy, {})
     with kv_eviction(model, policy, 0.5, **params) as h:
         cache = DynamicCache(config=model.config)
         model(ids, past_key_values=cache, use_cache=True)

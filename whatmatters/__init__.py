@@ -31,9 +31,15 @@ _LAZY = {
 }
 
 
+# Subpackages reachable as attributes after ``import whatmatters`` (imported on first use).
+_SUBPACKAGES = ("compress", "evaluate", "vision", "models", "report", "lrp", "select")
+
+
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"whatmatters.{name}")
     raise AttributeError(f"module 'whatmatters' has no attribute {name!r}")
 
 

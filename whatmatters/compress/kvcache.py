@@ -8,6 +8,12 @@ compression_ratio))`` best ones (the same budget rule as kvpress); policies that
 removed on exit, even on error; weights are never touched. :func:`evict_scores` returns the scores
 themselves as an :class:`~whatmatters.core.importance.Importance` with ``unit="kv"``.
 
+Every policy is a registered ``compress`` scorer of unit ``kv`` (``whatmatters.methods(unit="kv")``;
+``whatmatters.describe("snapkv")`` shows its parameters): ``whatmatters.compress.score(model, "snapkv",
+data=input_ids)`` returns the prefill scores, values ``(n, n_layers, n_kv_heads, seq_len)``, the same as
+:func:`evict_scores`. The registered signatures are the one source of the policies' parameters and
+defaults (``POLICY_PARAMS`` is derived from them); aliases ``h2o`` and ``streaming_llm``.
+
 Attention weights: the default sdpa attention does not return them, so the hook recomputes the queries
 it needs from the attention module's input (``q_proj`` or GPT-2's ``c_attn``, Qwen3's ``q_norm``, RoPE
 from the ``position_embeddings`` the model passes to the layer) and multiplies them with the cached
@@ -32,6 +38,11 @@ Policies (``compression_ratio`` = fraction of the prompt's positions removed):
   EMS's head-wise budgets are not reproduced: the head-wise part is the per-head choice of positions and
   of merge targets), and merging uses one nearest kept centre per evicted position.
 
+* ``scissorhands`` — Scissorhands (persistence of importance): per head, how often a position received
+  more than the uniform attention ``1/t`` over the last ``history_window`` queries, plus a
+  ``recent_window``; while decoding the cache grows past the budget and is then cut in one chunk
+  (``chunk_ratio`` of the budget dropped at once). See :func:`scissorhands` for what is simplified.
+
 A cache that already holds entries when the block starts is compressed at its first call inside the
 block, as if that were the prefill. Forward calls on an evicted cache without ``position_ids`` get the
 true positions (tokens seen so far), not the cache length transformers would use.
@@ -42,12 +53,13 @@ up with the evicted cache), caches other than ``DynamicCache`` layers, sliding-w
 
 from __future__ import annotations
 
+import inspect
 import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -57,14 +69,13 @@ from whatmatters.core.errors import InputError, MethodError, ModelError
 from whatmatters.core.importance import Importance
 from whatmatters.core.state import preserved
 
-POLICY_PARAMS: dict[str, dict[str, Any]] = {
-    "heavy_hitter": {"recent_ratio": 0.5, "decoding": True},
-    "snapkv": {"window_size": 32, "kernel_size": 5, "pooling": "avg"},
-    "sink_recent": {"n_sink": 4, "decoding": True},
-    "ems": {"window_size": 32, "alpha": 0.5, "merge": True},
-    "knorm": {},
-}
-POLICIES = tuple(POLICY_PARAMS)
+if TYPE_CHECKING:
+    from whatmatters.compress.api import WeightTask
+
+# Filled by the registered policy scorers at the end of this module: their keyword-only parameters (less
+# ``compression_ratio``) with their defaults are the policies' parameters -- one source of truth.
+POLICY_PARAMS: dict[str, dict[str, Any]] = {}
+_ALIASES: dict[str, str] = {}
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -248,13 +259,47 @@ def _recent_keep(scores: torch.Tensor, n_recent: int) -> torch.Tensor:
     return _pin(scores, torch.arange(k_len, device=scores.device) >= k_len - n_recent) if n_recent > 0 else scores
 
 
-def _validate(policy: str, params: dict[str, Any]) -> dict[str, Any]:
-    if policy not in POLICY_PARAMS:
-        import difflib
+def _important_counts(call: _Call, last: int) -> torch.Tensor:
+    """Scissorhands: for each of the last ``last`` queries, how many query heads of each KV group gave each
+    cached position more than the uniform attention ``1 / (positions the query sees)``: ``(b, n_kv, last, k)``."""
+    att = call.attention(last)  # (b, n_kv, group, last, k_len); future positions have weight 0
+    k_len = att.shape[-1]
+    visible = torch.arange(k_len - last + 1, k_len + 1, device=att.device, dtype=att.dtype)
+    return (att > (1.0 / visible)[:, None]).sum(dim=2, dtype=torch.int16)
 
-        close = difflib.get_close_matches(str(policy), POLICIES, n=2)
-        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise MethodError(f"unknown KV eviction policy {policy!r}.{hint} Choose one of {', '.join(POLICIES)}")
+
+def _score_scissorhands(hist: torch.Tensor, p: dict[str, Any], n_keep: int) -> torch.Tensor:
+    """Counts of "important" occurrences over the history window, ties broken towards recent positions;
+    the ``recent_window`` most recent positions are kept."""
+    k_len = hist.shape[-1]
+    counts = hist.sum(dim=2, dtype=torch.float32)
+    scores = counts + torch.arange(k_len, device=hist.device, dtype=torch.float32) / (2 * k_len)
+    return _recent_keep(scores, min(int(p["recent_window"]), n_keep))
+
+
+def _chunk_keep(budget: int, p: dict[str, Any]) -> int:
+    """Scissorhands: entries kept when the cache exceeds its budget (``chunk_ratio`` of it dropped at once)."""
+    return max(1, budget - max(1, int(budget * float(p["chunk_ratio"]))))
+
+
+def _policy_name(policy: Any) -> str:
+    """The canonical policy name (aliases resolved); an unknown name lists the KV methods."""
+    name = _ALIASES.get(policy, policy) if isinstance(policy, str) else policy
+    if name in POLICY_PARAMS:
+        return name
+    import difflib
+
+    known = sorted([*POLICY_PARAMS, *_ALIASES])
+    close = difflib.get_close_matches(str(policy), known, n=2)
+    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+    raise MethodError(
+        f"unknown KV eviction policy {policy!r}.{hint} Choose one of {', '.join(POLICY_PARAMS)} "
+        "(whatmatters.methods(unit='kv') lists them; whatmatters.describe(name) shows their parameters)"
+    )
+
+
+def _validate(policy: str, params: dict[str, Any]) -> dict[str, Any]:
+    policy = _policy_name(policy)
     allowed = POLICY_PARAMS[policy]
     unknown = sorted(set(params) - set(allowed))
     if unknown:
@@ -272,7 +317,12 @@ def _validate(policy: str, params: dict[str, Any]) -> dict[str, Any]:
         raise InputError(f"pooling must be 'avg' or 'max', got {p['pooling']!r}")
     if "n_sink" in p and (isinstance(p["n_sink"], bool) or not isinstance(p["n_sink"], int) or p["n_sink"] < 0):
         raise InputError(f"n_sink must be a non-negative integer, got {p['n_sink']!r}")
-    for key in ("recent_ratio", "alpha"):
+    for key in ("history_window", "recent_window"):
+        if key in p and (isinstance(p[key], bool) or not isinstance(p[key], int) or p[key] < (key == "history_window")):
+            raise InputError(
+                f"{key} must be a {'positive' if key == 'history_window' else 'non-negative'} integer, got {p[key]!r}"
+            )
+    for key in ("recent_ratio", "alpha", "chunk_ratio"):
         if key in p and not (isinstance(p[key], (int, float)) and 0 <= p[key] <= 1):
             raise InputError(f"{key} must be a number in [0, 1], got {p[key]!r}")
     return p
@@ -297,6 +347,7 @@ class _LayerState:
     positions: torch.Tensor  # (b, n_kv, cache_len) original position of every cached entry
     seen: int  # tokens seen by this cache layer
     acc: torch.Tensor | None = None  # heavy_hitter: accumulated attention (b, n_kv, cache_len)
+    hist: torch.Tensor | None = None  # scissorhands: important counts of the last queries (b, n_kv, w, cache_len)
     scores: torch.Tensor | None = None  # prefill scores (b, n_kv, prompt_len) when recording
 
 
@@ -387,13 +438,15 @@ class _Hook:
             state = _LayerState(weakref.ref(cache), budget, pos, seen)
             h._layers[self.idx] = state
             call = _Call(self.arch, module, hidden, kwargs, keys, values)
+            if h.policy == "scissorhands":
+                state.hist = _important_counts(call, _window(p["history_window"], keys.shape[2] + 1))
             if h.record:
                 state.scores = self._scores(call, budget)
                 return output
             if h.policy == "heavy_hitter":
                 state.acc = _accumulated(call)
             if budget < keys.shape[2]:
-                self._evict(layer, state, self._scores(call, budget))
+                self._evict(layer, state, self._scores(call, budget), budget)
             return output
         # a later call on the same cache (decoding or a continuation chunk)
         new_pos = torch.arange(state.seen, state.seen + q_len, device=keys.device).expand(*keys.shape[:2], -1)
@@ -404,8 +457,12 @@ class _Hook:
         call = _Call(self.arch, module, hidden, kwargs, keys, values)
         if h.policy == "heavy_hitter":
             state.acc = F.pad(state.acc, (0, q_len)) + _accumulated(call)
+        if h.policy == "scissorhands":
+            rows = torch.cat([F.pad(state.hist, (0, q_len)), _important_counts(call, q_len)], dim=2)
+            state.hist = rows[:, :, -int(p["history_window"]) :]
         if keys.shape[2] > state.budget:
-            self._evict(layer, state, self._scores(call, state.budget))
+            n_keep = _chunk_keep(state.budget, p) if h.policy == "scissorhands" else state.budget
+            self._evict(layer, state, self._scores(call, n_keep), n_keep)
         return output
 
     def _scores(self, call: _Call, budget: int) -> torch.Tensor:
@@ -419,12 +476,13 @@ class _Hook:
         if h.policy == "ems":
             return _score_ems(call, p)
         state = h._layers[self.idx]
+        if h.policy == "scissorhands":
+            return _score_scissorhands(state.hist, p, budget)
         acc = state.acc if state.acc is not None else _accumulated(call)
         return _recent_keep(acc, int(budget * float(p["recent_ratio"])))
 
-    def _evict(self, layer: Any, state: _LayerState, scores: torch.Tensor) -> None:
+    def _evict(self, layer: Any, state: _LayerState, scores: torch.Tensor, n_keep: int) -> None:
         keys, values = layer.keys, layer.values
-        n_keep = state.budget
         if self.h.policy == "ems" and self.h.params["merge"]:
             order = scores.argsort(dim=-1, descending=True, stable=True)
             order = torch.cat([order[..., :n_keep].sort(-1).values, order[..., n_keep:]], dim=-1)
@@ -438,6 +496,8 @@ class _Hook:
         state.positions = state.positions.gather(2, keep)
         if state.acc is not None:
             state.acc = state.acc.gather(2, keep)
+        if state.hist is not None:
+            state.hist = state.hist.gather(3, keep[:, :, None].expand(-1, -1, state.hist.shape[2], -1))
 
 
 def _model_pre_hook(handle: KVEviction, first_layer: int):
@@ -474,12 +534,14 @@ def kv_eviction(
 ) -> Iterator[KVEviction]:
     """Evict KV-cache entries by importance while the block runs ``model.generate`` (or forward calls).
 
-    ``compression_ratio`` is the fraction of the prompt's cached positions removed at the prefill
-    (``0.75`` keeps 25 %); ``0`` changes nothing. ``params`` are the policy's parameters
-    (``POLICY_PARAMS[policy]`` lists them with their defaults). Yields a :class:`KVEviction` handle.
-    Hooks are removed and the model is left exactly as it was on exit, even on error.
+    ``policy`` is a KV method name (``whatmatters.methods(unit="kv")``). ``compression_ratio`` is the
+    fraction of the prompt's cached positions removed at the prefill (``0.75`` keeps 25 %); ``0`` changes
+    nothing. ``params`` are the policy's parameters (``whatmatters.describe(policy)`` lists them with their
+    defaults). Yields a :class:`KVEviction` handle. Hooks are removed and the model is left exactly as it
+    was on exit, even on error.
     """
     ratio = _check_ratio(compression_ratio)
+    policy = _policy_name(policy)
     p = _validate(policy, params)
     arch = _arch(model)
     handle = KVEviction(policy, ratio, p, len(arch.modules))
@@ -500,6 +562,34 @@ def kv_eviction(
                 hd.remove()
 
 
+def _check_ids(input_ids: Any) -> torch.Tensor:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.dtype not in (torch.long, torch.int):
+        raise InputError("input_ids must be a 2-D integer tensor (batch, seq_len), e.g. tokenizer(...).input_ids")
+    if input_ids.shape[1] < 2:
+        raise InputError(f"need at least 2 tokens to score a KV cache, got {input_ids.shape[1]}")
+    return input_ids
+
+
+def _record(model: nn.Module, arch: _Arch, input_ids: torch.Tensor, policy: str, ratio: float, p: dict[str, Any]):
+    """Prefill scores of every layer, ``(batch, n_layers, n_kv_heads, seq_len)`` float32, and the layer indices."""
+    from transformers import DynamicCache
+
+    handle = KVEviction(policy, ratio, p, len(arch.modules), record=True)
+    device = next(model.parameters()).device
+    with preserved(model), torch.no_grad():
+        handles = [
+            m.register_forward_hook(_Hook(handle, arch, int(getattr(m, "layer_idx", i))), with_kwargs=True)
+            for i, m in enumerate(arch.modules)
+        ]
+        try:
+            model(input_ids=input_ids.to(device), past_key_values=DynamicCache(config=model.config), use_cache=True)
+        finally:
+            for hd in handles:
+                hd.remove()
+    scores = handle.prefill_scores()
+    return torch.stack([scores[i] for i in sorted(scores)], dim=1).float(), sorted(scores)
+
+
 def evict_scores(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -513,33 +603,17 @@ def evict_scores(
     One forward pass over ``input_ids`` scores the prompt's positions as ``policy`` would at the prefill;
     higher means kept first. Positions a policy always keeps (sinks, observation or recent window) score
     above every other position of their head. ``compression_ratio`` matters only to the policies whose
-    scores depend on the budget (``sink_recent``, ``heavy_hitter``'s recent window); ``extra["budget"]``
-    is the number of positions :func:`kv_eviction` would keep per head.
+    scores depend on the budget (``sink_recent``, the recent windows of ``heavy_hitter`` and
+    ``scissorhands``); ``extra["budget"]`` is the number of positions :func:`kv_eviction` would keep per
+    head. ``whatmatters.compress.score(model, policy, data=input_ids)`` returns the same values.
     """
-    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.dtype not in (torch.long, torch.int):
-        raise InputError("input_ids must be a 2-D integer tensor (batch, seq_len), e.g. tokenizer(...).input_ids")
-    if input_ids.shape[1] < 2:
-        raise InputError(f"need at least 2 tokens to score a KV cache, got {input_ids.shape[1]}")
+    input_ids = _check_ids(input_ids)
     ratio = _check_ratio(compression_ratio)
+    policy = _policy_name(policy)
     p = _validate(policy, params)
     arch = _arch(model)
-    from transformers import DynamicCache
-
-    handle = KVEviction(policy, ratio, p, len(arch.modules), record=True)
     start = time.perf_counter()
-    device = next(model.parameters()).device
-    with preserved(model), torch.no_grad():
-        handles = [
-            m.register_forward_hook(_Hook(handle, arch, int(getattr(m, "layer_idx", i))), with_kwargs=True)
-            for i, m in enumerate(arch.modules)
-        ]
-        try:
-            model(input_ids=input_ids.to(device), past_key_values=DynamicCache(config=model.config), use_cache=True)
-        finally:
-            for hd in handles:
-                hd.remove()
-    scores = handle.prefill_scores()
-    values = torch.stack([scores[i] for i in sorted(scores)], dim=1).float()
+    values, layers = _record(model, arch, input_ids, policy, ratio, p)
     budget = max(1, int(input_ids.shape[1] * (1 - ratio)))
     return Importance(
         values=values,
@@ -548,8 +622,173 @@ def evict_scores(
         method=f"kv_{policy}",
         params={"policy": policy, "compression_ratio": ratio, **p},
         seconds=time.perf_counter() - start,
-        extra={"budget": budget, "layers": sorted(scores), "axes": ["batch", "layer", "kv_head", "position"]},
+        extra={"budget": budget, "layers": layers, "axes": ["batch", "layer", "kv_head", "position"]},
     )
 
+
+# ------------------------------------------------------------------------------- registered scorers
+def _token_batches(task: WeightTask, method: str) -> list[torch.Tensor]:
+    """The token id tensors of a compress task's calibration data (unpadded)."""
+    if task.calibration is None:
+        raise InputError(
+            f"{method} scores the positions of a prompt: pass token ids, "
+            f"e.g. whatmatters.compress.score(model, {method!r}, data=tokenizer(text, return_tensors='pt').input_ids)"
+        )
+    out = []
+    for batch in task.calibration.batches:
+        ids = batch.kwargs.get("input_ids", batch.args[0] if batch.args else None)
+        if not isinstance(ids, torch.Tensor) or ids.is_floating_point():
+            raise InputError(f"{method} needs token ids (an integer tensor (n, seq_len)), not float inputs")
+        mask = batch.mask
+        if mask is not None and not bool(mask.all()):
+            raise InputError(
+                f"{method} does not score padded batches (the attention_mask has zeros): give sequences of one "
+                "length, e.g. calibrate.lm_windows(...) or one text at a time"
+            )
+        out.append(ids)
+    if len({ids.shape[1] for ids in out}) > 1:
+        raise InputError(f"{method} needs sequences of one length, got lengths {sorted({i.shape[1] for i in out})}")
+    return out
+
+
+def _kv_scorer(task: WeightTask, policy: str, compression_ratio: float, params: dict[str, Any]):
+    ratio = _check_ratio(compression_ratio)
+    p = _validate(policy, params)
+    arch = _arch(task.model)
+    values, layers = [], []
+    for ids in _token_batches(task, policy):
+        v, layers = _record(task.model, arch, _check_ids(ids), policy, ratio, p)
+        values.append(v)
+    seq = values[0].shape[-1]
+    return torch.cat(values), {
+        "budget": max(1, int(seq * (1 - ratio))),
+        "layers": layers,
+        "axes": ["sample", "layer", "kv_head", "position"],
+    }
+
+
+_POLICY_FNS: dict[str, Any] = {}
+
+
+def _policy(name: str, aliases: tuple[str, ...] = ()):
+    """Register a KV policy as a compress scorer of unit ``kv``; its signature defines its parameters."""
+    from whatmatters.core.registry import scorer
+
+    def register(fn):
+        _POLICY_FNS[name] = fn
+        for alias in aliases:
+            _ALIASES[alias] = name
+        return scorer(
+            name, verb="compress", units="kv", family="kv_cache", needs="module", per_sample=True, aliases=aliases
+        )(fn)
+
+    return register
+
+
+@_policy("heavy_hitter", aliases=("h2o",))
+def heavy_hitter(task: WeightTask, *, recent_ratio: float = 0.5, decoding: bool = True, compression_ratio: float = 0.5):
+    """H2O (Zhang et al., 2023): accumulated attention (sum over every query so far) plus a recent window.
+
+    The recent window is ``recent_ratio`` of the budget. With ``decoding`` the scores keep accumulating
+    while generating and one position is evicted per new token (the cache stays at the budget).
+    Scores: ``(n, n_layers, n_kv_heads, seq_len)``, the prefill scores (query heads of a KV group summed).
+    """
+    return _kv_scorer(task, "heavy_hitter", compression_ratio, {"recent_ratio": recent_ratio, "decoding": decoding})
+
+
+@_policy("snapkv")
+def snapkv(
+    task: WeightTask,
+    *,
+    window_size: int = 32,
+    kernel_size: int = 5,
+    pooling: str = "avg",
+    compression_ratio: float = 0.5,
+):
+    """SnapKV (Li et al., 2024): the last ``window_size`` queries vote (mean attention), then 1-D pooling.
+
+    Pooling (``avg`` or ``max``) over ``kernel_size`` positions, mean over the query heads of each KV group;
+    the observation window is always kept. Evicts at the prefill only. Same positions as kvpress's
+    SnapKVPress. Scores: ``(n, n_layers, n_kv_heads, seq_len)``.
+    """
+    params = {"window_size": window_size, "kernel_size": kernel_size, "pooling": pooling}
+    return _kv_scorer(task, "snapkv", compression_ratio, params)
+
+
+@_policy("sink_recent", aliases=("streaming_llm",))
+def sink_recent(task: WeightTask, *, n_sink: int = 4, decoding: bool = True, compression_ratio: float = 0.5):
+    """StreamingLLM (Xiao et al., 2024): the first ``n_sink`` positions and the most recent ones.
+
+    With ``decoding`` the window rolls while generating. Scores are 1 for kept, 0 for evicted positions
+    (they depend on the budget, i.e. on ``compression_ratio``).
+    """
+    return _kv_scorer(task, "sink_recent", compression_ratio, {"n_sink": n_sink, "decoding": decoding})
+
+
+@_policy("ems")
+def ems(
+    task: WeightTask, *, window_size: int = 32, alpha: float = 0.5, merge: bool = True, compression_ratio: float = 0.5
+):
+    """After EMS (evict-then-merge): ``alpha`` x global + ``(1 - alpha)`` x local (window) importance.
+
+    Global: attention a position receives averaged over the queries that can see it; local: SnapKV-style
+    window votes; each normalised per head. With ``merge`` evicted values are merged into the kept entry
+    of the same head with the most similar key. Every KV head of a layer keeps the same count (the cache
+    is rectangular), so EMS's head-wise budgets are not reproduced.
+    """
+    return _kv_scorer(task, "ems", compression_ratio, {"window_size": window_size, "alpha": alpha, "merge": merge})
+
+
+@_policy("knorm")
+def knorm(task: WeightTask, *, compression_ratio: float = 0.5):
+    """Key norm (kvpress's KnormPress): keys with the smallest L2 norm are kept (score = -||k||)."""
+    return _kv_scorer(task, "knorm", compression_ratio, {})
+
+
+@_policy("scissorhands")
+def scissorhands(
+    task: WeightTask,
+    *,
+    history_window: int = 32,
+    recent_window: int = 16,
+    chunk_ratio: float = 0.1,
+    decoding: bool = True,
+    compression_ratio: float = 0.5,
+):
+    """Scissorhands (Liu et al., 2023), persistence of importance: keep the tokens most often important.
+
+    A position is *important* to a query when it receives more than the uniform attention ``1 / t``
+    (``t`` = positions the query sees). Per KV head, its score is how many times it was important over the
+    last ``history_window`` queries (summed over the query heads of the group; ties towards recent
+    positions); the ``recent_window`` most recent positions are always kept. At the prefill the cache is
+    cut to the budget; while decoding (``decoding``) it grows until it exceeds the budget and is then cut
+    in one chunk to ``budget - chunk_ratio * budget`` positions (the paper compresses when its buffer is
+    full, dropping ``m`` tokens at once). Follows the paper: the ``1/t`` threshold, the history window of
+    counts, the recent window, chunked eviction. Simplified: the paper counts the times a token was
+    *un*important and drops the most often unimportant; counting important occurrences gives the same
+    order for positions all window queries saw (the others are in the recent window by default); every
+    KV head keeps the same number of positions (a rectangular cache); no sampling-based budget schedule.
+    Scores: ``(n, n_layers, n_kv_heads, seq_len)`` at the prefill.
+    """
+    params = {
+        "history_window": history_window,
+        "recent_window": recent_window,
+        "chunk_ratio": chunk_ratio,
+        "decoding": decoding,
+    }
+    return _kv_scorer(task, "scissorhands", compression_ratio, params)
+
+
+def _policy_defaults(fn: Any) -> dict[str, Any]:
+    sig = inspect.signature(fn)
+    return {
+        k: v.default
+        for k, v in sig.parameters.items()
+        if v.kind is inspect.Parameter.KEYWORD_ONLY and k != "compression_ratio"
+    }
+
+
+POLICY_PARAMS.update({name: _policy_defaults(fn) for name, fn in _POLICY_FNS.items()})
+POLICIES = tuple(POLICY_PARAMS)
 
 __all__ = ["POLICIES", "POLICY_PARAMS", "KVEviction", "evict_scores", "kv_eviction"]
