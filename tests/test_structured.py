@@ -1,0 +1,323 @@
+"""Structured scores (heads, neurons, layers) and structured removal on tiny BERT, GPT-2, Llama, Qwen2 (GQA), ViT."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from whatmatters.compress import score
+from whatmatters.compress.remove import load_pruned, n_parameters, prune_structured, structure
+from whatmatters.compress.structured import blocks, skipped
+from whatmatters.core.errors import InputError, ModelError
+from whatmatters.core.importance import Importance
+
+transformers = pytest.importorskip("transformers")
+KINDS = ["bert", "gpt2", "llama", "qwen2", "vit"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(kind: str, layers: int = 2):
+    t = transformers
+    torch.manual_seed(0)
+    common = {"num_hidden_layers": layers, "num_attention_heads": 4, "intermediate_size": 64}
+    if kind == "bert":
+        model = t.BertForSequenceClassification(
+            t.BertConfig(vocab_size=60, hidden_size=32, max_position_embeddings=32, **common)
+        )
+    elif kind == "gpt2":
+        model = t.GPT2LMHeadModel(t.GPT2Config(vocab_size=60, n_embd=32, n_layer=layers, n_head=4, n_positions=32))
+    elif kind == "llama":  # 4 query heads in 2 KV groups
+        model = t.LlamaForCausalLM(
+            t.LlamaConfig(vocab_size=60, hidden_size=32, num_key_value_heads=2, max_position_embeddings=32, **common)
+        )
+    elif kind == "qwen2":  # 4 query heads sharing 1 KV head; q/k/v biases
+        model = t.Qwen2ForCausalLM(
+            t.Qwen2Config(vocab_size=60, hidden_size=32, num_key_value_heads=1, max_position_embeddings=32, **common)
+        )
+    else:
+        model = t.ViTForImageClassification(
+            t.ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_labels=5, **common)
+        )
+    data = torch.randn(6, 3, 16, 16) if kind == "vit" else torch.randint(0, 60, (6, 10))
+    return model.eval(), data
+
+
+def logits(model, data):
+    with torch.no_grad():
+        return model(data).logits
+
+
+def state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def zero_channels(layer: nn.Module, channels: list[int], value: torch.Tensor | None = None):
+    """Forward pre-hook replacing the given input channels by 0 (or by ``value``)."""
+
+    def hook(_m, args):
+        x = args[0].clone()
+        x[..., channels] = 0 if value is None else value[channels].to(x.dtype)
+        return (x, *args[1:])
+
+    return layer.register_forward_pre_hook(hook)
+
+
+def head_importance(model, zero: dict[int, list[int]]) -> Importance:
+    blks = blocks(model)[1]
+    values = torch.ones(len(blks), blks[0].n_heads)
+    for layer, heads in zero.items():
+        values[layer, heads] = 0.0
+    return Importance(values=values, unit="head", per_sample=False, method="test")
+
+
+# ------------------------------------------------------------------ scores
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_scorer_runs_on_every_architecture_and_leaves_the_model_alone(kind):
+    model, data = tiny(kind)
+    before, reference = state(model), logits(model, data)
+    expected = {"head": (2, 4), "neuron": (2, 128 if kind == "gpt2" else 64), "layer": (2,)}
+    for method in ("head_mask_gradient", "flap_head", "neuron_activation", "neuron_taylor", "flap_neuron",
+                   "block_influence", "layer_skip_loss"):  # fmt: skip
+        imp = score(model, method, data=data, batch_size=3)
+        assert tuple(imp.values.shape) == expected[imp.unit], method
+        assert bool(torch.isfinite(imp.values).all()), method
+        assert imp.extra["layers"] == [b.name for b in blocks(model)[1]]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(not p.requires_grad or p.grad is None for p in model.parameters())
+    assert torch.equal(logits(model, data), reference)
+
+
+def _lm_loss(model, ids):
+    out = model(ids, use_cache=False).logits[:, :-1]
+    return nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def test_head_mask_gradient_equals_per_sequence_gradients_of_a_head_scale():
+    model, data = tiny("llama")
+    ids = data[:2]
+    imp = score(model, "head_mask_gradient", data=ids, batch_size=2)  # one batch: per-sequence mask gradients
+    o = model.model.layers[1].self_attn.o_proj
+    ref = torch.zeros(4)
+    for i in range(2):  # reference: autograd through a per-channel scale, summed per head, one sequence at a time
+        scale = torch.ones(32, requires_grad=True)
+        handle = o.register_forward_pre_hook(lambda _m, a, sc=scale: (a[0] * sc,))
+        (g,) = torch.autograd.grad(_lm_loss(model, ids[i : i + 1]), scale)
+        handle.remove()
+        ref += g.reshape(4, 8).sum(1).abs() / 2
+    torch.testing.assert_close(imp.values[1], ref, rtol=1e-4, atol=1e-7)
+    eps, fd = 0.05, []  # and a coarse central finite difference on the first sequence
+    single = score(model, "head_mask_gradient", data=ids[:1], batch_size=1)
+    for h in range(4):
+        losses = []
+        for s in (1 + eps, 1 - eps):
+            scale = torch.ones(32)
+            scale[h * 8 : (h + 1) * 8] = s
+            handle = o.register_forward_pre_hook(lambda _m, a, sc=scale: (a[0] * sc,))
+            with torch.no_grad():
+                losses.append(float(_lm_loss(model, ids[:1])))
+            handle.remove()
+        fd.append(abs(losses[0] - losses[1]) / (2 * eps))
+    torch.testing.assert_close(single.values[1], torch.tensor(fd), rtol=0.05, atol=2e-5)
+    groups = imp.extra["groups"]  # 2 KV groups of 2 query heads
+    torch.testing.assert_close(torch.as_tensor(groups), imp.values.reshape(2, 2, 2).sum(-1))
+
+
+def test_neuron_scores_match_direct_computation():
+    model, data = tiny("gpt2")
+    ids = data[:2]
+    down = model.transformer.h[0].mlp.c_proj
+    seen = {}
+    handle = down.register_forward_pre_hook(lambda _m, a: seen.__setitem__("a", a[0]))
+    acts = []
+    for i in range(2):  # per-sequence Taylor: |sum_t a * dL/da|
+        out = model(ids[i : i + 1], labels=ids[i : i + 1])
+        (g,) = torch.autograd.grad(out.loss, seen["a"])
+        acts.append(seen["a"].detach())
+        seen["taylor_" + str(i)] = (seen["a"] * g).sum((0, 1)).abs().detach()
+    handle.remove()
+    taylor = score(model, "neuron_taylor", data=ids, batch_size=2)
+    torch.testing.assert_close(taylor.values[0], (seen["taylor_0"] + seen["taylor_1"]) / 2, rtol=1e-4, atol=1e-7)
+    a = torch.cat(acts).reshape(-1, 128).double()
+    col = down.weight.detach().double().norm(dim=1)  # Conv1D stores (in, out): row j = neuron j's column
+    act = score(model, "neuron_activation", data=ids, batch_size=2)
+    torch.testing.assert_close(act.values[0].double(), a.abs().mean(0) * col, rtol=1e-5, atol=1e-8)
+    flap = score(model, "flap_neuron", data=ids, batch_size=1)
+    torch.testing.assert_close(flap.values[0].double(), a.var(0) * col.square(), rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(
+        torch.as_tensor(flap.extra["channel_means"][0]).double(), a.mean(0), rtol=1e-5, atol=1e-7
+    )
+
+
+def test_layer_scores_match_hidden_states_and_manual_skipping():
+    model, data = tiny("llama", layers=3)
+    imp = score(model, "block_influence", data=data, batch_size=6)
+    with torch.no_grad():
+        hs = model(data, output_hidden_states=True).hidden_states
+    for i in range(2):  # the last entry is after the final norm
+        cos = nn.functional.cosine_similarity(hs[i], hs[i + 1], dim=-1)
+        assert float(imp.values[i]) == pytest.approx(float((1 - cos).mean()), rel=1e-4)
+    skip = score(model, "layer_skip_loss", data=data, batch_size=6)
+    with torch.no_grad():
+        dense = float(_lm_loss(model, data))
+        for i in range(3):
+            cut = copy.deepcopy(model)
+            del cut.model.layers[i]
+            cut.config.num_hidden_layers = 2
+            assert float(skip.values[i]) == pytest.approx(float(_lm_loss(cut, data)) - dense, abs=1e-5)
+
+
+# ----------------------------------------------------------------- removal
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("gqa", ["groups", "heads"])
+def test_removing_heads_equals_masking_them(kind, gqa):
+    model, data = tiny(kind)
+    blks = blocks(model)[1]
+    g = blks[0].n_heads // blks[0].n_kv
+    zero = {1: [2]} if g == 1 or gqa == "heads" else {1: list(range(g))}  # one head / one KV group
+    if kind == "qwen2" and gqa == "groups":
+        with pytest.raises(InputError, match="all key/value groups"):
+            prune_structured(model, head_importance(model, zero), 0.9)
+        return
+    amount = len(zero[1]) / (2 * 4) if gqa == "groups" or g == 1 else 1 / 8
+    imp = head_importance(model, zero)
+    before, reference = state(model), logits(model, data)
+    if g > 1 and gqa == "heads":  # the lowest query head of every group, in every block
+        pruned, report = prune_structured(model, imp, 1 / g, gqa="heads")
+    else:  # only the zero-scored head / group
+        pruned, report = prune_structured(model, imp, amount, allocation="global", gqa=gqa)
+    removed = report.removed
+    hd = blks[0].head_dim
+    handles = [
+        zero_channels(blocks(model)[1][int(name.rsplit(".", 1)[1])].o, [h * hd + c for h in heads for c in range(hd)])
+        for name, heads in removed.items()
+    ]
+    masked = logits(model, data)
+    for h in handles:
+        h.remove()
+    torch.testing.assert_close(logits(pruned, data), masked, rtol=1e-5, atol=1e-5)
+    assert set(zero[1]) <= set(removed[blks[1].name])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(logits(model, data), reference)
+    n_q = report.n_removed
+    n_kv = (blks[0].n_kv - blocks(pruned)[1][1].n_kv) + (blks[0].n_kv - blocks(pruned)[1][0].n_kv)
+    q_bias = blks[0].qkv[0].bias is not None
+    per_q = 2 * hd * 32 + (hd if q_bias else 0)  # q rows (+ bias) and o columns
+    per_kv = 2 * hd * 32 + (2 * hd if q_bias else 0)
+    if blks[0].kind != "llama":
+        per_q, per_kv, n_kv = per_q + per_kv, 0, 0
+    assert report.n_parameters_before - report.n_parameters_after == n_q * per_q + n_kv * per_kv
+    assert report.n_parameters_after == n_parameters(pruned)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_removing_neurons_equals_masking_them_and_flap_compensation_equals_mean_filling(kind):
+    model, data = tiny(kind)
+    blks = blocks(model)[1]
+    imp = score(model, "flap_neuron", data=data, batch_size=6)
+    plain, rep = prune_structured(model, imp, 0.25, compensate=False)
+    comp, rep_c = prune_structured(model, imp, 0.25)
+    assert rep_c.compensated and not rep.compensated and rep.removed == rep_c.removed
+    means = torch.as_tensor(imp.extra["channel_means"])
+    for out, fill in ((plain, False), (comp, True)):
+        handles = [zero_channels(b.down, rep.removed[b.name], means[i] if fill else None) for i, b in enumerate(blks)]
+        masked = logits(model, data)
+        for h in handles:
+            h.remove()
+        torch.testing.assert_close(logits(out, data), masked, rtol=1e-4, atol=1e-5)
+    n = blks[0].n_neurons
+    assert all(len(v) == n // 4 for v in rep.removed.values())
+    hidden = 32
+    ups = len(blks[0].ups)
+    up_bias = blks[0].ups[0].bias is not None
+    per = ups * (hidden + (1 if up_bias else 0)) + hidden
+    assert rep.n_parameters_before - rep.n_parameters_after == 2 * (n // 4) * per
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2"])
+def test_layer_removal_equals_skipping_and_generate_uses_the_cache(kind):
+    model, data = tiny(kind, layers=4)
+    imp = Importance(values=torch.tensor([1.0, 0.0, 2.0, 0.5]), unit="layer", per_sample=False, method="test")
+    pruned, report = prune_structured(model, imp, 0.5)
+    blks = blocks(model)[1]
+    assert sorted(report.removed) == [blks[1].name, blks[3].name]
+    with skipped(blks[1].module), skipped(blks[3].module):
+        masked = logits(model, data)
+    torch.testing.assert_close(logits(pruned, data), masked, rtol=1e-5, atol=1e-5)
+    assert pruned.config.num_hidden_layers == 2 and model.config.num_hidden_layers == 4
+    prompt = data[:2, :4]
+    kw = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    cached = pruned.generate(prompt, use_cache=True, **kw)
+    plain = pruned.generate(prompt, use_cache=False, **kw)
+    assert torch.equal(cached, plain) and cached.shape == (2, 10)
+
+
+def test_uniform_removal_saves_and_loads_with_from_pretrained(tmp_path):
+    model, data = tiny("llama", layers=3)
+    heads, _ = prune_structured(model, head_importance(model, {}), 0.5, gqa="groups")
+    imp = score(heads, "neuron_activation", data=data)
+    pruned, report = prune_structured(heads, imp, 0.5)
+    layers = Importance(values=torch.tensor([1.0, 0.0, 2.0]), unit="layer", per_sample=False, method="t")
+    pruned, report = prune_structured(pruned, layers, 0.34)
+    assert report.from_pretrained and pruned.config.num_key_value_heads == 1 and pruned.config.intermediate_size == 32
+    pruned.save_pretrained(tmp_path)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert n_parameters(reloaded) == n_parameters(pruned)
+    torch.testing.assert_close(logits(reloaded, data), logits(pruned, data), rtol=0, atol=0)
+    assert structure(tmp_path) == structure(pruned)
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "qwen2"])
+def test_global_and_compensated_removal_round_trips_with_load_pruned(tmp_path, kind):
+    model, data = tiny(kind)
+    imp = score(model, "flap_head", data=data)
+    gqa = "heads" if kind == "qwen2" else "groups"
+    if kind == "qwen2":  # one query head of the single KV group, in every block
+        pruned, report = prune_structured(model, imp, 0.3, gqa=gqa)
+    else:  # different head counts per block
+        zero = head_importance(model, {0: [1, 2, 3], 1: [0]})
+        pruned, report = prune_structured(model, zero, 0.5, allocation="global", gqa=gqa)
+    neurons = score(pruned, "flap_neuron", data=data)
+    pruned, report = prune_structured(pruned, neurons, 0.3, allocation="global")
+    assert report.compensated and not report.from_pretrained
+    pruned.save_pretrained(tmp_path)
+    reloaded = load_pruned(tmp_path)
+    assert structure(reloaded) == structure(pruned)
+    torch.testing.assert_close(logits(reloaded, data), logits(pruned, data), rtol=0, atol=0)
+
+
+# --------------------------------------------------------------- bad input
+def test_bad_input_gives_clear_errors():
+    model, _ = tiny("llama")
+    imp = head_importance(model, {})
+    for bad in (-0.1, 1.0, 1.5, float("nan"), True, "half"):
+        with pytest.raises(InputError, match=r"\[0, 1\)"):
+            prune_structured(model, imp, bad)
+    with pytest.raises(InputError, match="removes all"):
+        prune_structured(model, head_importance(model, {0: [0, 1, 2, 3]}), 0.5, allocation="global")
+    with pytest.raises(ModelError, match="another model"):
+        prune_structured(model, Importance(values=torch.ones(3, 4), unit="head", per_sample=False), 0.25)
+    with pytest.raises(InputError, match="unit 'weight'"):
+        prune_structured(model, Importance(values=torch.ones(2, 4), unit="weight", per_sample=False), 0.25)
+    with pytest.raises(InputError, match="Importance"):
+        prune_structured(model, torch.ones(2, 4), 0.25)
+    with pytest.raises(InputError, match="compensate"):
+        prune_structured(model, imp, 0.5, compensate=True)
+    with pytest.raises(InputError, match="allocation"):
+        prune_structured(model, imp, 0.5, allocation="per-layer")
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(ModelError, match="not a supported transformer"):
+        prune_structured(mlp, imp, 0.5)
+    with pytest.raises(ModelError, match="not a supported transformer"):
+        score(mlp, "head_mask_gradient", data=torch.randn(4, 4))
+    with pytest.raises(InputError, match="calibration data"):
+        score(model, "neuron_taylor")
