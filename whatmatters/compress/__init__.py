@@ -2,7 +2,8 @@
 
 ``score(model, method, data=...)`` scores weights (``ModelImportance``: one ``Importance`` per layer) or
 other model parts; ``prune(model, importance, sparsity=..., pattern=...)`` zeroes the least important
-weights of a copy; ``calibrate(model, data)`` computes activation / gradient statistics once for several
+weights of a copy; ``prune_structured(model, importance, amount)`` removes heads, neurons or layers
+of a copy; ``calibrate(model, data)`` computes activation / gradient statistics once for several
 scores. Every module in this package is imported on first use of the registry.
 """
 
@@ -10,17 +11,22 @@ from whatmatters.compress.api import ModelImportance, score
 from whatmatters.compress.calibrate import Calibration, calibrate, lm_windows
 from whatmatters.compress.kvcache import evict_scores, kv_eviction
 from whatmatters.compress.prune import Pruned, PruneReport, measure, prune
+from whatmatters.compress.remove import StructuredPruned, StructuredReport, load_pruned, prune_structured
 
 __all__ = [
     "Calibration",
     "ModelImportance",
     "PruneReport",
     "Pruned",
+    "StructuredPruned",
+    "StructuredReport",
     "calibrate",
     "evict_scores",
     "kv_eviction",
     "lm_windows",
+    "load_pruned",
     "measure",
     "prune",
+    "prune_structured",
     "score",
 ]
