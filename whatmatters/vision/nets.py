@@ -4,6 +4,9 @@
 layer); ``ShapesViT`` is a small vision transformer with a CLS token whose attention is built from
 explicit modules (``q``/``k``/``v``/``proj`` Linear layers, an ``nn.Softmax``, ``nn.LayerNorm`` and
 ``nn.GELU``) so that hooks, CAM reshapes and LRP rules can reach every step.
+``FashionViT`` is the same ViT for Fashion-MNIST (``load_or_train("fashion_vit")``: 28x28 grey images,
+7x7 patches, 4 blocks of dim 64, label smoothing 0.1, left-right flips, 8 epochs of 20 000 images;
+0.862 test accuracy on the first 1 000 test images, 0.8585 on the first 2 000).
 
 Trained models are cached as state dicts under ``~/.cache/whatmatters/`` (the environment variable
 ``WHATMATTERS_CACHE`` overrides the folder), keyed by architecture, data parameters, training
@@ -26,8 +29,23 @@ from torch import nn
 from whatmatters.core.errors import InputError
 from whatmatters.vision.shapes import CLASSES, make_shapes
 
+# defaults per architecture: image size, training images, epochs, batch size
+DEFAULTS: dict[str, dict[str, int]] = {
+    "cnn": {"size": 32, "n_train": 6000, "epochs": 6, "batch_size": 64},
+    "vit": {"size": 32, "n_train": 6000, "epochs": 12, "batch_size": 64},
+    "fashion_vit": {"size": 28, "n_train": 20000, "epochs": 8, "batch_size": 128},
+}
+
+
+def _resolve(arch: str, **given: Any) -> dict[str, Any]:
+    """The given training parameters with None replaced by the architecture's defaults."""
+    if arch not in DEFAULTS:
+        raise InputError(f"unknown architecture {arch!r}; use one of {sorted(DEFAULTS)}")
+    return {k: DEFAULTS[arch][k] if v is None else v for k, v in given.items()}
+
+
 CACHE_ENV = "WHATMATTERS_CACHE"
-CACHE_VERSION = {"cnn": 1, "vit": 2}  # bumped when an architecture or its training changes
+CACHE_VERSION = {"cnn": 1, "vit": 2, "fashion_vit": 1}  # bumped when an architecture or its training changes
 
 
 def cache_dir() -> Path:
@@ -140,20 +158,55 @@ class ShapesViT(nn.Module):
         return self.head(self.norm(self.blocks(tokens))[:, 0])
 
 
-ARCHS = {"cnn": ShapesCNN, "vit": ShapesViT}
+class FashionViT(ShapesViT):
+    """The same ViT for Fashion-MNIST: 28x28 grey images, 7x7 patches (16 tokens + CLS), 4 blocks of dim 64."""
+
+    def __init__(self, n_classes: int = 10, image_size: int = 28, patch: int = 7, dim: int = 64, depth: int = 4):
+        super().__init__(n_classes, image_size, patch, dim, depth, heads=4, in_channels=1, stem=16)
+
+
+ARCHS = {"cnn": ShapesCNN, "vit": ShapesViT, "fashion_vit": FashionViT}
+DATASETS = {"cnn": "shapes", "vit": "shapes", "fashion_vit": "fashion-mnist"}
 
 
 # ---------------------------------------------------------------- training
 def _config(arch: str, size: int, n_train: int, epochs: int, seed: int, **extra: Any) -> dict[str, Any]:
     if arch not in ARCHS:
         raise InputError(f"unknown architecture {arch!r}; use one of {sorted(ARCHS)}")
+    if DATASETS[arch] == "fashion-mnist" and size != 28:
+        raise InputError(f"Fashion-MNIST images are 28x28; size must be 28 for {arch!r}, got {size}")
     return {"arch": arch, "size": size, "n_train": n_train, "epochs": epochs, "seed": seed, **extra}
 
 
 def _build(config: dict[str, Any]) -> nn.Module:
     if config["arch"] == "vit":
         return ShapesViT(image_size=config["size"])
+    if config["arch"] == "fashion_vit":
+        return FashionViT(image_size=config["size"])
     return ShapesCNN()
+
+
+def _classes(arch: str) -> tuple[str, ...]:
+    if DATASETS[arch] == "fashion-mnist":
+        from whatmatters.vision.pretrained import FASHION_MNIST_CLASSES
+
+        return FASHION_MNIST_CLASSES
+    return CLASSES
+
+
+def _data(arch: str, n_train: int, n_test: int, size: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """Training and test images and labels of the architecture's data set."""
+    if DATASETS[arch] == "fashion-mnist":
+        from whatmatters.vision.pretrained import load_fashion_mnist
+
+        if size != 28:
+            raise InputError(f"Fashion-MNIST images are 28x28; size must be 28, got {size}")
+        x, y = load_fashion_mnist("train", n_train)
+        tx, ty = load_fashion_mnist("test", n_test) if n_test else (None, None)
+        return x, y, tx, ty
+    x, y, _ = make_shapes(n_train, size, seed)
+    tx, ty, _ = make_shapes(n_test, size, seed + 1) if n_test else (None, None, None)
+    return x, y, tx, ty
 
 
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 512) -> float:
@@ -171,17 +224,18 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
 def train_shapes(
     arch: str = "cnn",
     *,
-    size: int = 32,
-    n_train: int = 6000,
-    epochs: int = 6,
-    batch_size: int = 64,
+    size: int | None = None,
+    n_train: int | None = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
     lr: float | None = None,
     seed: int = 0,
     n_test: int = 1000,
     max_steps: int | None = None,
     threads: int | None = 1,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Train a fresh ``arch`` ("cnn" or "vit") on :func:`make_shapes` data; returns (model in eval mode, info).
+    """Train a fresh ``arch`` ("cnn" or "vit" on :func:`make_shapes` data, "fashion_vit" on Fashion-MNIST);
+    returns (model in eval mode, info). None takes the architecture's default (``DEFAULTS``).
 
     ``threads``: torch threads while training (restored after). These models are small, so one
     thread is about as fast as two on free cores and many times faster on shared ones (idle
@@ -191,6 +245,8 @@ def train_shapes(
     flips. ``max_steps`` stops early (for tests). ``info`` holds the test accuracy on ``n_test``
     fresh images (seed ``seed + 1``), the training seconds and the configuration.
     """
+    r = _resolve(arch, size=size, n_train=n_train, epochs=epochs, batch_size=batch_size)
+    size, n_train, epochs, batch_size = r["size"], r["n_train"], r["epochs"], r["batch_size"]
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -214,15 +270,16 @@ def _train(
     config = _config(arch, size, n_train, epochs, seed, batch_size=batch_size, lr=lr)
     torch.manual_seed(seed)
     model = _build(config)
-    images, labels, _ = make_shapes(n_train, size, seed)
-    test_x, test_y, _ = make_shapes(n_test, size, seed + 1) if n_test else (None, None, None)
-    lr = lr if lr is not None else (3e-3 if arch == "cnn" else 1e-3)
+    images, labels, test_x, test_y = _data(arch, n_train, n_test, size, seed)
+    n_train = len(images)
+    fashion = DATASETS[arch] == "fashion-mnist"
+    lr = lr if lr is not None else {"cnn": 3e-3, "vit": 1e-3, "fashion_vit": 2e-3}[arch]
     steps_per_epoch = math.ceil(n_train / batch_size)
     total = steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05 if arch == "vit" else 1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(total, 1), pct_start=0.15)
     g = torch.Generator().manual_seed(seed)
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1 if fashion else 0.0)
     start, cpu_start = time.perf_counter(), time.process_time()
     model.train()
     step = 0
@@ -233,10 +290,10 @@ def _train(
                 break
             idx = order[i : i + batch_size]
             x, y = images[idx], labels[idx]
-            flips = torch.rand(2, generator=g)  # flips keep the class (every shape is symmetric)
+            flips = torch.rand(2, generator=g)  # flips keep the class (shapes: both; clothes: left-right only)
             if flips[0] < 0.5:
                 x = x.flip(-1)
-            if flips[1] < 0.5:
+            if flips[1] < 0.5 and not fashion:
                 x = x.flip(-2)
             loss = loss_fn(model(x), y)
             opt.zero_grad(set_to_none=True)
@@ -252,7 +309,7 @@ def _train(
         "train_cpu_seconds": time.process_time() - cpu_start,
         "final_loss": float(loss.detach()) if step else float("nan"),
         "test_accuracy": accuracy(model, test_x, test_y) if n_test else float("nan"),
-        "classes": list(CLASSES),
+        "classes": list(_classes(arch)),
     }
     return model, info
 
@@ -273,33 +330,34 @@ def train_shapes_vit(**kwargs: Any) -> tuple[nn.Module, dict[str, Any]]:
     return train_shapes("vit", **kwargs)
 
 
-DEFAULT_EPOCHS = {"cnn": 6, "vit": 12}
+DEFAULT_EPOCHS = {arch: d["epochs"] for arch, d in DEFAULTS.items()}
 
 
 def cache_path(
     arch: str = "cnn",
     *,
-    size: int = 32,
-    n_train: int = 6000,
+    size: int | None = None,
+    n_train: int | None = None,
     epochs: int | None = None,
     seed: int = 0,
     cache: str | Path | None = None,
 ) -> Path:
     """The cache file of a shapes model: a hash of architecture, data and training parameters, seed and version."""
-    epochs = DEFAULT_EPOCHS.get(arch, 6) if epochs is None else epochs
+    r = _resolve(arch, size=size, n_train=n_train, epochs=epochs)
+    size, n_train, epochs = r["size"], r["n_train"], r["epochs"]
     config = _config(
         arch, size, n_train, epochs, seed, version=CACHE_VERSION.get(arch, 1), torch=torch.__version__.split("+")[0]
     )
     key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
     folder = Path(cache) if cache is not None else cache_dir()
-    return folder / f"shapes-{arch}-{size}px-{key}.pt"
+    return folder / f"{DATASETS[arch]}-{arch}-{size}px-{key}.pt"
 
 
 def load_or_train(
     arch: str = "cnn",
     *,
-    size: int = 32,
-    n_train: int = 6000,
+    size: int | None = None,
+    n_train: int | None = None,
     epochs: int | None = None,
     seed: int = 0,
     cache: str | Path | None = None,
@@ -312,7 +370,8 @@ def load_or_train(
     different settings never collide. ``cache`` overrides :func:`cache_dir`; ``retrain`` ignores a
     cached file. Returns the model in eval mode and its training info (test accuracy, seconds).
     """
-    epochs = DEFAULT_EPOCHS.get(arch, 6) if epochs is None else epochs
+    r = _resolve(arch, size=size, n_train=n_train, epochs=epochs)
+    size, n_train, epochs = r["size"], r["n_train"], r["epochs"]
     path = cache_path(arch, size=size, n_train=n_train, epochs=epochs, seed=seed, cache=cache)
     config = _config(arch, size, n_train, epochs, seed)
     folder = path.parent
@@ -324,7 +383,7 @@ def load_or_train(
         info["cache_path"] = str(path)
         return model.eval(), info
     if verbose:
-        print(f"training the shapes {arch} (once; cached in {folder}) ...")
+        print(f"training the {DATASETS[arch]} {arch} (once; cached in {folder}) ...")
     model, info = train_shapes(arch, size=size, n_train=n_train, epochs=epochs, seed=seed)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
