@@ -1,15 +1,17 @@
 """compress: which parts of a model matter, and actions that make the model smaller.
 
 ``score(model, method, data=...)`` scores weights (``ModelImportance``: one ``Importance`` per layer) or
-other model parts; ``prune(model, importance, sparsity=..., pattern=...)`` zeroes the least important
-weights of a copy; ``prune_structured(model, importance, amount)`` removes heads, neurons or layers
-of a copy; ``allocate_bits(scores, budget)`` + ``quantize(model, bits)`` give a fake-quantized copy with
-mixed precision; ``calibrate(model, data)`` computes activation / gradient statistics once for several
-scores. Every module in this package is imported on first use of the registry.
+other model parts (heads, neurons, layers, experts, tokens, KV entries). Actions return a new model:
+``prune`` zeroes the least important weights (unstructured, N:M); ``prune_structured`` removes heads,
+neurons or layers and ``prune_experts`` MoE experts; ``allocate_bits`` + ``quantize`` give a
+fake-quantized mixed-precision copy; ``kv_eviction`` evicts KV-cache entries during ``generate``.
+``calibrate(model, data)`` computes activation / gradient statistics once for several scores. Every
+module in this package is imported on first use of the registry.
 """
 
 from whatmatters.compress.api import ModelImportance, score
 from whatmatters.compress.calibrate import Calibration, calibrate, lm_windows
+from whatmatters.compress.experts import prune_experts
 from whatmatters.compress.kvcache import evict_scores, kv_eviction
 from whatmatters.compress.prune import Pruned, PruneReport, measure, prune
 from whatmatters.compress.quantize import Quantized, QuantizeReport, allocate_bits, average_bits, layer_scores, quantize
@@ -34,6 +36,7 @@ __all__ = [
     "load_pruned",
     "measure",
     "prune",
+    "prune_experts",
     "prune_structured",
     "quantize",
     "score",

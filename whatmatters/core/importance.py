@@ -26,6 +26,7 @@ UNITS = (
     "layer",
     "kv",
     "example",
+    "expert",
 )
 
 _META_KEY = b"whatmatters"
