@@ -6,10 +6,12 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from whatmatters.compress import score
-from whatmatters.compress.remove import load_pruned, n_parameters, prune_structured, structure
+from whatmatters.compress.remove import load_pruned, n_parameters, plan_removal, prune_structured, structure
 from whatmatters.compress.structured import blocks, skipped
 from whatmatters.core.errors import InputError, ModelError
 from whatmatters.core.importance import Importance
@@ -295,6 +297,119 @@ def test_global_and_compensated_removal_round_trips_with_load_pruned(tmp_path, k
     torch.testing.assert_close(logits(reloaded, data), logits(pruned, data), rtol=0, atol=0)
 
 
+# ------------------------------------------------------- global allocation
+def test_global_allocation_keeps_a_layers_best_group_and_takes_the_next_lowest_elsewhere():
+    model, data = tiny("llama")  # 2 blocks x 2 KV groups of 2 query heads
+    values = torch.tensor([[0.0, 0.0, 0.0, 0.1], [1.0, 1.0, 2.0, 2.0]])  # block 0's groups are the 2 lowest
+    imp = Importance(values=values, unit="head", per_sample=False, method="test")
+    pruned, report = prune_structured(model, imp, 0.5, allocation="global")
+    names = [b.name for b in blocks(model)[1]]
+    assert report.removed == {names[0]: [0, 1], names[1]: [0, 1]} and not report.standardized
+    assert [b.n_kv for b in blocks(pruned)[1]] == [1, 1]
+    assert logits(pruned, data).isfinite().all()
+    neurons = Importance(values=torch.cat([torch.zeros(1, 64), torch.ones(1, 64)]), unit="neuron", per_sample=False)
+    pruned, report = prune_structured(model, neurons, 0.75, allocation="global")  # 96 of 128: 63 + 33
+    assert report.n_removed == 96 and [b.n_neurons for b in blocks(pruned)[1]] == [1, 31]
+
+
+def test_flap_scores_are_standardized_per_layer_in_global_allocation():
+    model, data = tiny("llama")
+    pattern = torch.linspace(0.1, 1.0, 64)[torch.randperm(64, generator=torch.Generator().manual_seed(0))]
+    values = torch.stack([1000 * pattern + 50, pattern])  # same pattern within blocks, very different scales
+    flap = Importance(values=values, unit="neuron", per_sample=False, method="flap_neuron")
+    _, report = prune_structured(model, flap, 0.25, allocation="global")
+    assert report.standardized and [len(v) for v in report.removed.values()] == [16, 16]
+    raw = Importance(values=values, unit="neuron", per_sample=False, method="other")
+    _, report = prune_structured(model, raw, 0.25, allocation="global")  # raw ranking takes block 1 only
+    assert not report.standardized and list(report.removed) == [blocks(model)[1][1].name]
+    _, report = prune_structured(model, raw, 0.25, allocation="global", standardize=True)
+    assert report.standardized and [len(v) for v in report.removed.values()] == [16, 16]
+    _, report = prune_structured(model, flap, 0.25, allocation="global", standardize=False)
+    assert not report.standardized and list(report.removed) == [blocks(model)[1][1].name]
+    _, report = prune_structured(model, flap, 0.25)  # uniform: no standardization (within-block ranks)
+    _, asked = prune_structured(model, flap, 0.25, standardize=True)
+    assert not report.standardized and not asked.standardized and asked.removed == report.removed
+    heads = score(model, "flap_head", data=data)
+    pruned, report = prune_structured(model, heads, 0.5, allocation="global")
+    assert report.standardized and report.n_removed == 4 and all(b.n_kv == 1 for b in blocks(pruned)[1])
+
+
+def test_standardize_rows_matches_the_formula_and_handles_constant_rows():
+    from whatmatters.compress.remove import standardize_rows
+
+    x = torch.tensor([[1.0, 2.0, 4.0, 9.0], [3.0, 3.0, 3.0, 3.0]])
+    z = standardize_rows(x)
+    torch.testing.assert_close(z[0], ((x[0] - x[0].mean()) / x[0].std()).double())
+    assert torch.equal(z[1], torch.zeros(4, dtype=torch.float64))
+    assert torch.equal(standardize_rows(torch.ones(3, 1)), torch.zeros(3, 1, dtype=torch.float64))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    n_layers=st.integers(1, 5),
+    n_kv=st.integers(1, 4),
+    g=st.integers(1, 4),
+    unit=st.sampled_from(["groups", "heads", "neuron", "layer"]),
+    amount=st.floats(0, 0.999),
+    standardize=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_global_allocation_never_empties_a_block_and_removes_exactly_the_requested_count(
+    n_layers, n_kv, g, unit, amount, standardize, seed
+):
+    gen = torch.Generator().manual_seed(seed)
+    width = n_kv * g
+    values = torch.randint(0, 4, (n_layers, width), generator=gen).float()  # small integers: many ties
+    values = values * torch.rand(n_layers, 1, generator=gen) * 100  # different scales per block
+    kw = {"allocation": "global", "standardize": standardize and unit != "layer"}
+    if unit == "layer":
+        values = values[:, 0]
+        units, per_row = values.reshape(1, -1), values.numel()
+    elif unit == "neuron":
+        units, per_row = values, width
+    elif unit == "groups" or g == 1:
+        units, per_row = values.reshape(n_layers, n_kv, g).sum(-1), n_kv
+    else:  # gqa="heads": the unit is a rank j of every group of a block (n_kv query heads)
+        units, per_row = None, g
+    k = round(amount * (units.numel() if units is not None else n_layers * g))
+    rows = 1 if unit == "layer" else n_layers
+    if k > rows * (per_row - 1):
+        with pytest.raises(InputError, match="blocks; lower amount" if unit == "layer" else "every block keeps one"):
+            plan_removal(values, "layer" if unit == "layer" else "head" if unit != "neuron" else "neuron", amount,
+                         n_kv=n_kv, gqa="heads" if unit == "heads" else "groups", **kw)  # fmt: skip
+        return
+    if unit in ("layer", "neuron"):
+        gone = plan_removal(values, unit, amount, **kw).reshape(units.shape)
+    else:
+        gone = plan_removal(values, "head", amount, n_kv=n_kv, gqa="heads" if unit == "heads" else "groups", **kw)
+        gone = gone.reshape(n_layers, n_kv, g)
+        if unit == "groups" or g == 1:
+            assert bool((gone.all(-1) | ~gone.any(-1)).all())  # whole groups
+            gone = gone.all(-1)
+        else:
+            per_group = gone.sum(-1)
+            assert bool((per_group == per_group[:, :1]).all())  # the same count in every group of a block
+            order = values.reshape(n_layers, n_kv, g).sort(dim=-1, stable=True).indices
+            assert bool(gone.gather(-1, order).int().diff(dim=-1).le(0).all())  # the lowest heads of each group
+            gone = torch.arange(g) < per_group[:, :1]  # ranks removed per block
+    assert int(gone.sum()) == k
+    assert not bool(gone.all(-1).any())
+    if units is not None:  # the removed units are the lowest apart from every block's kept best unit
+        ranked = units.double() if not kw["standardize"] else standardize_rows_for_test(units)
+        best = ranked.masked_fill(gone, float("-inf")).argmax(-1, keepdim=True)  # the best kept unit of a block
+        assert torch.equal(ranked.gather(-1, best)[:, 0], ranked.amax(-1))  # is one of its best units
+        candidates = torch.ones_like(gone).scatter_(-1, best, False)
+        if bool(gone.any()) and bool((candidates & ~gone).any()):
+            assert float(ranked[gone].max()) <= float(ranked[candidates & ~gone].min()) + 1e-9
+
+
+def standardize_rows_for_test(x: torch.Tensor) -> torch.Tensor:
+    x = x.double()
+    std = x.std(-1, keepdim=True) if x.shape[-1] > 1 else torch.zeros(x.shape[0], 1, dtype=torch.float64)
+    z = (x - x.mean(-1, keepdim=True)) / std
+    return torch.where(std > 1e-9 * x.abs().amax(-1, keepdim=True), z, torch.zeros_like(z))
+
+
 # --------------------------------------------------------------- bad input
 def test_bad_input_gives_clear_errors():
     model, _ = tiny("llama")
@@ -302,8 +417,14 @@ def test_bad_input_gives_clear_errors():
     for bad in (-0.1, 1.0, 1.5, float("nan"), True, "half"):
         with pytest.raises(InputError, match=r"\[0, 1\)"):
             prune_structured(model, imp, bad)
-    with pytest.raises(InputError, match="removes all"):
-        prune_structured(model, head_importance(model, {0: [0, 1, 2, 3]}), 0.5, allocation="global")
+    with pytest.raises(InputError, match="removes all key/value groups"):  # uniform: round(0.8 * 2) = 2 of 2
+        prune_structured(model, imp, 0.8)
+    with pytest.raises(InputError, match="every block keeps one"):  # global: 3 of 4 groups, at most 2 can go
+        prune_structured(model, imp, 0.75, allocation="global")
+    with pytest.raises(InputError, match="removes all 2 blocks"):
+        prune_structured(model, Importance(values=torch.ones(2), unit="layer", per_sample=False), 0.9)
+    with pytest.raises(InputError, match="standardize"):
+        prune_structured(model, Importance(values=torch.ones(2), unit="layer", per_sample=False), 0.5, standardize=True)
     with pytest.raises(ModelError, match="another model"):
         prune_structured(model, Importance(values=torch.ones(3, 4), unit="head", per_sample=False), 0.25)
     with pytest.raises(InputError, match="unit 'weight'"):

@@ -44,6 +44,7 @@ class StructuredReport:
     n_parameters_after: int = 0
     compensated: bool = False
     from_pretrained: bool = True
+    standardized: bool = False
 
     @property
     def n_removed(self) -> int:
@@ -57,7 +58,8 @@ class StructuredReport:
         return (
             f"StructuredReport(unit={self.unit!r}, method={self.method!r}, allocation={self.allocation!r}, "
             f"removed {self.n_removed} units, parameters {self.n_parameters_before:,} -> {self.n_parameters_after:,}"
-            f" ({self.parameter_ratio:.3f}), compensated={self.compensated}, from_pretrained={self.from_pretrained})"
+            f" ({self.parameter_ratio:.3f}), compensated={self.compensated}, standardized={self.standardized}, "
+            f"from_pretrained={self.from_pretrained})"
         )
 
 
@@ -250,12 +252,39 @@ def _check_amount(amount: Any) -> float:
     return float(amount)
 
 
-def _lowest_global(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the ``k`` lowest entries of ``values`` (any shape; ties broken by position)."""
-    flat = values.reshape(-1).double()
-    mask = torch.zeros(flat.numel(), dtype=torch.bool)
+FLAP_METHODS = ("flap_head", "flap_neuron")
+
+
+def standardize_rows(values: torch.Tensor) -> torch.Tensor:
+    """``(v - mean) / std`` along the last axis (float64; unbiased std as in FLAP); 0 where a row is constant."""
+    v = values.double()
+    mean = v.mean(-1, keepdim=True)
+    if v.shape[-1] < 2:
+        return torch.zeros_like(v)
+    std = v.std(-1, keepdim=True)
+    flat = std <= 1e-12 * v.abs().amax(-1, keepdim=True)
+    return torch.where(flat, torch.zeros_like(v), (v - mean) / std.clamp_min(1e-300))
+
+
+def _lowest_global(values: torch.Tensor, k: int, what: str) -> torch.Tensor:
+    """Boolean ``(L, n)`` mask of the ``k`` lowest entries of ``values`` with at least one entry kept per row.
+
+    Equivalent to taking units in ascending order (ties by position) and, where a row would lose its last
+    unit, keeping that row's best unit and taking the next-lowest unit elsewhere: the row maxima are
+    excluded and the ``k`` lowest of the rest are removed, so exactly ``k`` units go.
+    """
+    n_rows, n = values.shape
+    if k > n_rows * (n - 1):
+        raise InputError(
+            f"this removes {k} {what} but at most {n_rows * (n - 1)} can go while every block keeps one "
+            f"({n_rows} blocks x {n - 1}); lower amount"
+        )
+    v = values.double().clone()
+    best = torch.sort(v, dim=-1, stable=True).indices[:, -1]
+    v[torch.arange(n_rows), best] = float("inf")
+    mask = torch.zeros(v.numel(), dtype=torch.bool)
     if k:
-        mask[torch.sort(flat, stable=True).indices[:k]] = True
+        mask[torch.sort(v.reshape(-1), stable=True).indices[:k]] = True
     return mask.reshape(values.shape)
 
 
@@ -272,36 +301,74 @@ def _too_many(blk_names: list[str], removed: torch.Tensor, what: str) -> None:
     if bool(full.any()):
         name = blk_names[int(full.nonzero()[0, 0])]
         raise InputError(
-            f"this removes all {what} of {name}; lower amount, use allocation='uniform', or remove whole layers "
+            f"this removes all {what} of {name}; lower amount, use allocation='global', or remove whole layers "
             "with a unit='layer' importance"
         )
 
 
-def _head_plan(values: torch.Tensor, blks: list[Block], amount: float, allocation: str, gqa: str) -> torch.Tensor:
-    """Boolean ``(L, H)`` mask of query heads to remove; whole KV groups or equal counts per group."""
-    n_layers, n_heads = values.shape
-    n_kv = blks[0].n_kv
-    g = n_heads // n_kv
-    names = [b.name for b in blks]
+def plan_removal(
+    values: torch.Tensor,
+    unit: str,
+    amount: float,
+    *,
+    allocation: str = "uniform",
+    gqa: str = "groups",
+    n_kv: int | None = None,
+    standardize: bool = False,
+    names: list[str] | None = None,
+) -> torch.Tensor:
+    """Boolean mask (the shape of ``values``) of the units ``prune_structured`` removes; no model needed.
+
+    ``values``: ``(n_layers, n_heads)`` query-head, ``(n_layers, n_neurons)`` neuron or ``(n_layers,)``
+    block scores (higher = keep); ``n_kv``: key/value groups per block (default: one per head).
+    Global allocation removes exactly ``round(amount * total)`` units (KV groups; query-head ranks per
+    group, i.e. ``n_kv`` heads each, with ``gqa="heads"``; neurons) and never empties a block.
+    ``standardize`` ranks ``(score - mean) / std`` within each block (FLAP's adaptive structure search).
+    """
+    if unit not in ("head", "neuron", "layer") or values.ndim != (1 if unit == "layer" else 2):
+        raise InputError(
+            f"plan_removal needs (n_layers,) block scores or (n_layers, n) head / neuron scores; got unit {unit!r} "
+            f"with shape {tuple(values.shape)}"
+        )
+    names = names or [str(i) for i in range(values.shape[0])]
+    if unit == "layer":
+        k = round(amount * values.numel())
+        if k >= values.numel():
+            raise InputError(f"this removes all {values.numel()} blocks; lower amount")
+        return _lowest_global(values.reshape(1, -1), k, "blocks").reshape(-1)
+    n_layers, n = values.shape
+    if unit == "neuron":
+        scores = standardize_rows(values) if standardize else values
+        if allocation == "global":
+            return _lowest_global(scores, round(amount * values.numel()), "MLP neurons")
+        gone = _lowest_rows(scores, round(amount * n))
+        _too_many(names, gone, "MLP neurons")
+        return gone
+    n_kv = n if n_kv is None else n_kv
+    if n_kv < 1 or n % n_kv:
+        raise ModelError(f"{n} query heads cannot form {n_kv} key/value groups")
+    g = n // n_kv
     if g == 1 or gqa == "groups":
         groups = values.reshape(n_layers, n_kv, g).sum(-1)
-        if allocation == "uniform":
-            gone = _lowest_rows(groups, round(amount * n_kv))
+        groups = standardize_rows(groups) if standardize else groups
+        what = "key/value groups" if g > 1 else "heads"
+        if allocation == "global":
+            gone = _lowest_global(groups, round(amount * groups.numel()), what)
         else:
-            gone = _lowest_global(groups, round(amount * groups.numel()))
-        _too_many(names, gone, "key/value groups" if g > 1 else "heads")
+            gone = _lowest_rows(groups, round(amount * n_kv))
+            _too_many(names, gone, what)
         return gone.repeat_interleave(g, dim=1)
-    per_group = values.reshape(n_layers, n_kv, g)
+    per_group = (standardize_rows(values) if standardize else values.double()).reshape(n_layers, n_kv, g)
+    order = torch.sort(per_group, dim=-1, stable=True)
     if allocation == "uniform":
         r = torch.full((n_layers,), round(amount * g))
-    else:
-        counts = _lowest_global(values, round(amount * values.numel())).sum(1)
-        r = (counts.double() / n_kv).round().long()
-    if bool((r >= g).any()):
-        _too_many(names, (r >= g)[:, None].expand(n_layers, 1), "query heads of a group")
-    order = torch.sort(per_group.double(), dim=-1, stable=True).indices
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(g).expand_as(order).contiguous())
-    return (rank < r[:, None, None]).reshape(n_layers, n_heads)
+        if bool((r >= g).any()):
+            _too_many(names, (r >= g)[:, None], "query heads of a group")
+    else:  # rank j of a block = its groups' j-th lowest heads, scored by their mean (non-decreasing in j)
+        slots = order.values.mean(1)
+        r = _lowest_global(slots, round(amount * slots.numel()), "query heads per group").sum(1)
+    rank = torch.empty_like(order.indices).scatter_(-1, order.indices, torch.arange(g).expand_as(order.indices).clone())
+    return (rank < r[:, None, None]).reshape(n_layers, n)
 
 
 # -------------------------------------------------------------------- main
@@ -343,6 +410,7 @@ def prune_structured(
     allocation: str = "uniform",
     gqa: str = "groups",
     compensate: bool | None = None,
+    standardize: bool | None = None,
     inplace: bool = False,
 ) -> StructuredPruned:
     """Remove the lowest-scored heads, MLP neurons or blocks of a transformer.
@@ -354,11 +422,17 @@ def prune_structured(
         amount: fraction of units removed, in ``[0, 1)`` (of KV groups with ``gqa="groups"``; of the query
             heads of every group with ``gqa="heads"``; of neurons; of blocks), rounded to whole units.
         allocation: ``"uniform"`` (the same count in every block: the config describes the model) or
-            ``"global"`` (lowest scores over all blocks; reload with :func:`load_pruned`).
+            ``"global"`` (lowest scores over all blocks, exactly ``round(amount * total)`` units, every block
+            keeping at least one KV group / query head per group / neuron; reload with :func:`load_pruned`).
         gqa: for grouped-query attention, ``"groups"`` removes whole key/value groups (scored by the sum of
             their query heads), ``"heads"`` the same number of query heads from every group of a block.
         compensate: FLAP bias compensation (add ``W[:, removed] @ mean[removed]`` to the output projection's
             bias, creating one if needed); default: when the importance carries ``extra["channel_means"]``.
+        standardize: with ``allocation="global"``, rank ``(score - mean) / std`` within each block (of KV
+            groups with ``gqa="groups"``, of query heads with ``"heads"``, of neurons) so blocks with larger
+            raw scores are not spared wholesale: FLAP's adaptive structure search (An et al., 2024). Default:
+            for FLAP importances (``flap_head`` / ``flap_neuron``) in global allocation. No effect on uniform
+            allocation, which ranks within blocks.
 
     Returns:
         ``StructuredPruned(model, report)``.
@@ -377,20 +451,24 @@ def prune_structured(
         raise InputError(
             "compensate=True needs the channel means of a FLAP importance (method 'flap_neuron' / 'flap_head')"
         )
-    if unit == "layer":
-        if blks[0].kind == "gpt2" and getattr(getattr(model, "config", None), "scale_attn_by_inverse_layer_idx", False):
-            raise ModelError(
-                "GPT-2 with scale_attn_by_inverse_layer_idx depends on block positions; cannot drop blocks"
-            )
-        k = round(amount * len(blks))
-        gone = _lowest_global(values, k)
-    elif unit == "head":
-        gone = _head_plan(values, blks, amount, allocation, gqa)
-    else:
-        gone = (_lowest_rows if allocation == "uniform" else _lowest_global)(
-            values, round(amount * (values.shape[1] if allocation == "uniform" else values.numel()))
-        )
-        _too_many([b.name for b in blks], gone, "MLP neurons")
+    if standardize is None:
+        standardize = allocation == "global" and unit != "layer" and importance.method in FLAP_METHODS
+    if standardize and unit == "layer":
+        raise InputError("standardize applies to head and neuron scores within blocks; leave it unset for layers")
+    standardize = bool(standardize) and allocation == "global"  # uniform allocation ranks within blocks anyway
+    by_position = getattr(getattr(model, "config", None), "scale_attn_by_inverse_layer_idx", False)
+    if unit == "layer" and blks[0].kind == "gpt2" and by_position:
+        raise ModelError("GPT-2 with scale_attn_by_inverse_layer_idx depends on block positions; cannot drop blocks")
+    gone = plan_removal(
+        values,
+        unit,
+        amount,
+        allocation=allocation,
+        gqa=gqa,
+        n_kv=blks[0].n_kv,
+        standardize=standardize,
+        names=[b.name for b in blks],
+    )
     original_bias = (blks[0].o.bias is not None, blks[0].down.bias is not None)
 
     before = n_parameters(model)
@@ -427,6 +505,7 @@ def prune_structured(
         n_parameters_after=n_parameters(pruned),
         compensated=bool(compensate),
         from_pretrained=ok,
+        standardized=standardize,
     )
     return StructuredPruned(pruned, report)
 
