@@ -182,8 +182,8 @@ def test_report_escapes_method_names_and_params():
 def test_report_draws_pixel_maps_and_aggregated_scores():
     pixels = wm.Importance(torch.randn(3, 3, 8, 8), unit="pixel", method="saliency")
     text = render_report(pixels)
-    imgs = tags(text, "img")
-    assert len(imgs) == 1 and "maps" in imgs[0]["alt"]
+    imgs = tags(text, "img")  # without the images: the maps alone, one cell per sample (tests/test_report_images.py)
+    assert [i["alt"] for i in imgs] == [f"saliency on image {i}" for i in range(3)]
     decode_png(imgs[0]["src"])
     aggregated = wm.Importance(torch.tensor([0.5, -2.0, 1.0]), names=("a", "b", "c"), per_sample=False, method="g")
     assert len(tags(render_report(aggregated), "img")) == 1  # a bar chart; no per-sample heatmap without samples

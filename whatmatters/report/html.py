@@ -55,6 +55,12 @@ figcaption { font-size: .82em; color: #56606b; margin-top: 4px; }
 .prov code { background: #f1f3f5; padding: 1px 4px; border-radius: 3px; }
 nav { font-size: .9em; margin-top: 14px; }
 nav a { margin-right: 14px; color: #1d3557; }
+.scroll { overflow-x: auto; }
+table.overlays { border-collapse: collapse; font-size: .82em; }
+table.overlays th, table.overlays td { padding: 2px 3px; }
+table.overlays th[scope=row] { text-align: right; font-weight: 600; padding-right: 8px; white-space: nowrap; }
+table.overlays thead th { font-weight: normal; color: #56606b; }
+table.overlays img { display: block; image-rendering: pixelated; }
 footer { color: #7a848e; font-size: .8em; margin-top: 28px; text-align: center; }
 """
 
@@ -191,11 +197,11 @@ def _metrics_table(result: Any) -> str:
             items = "".join(f"<li><b>{_e(idx)}</b>: {_e(msg)}</li>" for idx, msg in failed)
             errors = f'<div class="errors"><p>Failed (scores shown as –):</p><ul>{items}</ul></div>'
     return (
-        '<table class="metrics"><thead><tr>'
+        '<div class="scroll"><table class="metrics"><thead><tr>'
         + "".join(head)
         + "</tr></thead><tbody>"
         + "".join(rows)
-        + "</tbody></table>"
+        + "</tbody></table></div>"
         + errors
     )
 
@@ -273,7 +279,9 @@ def _provenance(imp: Importance) -> str:
     return '<p class="prov">' + " · ".join(parts) + "</p>"
 
 
-def _method_section(label: str, imp: Importance, k: int, max_samples: int, data: Any = None) -> str:
+def _method_section(
+    label: str, imp: Importance, k: int, max_samples: int, data: Any = None, in_grid: bool = False
+) -> str:
     figures = []
     if len(imp.unit_shape) == 1:
         n_bars = min(k, imp.n_units)
@@ -292,7 +300,7 @@ def _method_section(label: str, imp: Importance, k: int, max_samples: int, data:
                 "red raises the explained output, blue lowers it; units sorted by mean |score|",
             )
         )
-    if len(imp.unit_shape) > 1:
+    if len(imp.unit_shape) > 1 and not in_grid:
         n_maps = min(8, imp.n_samples or 1)
         fig = plots.new_figure(2.0 * n_maps + 1.0, 2.5)
         plots.sample_maps(imp, fig=fig, max_samples=8, title=f"{label}: per-sample maps", images=data)
@@ -300,7 +308,60 @@ def _method_section(label: str, imp: Importance, k: int, max_samples: int, data:
     anchor = "m-" + "".join(c if c.isalnum() else "-" for c in label)
     return (
         f'<div class="method" id="{_e(anchor)}"><h3>{_e(label)}</h3>{_provenance(imp)}'
-        f'<div class="grid">{"".join(figures)}</div></div>'
+        + ('<p class="prov">Maps: see <a href="#overlays">the overlays</a>.</p>' if in_grid else "")
+        + f'<div class="grid">{"".join(figures)}</div></div>'
+    )
+
+
+def _png_img(array: np.ndarray, alt: str, cls: str) -> str:
+    """An inline ``<img>`` of an RGB uint8 array, shown at its pixel size."""
+    uri = "data:image/png;base64," + base64.b64encode(plots.array_to_png(array)).decode("ascii")
+    height, width = array.shape[:2]
+    return f'<img class="{cls}" src="{uri}" alt="{_e(alt)}" width="{width}" height="{height}">'
+
+
+def _grid_members(shown: Mapping[str, Importance]) -> dict[str, Importance]:
+    """The per-sample importances with 2-D (or channels x 2-D) units: drawn in the overlay grid."""
+    return {label: imp for label, imp in shown.items() if imp.per_sample and len(imp.unit_shape) in (2, 3)}
+
+
+def _overlay_section(
+    members: Mapping[str, Importance], images: Any, max_images: int, mean: Any = None, std: Any = None
+) -> str:
+    """Methods (rows) x images (columns): each method's map over each input image, one PNG per cell."""
+    n = min(max_images, *(imp.n_samples or 1 for imp in members.values()))
+    under = None
+    if images is not None and len(images) >= n:
+        try:
+            under = plots.image_cells(images[:n], mean=mean, std=std)
+        except InputError:  # not (n, 1 or 3, H, W) images: draw the maps alone
+            under = None
+    head = ["<th></th>"] + [f"<th>image {i}</th>" for i in range(n)]
+    rows = []
+    if under is not None:
+        cells = "".join(f"<td>{_png_img(under[i], f'input image {i}', 'input')}</td>" for i in range(n))
+        rows.append(f'<tr><th scope="row">input</th>{cells}</tr>')
+    for label, imp in members.items():
+        rgb = plots.overlay_cells(imp.values[:n], images[:n] if under is not None else None, mean=mean, std=std)
+        cells = "".join(f"<td>{_png_img(rgb[i], f'{label} on image {i}', 'overlay')}</td>" for i in range(n))
+        rows.append(f'<tr><th scope="row">{_e(label)}</th>{cells}</tr>')
+    note = (
+        "Each method's map drawn over the input image (half transparent), one column per image."
+        if under is not None
+        else "The maps alone (pass the explained images as <code>data=</code> to draw them over the images)."
+    )
+    note += (
+        " Maps that are never negative (CAMs) run from black/purple (0) to yellow (the map's 99th percentile); "
+        "signed maps are red where the pixel raises the explained output and blue where it lowers it, "
+        "symmetric at the map's 99th percentile of |score|. Each map is scaled on its own; channels are summed."
+    )
+    return (
+        f'<section id="overlays"><h2>Maps over the images</h2><p class="note">{note}</p>'
+        '<div class="scroll"><table class="overlays"><thead><tr>'
+        + "".join(head)
+        + "</tr></thead><tbody>"
+        + "".join(rows)
+        + "</tbody></table></div></section>"
     )
 
 
@@ -312,6 +373,9 @@ def render_report(
     model: Any = None,
     k: int = 20,
     max_samples: int = 40,
+    max_images: int = 8,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> str:
     """The report as an HTML string (see :func:`write_report`)."""
     bench, importances = _collect(result)
@@ -346,6 +410,12 @@ def render_report(
             "↓: lower is better; the best value of each column is highlighted. Seconds: wall time of the "
             f"scoring call.{ref_note}</p>" + _metrics_table(bench) + "</section>"
         )
+
+    ordered = [m for m in methods if m in shown] + [m for m in shown if m not in methods]
+    members = _grid_members({m: shown[m] for m in ordered})
+    if members:  # pixel maps: a methods x images grid of overlays, right after the metrics
+        nav.append(("overlays", "Overlays"))
+        sections.append(_overlay_section(members, _images(data), max_images, mean, std))
 
     curve_data = getattr(bench, "curves", None) or {}
     # "<kind>_random" curves (each method's units in random order) repeat what the reference row shows
@@ -390,7 +460,7 @@ def render_report(
             "explained output on average, blue if it lowers it; methods that give one score per unit are drawn "
             "as they are, grey when no score is negative). Heatmap: the score of every shown sample and unit."
         )
-    if any(len(imp.unit_shape) > 1 for imp in shown.values()):
+    if any(len(imp.unit_shape) > 1 and label not in members for label, imp in shown.items()):
         notes.append(
             "Maps: scores per pixel (channels summed"
             + (", over the input image" if images is not None else "")
@@ -399,7 +469,7 @@ def render_report(
     nav.append(("methods", "Methods"))
     sections.append(
         f'<section id="methods"><h2>Scores by method</h2><p class="note">{" ".join(notes)}</p>'
-        + "".join(_method_section(m, shown[m], k, max_samples, images) for m in ordered)
+        + "".join(_method_section(m, shown[m], k, max_samples, images, m in members) for m in ordered)
         + "</section>"
     )
     links = "".join(f'<a href="#{a}">{_e(t)}</a>' for a, t in nav)
@@ -422,6 +492,9 @@ def write_report(
     model: Any = None,
     k: int = 20,
     max_samples: int = 40,
+    max_images: int = 8,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> Path:
     """Write a single self-contained HTML file and return its path.
 
@@ -434,8 +507,13 @@ def write_report(
         model: the model (or a description string), for the header.
         k: bars per ranked bar chart.
         max_samples: rows per per-sample heatmap.
+        max_images: columns of the overlay grid (pixel importances: methods x images, each map over
+            its image when ``data`` holds the images).
+        mean, std: the images' normalization, undone to show them (default: each image min-max scaled).
     """
-    text = render_report(result, title, data, model=model, k=k, max_samples=max_samples)
+    text = render_report(
+        result, title, data, model=model, k=k, max_samples=max_samples, max_images=max_images, mean=mean, std=std
+    )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")

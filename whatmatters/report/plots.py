@@ -277,3 +277,82 @@ def curves(
         ax.legend(fontsize=7, frameon=False)
     ax.figure.tight_layout()
     return ax
+
+
+def overlay_cells(
+    maps: Any,
+    images: Any = None,
+    *,
+    cell: int = 96,
+    alpha: float = 0.5,
+    signed: bool | None = None,
+    mean: Any = None,
+    std: Any = None,
+) -> np.ndarray:
+    """Heatmaps drawn over their images as RGB arrays ``(n, S, S', 3)`` uint8, all at once (no pyplot).
+
+    ``maps``: an :class:`Importance` of pixels or ``(n, H, W)`` / ``(n, C, H, W)`` maps (channels
+    summed); ``images``: the explained inputs ``(n, C, H, W)`` / ``(n, H, W)`` (undone with
+    ``mean``/``std`` when given, else min-max scaled) or None for the maps alone. The colours are
+    those of :mod:`whatmatters.vision.overlay`: maps that are never negative (``signed`` None and no
+    negative value in any map, or ``signed=False``) in a sequential colour map from 0 to each map's
+    99th percentile, signed maps in a diverging one centred on 0, symmetric at each map's 99th
+    percentile of |score|. The longer image side is resized to ``cell`` pixels (images with
+    nearest-neighbour upscaling or area downscaling, maps bilinearly).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from whatmatters.vision.overlay import DIVERGING as OVERLAY_DIVERGING
+    from whatmatters.vision.overlay import SEQUENTIAL, as_maps, display_images
+
+    m = torch.from_numpy(np.nan_to_num(as_maps(maps), nan=0.0, posinf=0.0, neginf=0.0))
+    pictures = None
+    if images is not None:
+        pictures = torch.from_numpy(display_images(images, mean, std)).permute(0, 3, 1, 2)  # (n, 3, H, W)
+        if len(pictures) < len(m):
+            raise ValueError(f"{len(m)} maps but only {len(pictures)} images")
+        pictures = pictures[: len(m)]
+    height, width = pictures.shape[-2:] if pictures is not None else m.shape[-2:]
+    scale = cell / max(height, width)
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    if pictures is not None and tuple(pictures.shape[-2:]) != size:
+        mode = "nearest-exact" if scale >= 1 else "area"
+        pictures = F.interpolate(pictures, size=size, mode=mode)
+    if tuple(m.shape[-2:]) != size:
+        m = F.interpolate(m.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
+    if signed is None:
+        signed = bool((m < 0).any())
+    flat = m.flatten(1)
+    hi = torch.quantile(flat.abs() if signed else flat, 0.99, dim=1).view(-1, 1, 1)
+    hi = torch.where(hi > 0, hi, torch.ones_like(hi))
+    scaled = ((m / hi + 1) / 2 if signed else m / hi).clamp(0, 1).numpy()
+    colours = matplotlib.colormaps[OVERLAY_DIVERGING if signed else SEQUENTIAL](scaled)[..., :3]  # (n, S, S', 3)
+    if pictures is not None:
+        colours = (1 - alpha) * pictures.permute(0, 2, 3, 1).numpy() + alpha * colours
+    return np.round(np.clip(colours, 0, 1) * 255).astype(np.uint8)
+
+
+def image_cells(images: Any, *, cell: int = 96, mean: Any = None, std: Any = None) -> np.ndarray:
+    """The input images alone as RGB ``(n, S, S', 3)`` uint8, resized like :func:`overlay_cells`."""
+    import torch
+    import torch.nn.functional as F
+
+    from whatmatters.vision.overlay import display_images
+
+    pictures = torch.from_numpy(display_images(images, mean, std)).permute(0, 3, 1, 2)
+    height, width = pictures.shape[-2:]
+    scale = cell / max(height, width)
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    if tuple(pictures.shape[-2:]) != size:
+        pictures = F.interpolate(pictures, size=size, mode="nearest-exact" if scale >= 1 else "area")
+    return np.round(pictures.permute(0, 2, 3, 1).clamp(0, 1).numpy() * 255).astype(np.uint8)
+
+
+def array_to_png(array: np.ndarray) -> bytes:
+    """PNG bytes of an RGB ``(H, W, 3)`` uint8 array."""
+    import matplotlib.image
+
+    buffer = io.BytesIO()
+    matplotlib.image.imsave(buffer, array, format="png")
+    return buffer.getvalue()
