@@ -157,3 +157,22 @@ def test_ablation_recovers_the_informative_features(kind, dataset, sklearn_model
     # and it is more faithful than random scores
     assert res.table.loc["ablation", "deletion_auc"] < res.table.loc["random", "deletion_auc"]
     assert res.table.loc["ablation", "insertion_auc"] > res.table.loc["random", "insertion_auc"]
+
+
+def test_pixel_mask_is_repeated_over_channels():
+    from whatmatters.evaluate.ground_truth import relevance_mass
+
+    values = torch.zeros(2, 3, 4, 4)
+    values[:, :, :2, :2] = 1.0  # all relevance in the top-left quadrant, every channel
+    values[1, 0, 3, 3] = 4.0  # sample 1: as much again outside it
+    imp = wm.Importance(values, unit="pixel")
+    mask = torch.zeros(2, 4, 4, dtype=torch.bool)
+    mask[:, :2, :2] = True
+    per_sample = relevance_mass(imp, mask, aggregate=False)
+    assert torch.allclose(per_sample, torch.tensor([1.0, 12 / 16], dtype=per_sample.dtype))
+    channel_mask = mask[:, None].expand(2, 3, 4, 4)
+    assert torch.equal(per_sample, relevance_mass(imp, channel_mask, aggregate=False))
+    shared = relevance_mass(imp, mask[0], aggregate=False)
+    assert torch.equal(shared, per_sample)
+    with pytest.raises(wm.InputError, match="shape"):
+        relevance_mass(imp, torch.ones(5, 5, dtype=torch.bool))

@@ -150,3 +150,18 @@ def test_cli_report_of_saved_pixel_scores(tmp_path):
     result = CliRunner().invoke(app, ["report", str(tmp_path / "cam.parquet"), "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert len(imgs(out.read_text(), "overlay")) == 4
+    # with the image files, the maps are drawn over them and the inputs get their own row
+    import matplotlib.pyplot as plt
+
+    files = []
+    for i in range(4):
+        files += ["--images", str(tmp_path / f"img{i}.png")]
+        plt.imsave(files[-1], np.random.default_rng(i).random((8, 8, 3)))
+    with_images = tmp_path / "with_images.html"
+    args = ["report", str(tmp_path / "cam.parquet"), "--out", str(with_images), *files, "--image-size", "8"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    text = with_images.read_text()
+    assert len(imgs(text, "overlay")) == 4 and len(imgs(text, "input")) == 4
+    missing = CliRunner().invoke(app, [*args[:4], "--images", str(tmp_path / "none.png")])
+    assert missing.exit_code == 2 and "none.png" in missing.output

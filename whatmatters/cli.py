@@ -441,11 +441,20 @@ def report_cmd(
     scores: list[Path] = typer.Argument(..., help="Parquet files from `whatmatters explain`."),
     out: Path = typer.Option(Path("report.html"), "--out", "-o", help="The HTML file to write."),
     title: str = typer.Option("whatmatters report", "--title", help="Title of the page."),
+    images: list[Path] | None = typer.Option(
+        None, "--images", help="The explained image files, in order (repeat the option): maps drawn over them."
+    ),
+    image_size: int = typer.Option(224, "--image-size", help="Images: resized to this square size."),
 ) -> None:
     """Write a self-contained HTML report (charts and method agreement) of saved scores."""
     from whatmatters.report.html import write_report
 
-    path = write_report(_load_scores(scores), out, title=title)
+    data = None
+    if images:
+        from whatmatters.vision.transforms import load_images
+
+        data = load_images([_existing(Path(p), "image") for p in images], size=image_size, mean=None, std=None)
+    path = write_report(_load_scores(scores), out, title=title, data=data)
     _console().print(f"report: {path}", markup=False)
 
 

@@ -5,7 +5,8 @@
 * a list of unit indices (flat indices into the unit axis) or unit names (feature names), the same
   for every sample;
 * a boolean mask of the unit shape (the same for every sample) or of shape ``(n, *unit_shape)``
-  (one per sample, e.g. segmentation masks of objects in images).
+  (one per sample, e.g. segmentation masks of objects in images); for scores of shape
+  ``(C, H, W)`` an ``(H, W)`` or ``(n, H, W)`` pixel mask is repeated over the channels.
 
 Integer arrays are read as indices, never as masks: pass ``dtype=bool`` for a mask.
 
@@ -32,6 +33,17 @@ from whatmatters.core.importance import Importance
 from whatmatters.evaluate.metrics import metric
 
 
+def _over_channels(mask: np.ndarray, unit_shape: tuple[int, ...], n: int | None) -> np.ndarray:
+    """A pixel mask ``(H, W)`` or ``(n, H, W)`` repeated over the channels of ``(C, H, W)`` scores."""
+    if len(unit_shape) != 3 or mask.shape[-2:] != unit_shape[1:]:
+        return mask
+    if mask.shape == unit_shape[1:]:
+        return np.broadcast_to(mask[None], unit_shape)
+    if n is not None and mask.shape == (n, *unit_shape[1:]):
+        return np.broadcast_to(mask[:, None], (n, *unit_shape))
+    return mask
+
+
 def relevant_mask(
     relevant: Any, unit_shape: Sequence[int], names: Sequence[str] | None = None, n: int | None = None
 ) -> tuple[torch.Tensor, bool]:
@@ -50,6 +62,7 @@ def relevant_mask(
     except ValueError as err:
         raise InputError(f"relevant is ragged or not array-like: {err}") from None
     if array.dtype == np.bool_:
+        array = _over_channels(array, unit_shape, n)
         if array.shape == unit_shape:
             mask, per_sample = array.reshape(1, d), False
         elif n is not None and array.shape == (n, *unit_shape):
