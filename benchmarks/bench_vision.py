@@ -6,8 +6,8 @@ Every registered image method (``whatmatters.methods(unit="pixel")``) explains `
 true class. Every registered pixel metric (``whatmatters.evaluate.metrics(unit="pixel")``: deletion and
 insertion AUC, max-sensitivity, randomization, ROAD and gradient-noise stability once registered, ...) runs
 through :func:`whatmatters.benchmark`; the ground-truth metrics (relevance mass, pointing game,
-precision@k) are computed against the object masks, broadcast over the colour channels for methods that
-score ``(C, H, W)``. A ``random`` row scores pixels at random.
+precision@k) are computed against the object masks (repeated over the colour channels for methods that
+score ``(C, H, W)``). A ``random`` row scores pixels at random.
 
 Cost: ``seconds`` is the benchmark's single ``explain`` call; ``median_s`` the median wall time of
 ``--repeats`` further calls, each followed by three forward + backward passes of the model on the same
@@ -87,7 +87,7 @@ def paired(model: Any, x: torch.Tensor, y: torch.Tensor, masks: torch.Tensor, re
         kwargs = {k: v for k, v in {"target": y, "seed": seed}.items() if k in entry.accepted}
         try:
             sa, sb = (
-                entry(model, x, imp, **kwargs, **({"relevant": mask_for(imp, masks)} if entry.needs else {}))
+                entry(model, x, imp, **kwargs, **({"relevant": masks} if entry.needs else {}))
                 .scores.double()
                 .reshape(-1)
                 for imp in (a, b)
@@ -110,45 +110,22 @@ def paired(model: Any, x: torch.Tensor, y: torch.Tensor, masks: torch.Tensor, re
     return out
 
 
-def mask_for(imp: Any, masks: torch.Tensor) -> torch.Tensor:
-    """The object masks ``(n, H, W)`` broadcast to the importance's units (``(n, C, H, W)`` for channels)."""
-    return masks if len(imp.unit_shape) == 2 else masks.unsqueeze(1).expand(-1, *imp.unit_shape)
-
-
-def localization(result: Any, masks: torch.Tensor) -> list[str]:
-    """Add every ground-truth metric to ``result``'s table, masks broadcast to each importance's unit shape."""
-    names = [m for m in metrics(unit="pixel") if get_metric(m).needs == "relevant"]
-    for name in names:
-        entry = get_metric(name)
-        values = {}
-        for label, imp in result.importances.items():
-            relevant = mask_for(imp, masks)
-            try:
-                values[label] = entry(None, None, imp, relevant=relevant).value
-            except Exception as err:  # recorded like benchmark() records a failing metric
-                values[label] = float("nan")
-                old = result.table.loc[label, "error"]
-                result.table.loc[label, "error"] = f"{old + '; ' if old else ''}{name}: {type(err).__name__}: {err}"
-        result.table.insert(result.table.columns.get_loc("seconds"), name, [values[i] for i in result.table.index])
-        result.metric_info[name] = (entry.category, entry.higher_is_better)
-    return names
-
-
 def run_model(arch: str, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     model, info = load_or_train(arch, verbose=True)
     x, y, masks = make_shapes(args.images, seed=args.seed)
     with torch.no_grad():
         accuracy = float((model(x).argmax(1) == y).double().mean())
     methods = wm.methods(unit="pixel")
-    pixel_metrics = [m for m in metrics(unit="pixel") if get_metric(m).needs is None]
+    pixel_metrics = metrics(unit="pixel")  # the ground-truth ones use relevant=masks
     if args.skip_metric:
         pixel_metrics = [m for m in pixel_metrics if m not in args.skip_metric]
     start = time.perf_counter()
     step = forward_backward(model, x, y)
     step()  # warm-up
     base = [clock(step) for _ in range(20)]
-    result = benchmark(model, x, methods, pixel_metrics, target=y, seed=args.seed, progress=sys.stderr.isatty())
-    ground_truth = localization(result, masks)
+    result = benchmark(
+        model, x, methods, pixel_metrics, target=y, relevant=masks, seed=args.seed, progress=sys.stderr.isatty()
+    )
     costs = {
         label: method_costs(model, x, y, label, args)
         for label in result.table.index
@@ -174,7 +151,7 @@ def run_model(arch: str, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]
         "x_fwd_bwd_wall": {label: c["x_fwd_bwd_wall"] for label, c in costs.items()},
         "paired": comparison,
         "repeats": args.repeats,
-        "metrics": pixel_metrics + ground_truth,
+        "metrics": pixel_metrics,
         "total_s": time.perf_counter() - start,
     }
     title = f"whatmatters: image explanations of the shapes {arch.upper()} ({args.images} images)"
