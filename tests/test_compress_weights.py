@@ -4,20 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import tiny_model
 from torch import nn
 
 import whatmatters as wm
 from whatmatters.compress import Calibration, ModelImportance, calibrate, lm_windows, score
 from whatmatters.compress.calibrate import Batch, default_loss, select_layers
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (two threads spin-wait on a shared, busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def mlp(seed: int = 0) -> nn.Module:
@@ -26,18 +18,7 @@ def mlp(seed: int = 0) -> nn.Module:
 
 
 def tiny_llama(seed: int = 0):
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=40,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
+    return tiny_model("llama", vocab=40, positions=64, seed=seed)
 
 
 def word_tokenizer():

@@ -21,14 +21,6 @@ KINDS = ["mixtral", "qwen2_moe"]
 METHODS = ["expert_frequency", "expert_router_mass", "expert_output_norm"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny(kind: str, n_experts: int = 4):
     t = transformers
     torch.manual_seed(0)

@@ -19,15 +19,6 @@ captum_attr = pytest.importorskip("captum.attr")
 RTOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small models run faster (and steadier on shared cores) on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def assert_parity(ours: torch.Tensor, ref: torch.Tensor) -> None:
     ref = ref.detach()
     torch.testing.assert_close(ours, ref, rtol=RTOL, atol=RTOL * float(ref.abs().max()))

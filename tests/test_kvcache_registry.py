@@ -8,7 +8,8 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from tiny_models import tiny_model
+from transformers import DynamicCache
 
 import whatmatters
 from whatmatters.compress import score
@@ -21,31 +22,11 @@ VOCAB, PROMPT = 97, 40
 
 
 def _llama(attn: str = "sdpa") -> torch.nn.Module:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attn_implementation=attn,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_model("llama", vocab=VOCAB, positions=None, attn=attn, seed=0)
 
 
 def _qwen2(attn: str = "sdpa") -> torch.nn.Module:
-    torch.manual_seed(1)
-    cfg = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attn_implementation=attn,
-    )
-    return Qwen2ForCausalLM(cfg).eval()
+    return tiny_model("qwen2", vocab=VOCAB, positions=None, attn=attn, seed=1)
 
 
 @pytest.fixture(scope="module")

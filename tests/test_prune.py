@@ -8,19 +8,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tiny_models import tiny_batch, tiny_model
 from torch import nn
 
 import whatmatters as wm
 from whatmatters.compress import ModelImportance, measure, prune, score
 from whatmatters.compress.sparsity import layer_sparsities, masks, nm_mask, unstructured_mask
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def mlp(seed: int = 0) -> nn.Module:
@@ -181,30 +174,10 @@ def test_prune_scores_by_method_name_and_restricts_layers():
 
 
 # --------------------------------------------------------------- architectures
-def tiny(kind: str):
-    t = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    common = {"num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
-    if kind == "bert":
-        model = t.BertForSequenceClassification(
-            t.BertConfig(vocab_size=60, hidden_size=32, max_position_embeddings=32, **common)
-        )
-    elif kind == "gpt2":
-        model = t.GPT2LMHeadModel(t.GPT2Config(vocab_size=60, n_embd=32, n_layer=2, n_head=4, n_positions=32))
-    elif kind == "llama":
-        model = t.LlamaForCausalLM(
-            t.LlamaConfig(vocab_size=60, hidden_size=32, num_key_value_heads=2, max_position_embeddings=32, **common)
-        )
-    elif kind == "qwen2":  # grouped-query attention: 4 query heads share 1 key/value head
-        model = t.Qwen2ForCausalLM(
-            t.Qwen2Config(vocab_size=60, hidden_size=32, num_key_value_heads=1, max_position_embeddings=32, **common)
-        )
-    else:
-        model = t.ViTForImageClassification(
-            t.ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_labels=5, **common)
-        )
-    data = torch.randn(6, 3, 16, 16) if kind == "vit" else torch.randint(0, 60, (6, 10))
-    return model.eval(), data
+def tiny(kind: str, layers: int = 2):
+    """A tiny ``kind`` model (Qwen2: 4 query heads sharing 1 KV head; Llama: 2 KV groups) and its inputs."""
+    model = tiny_model(kind, layers=layers, kv_heads=1 if kind == "qwen2" else 2)
+    return model, tiny_batch(kind)
 
 
 def _logits(model, data):

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from tiny_models import tiny_model
 
 import whatmatters
 from whatmatters.compress import score
@@ -19,54 +20,19 @@ TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 
 def _llama(attn: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attn_implementation=attn,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_model("llama", layers=3, vocab=VOCAB, positions=None, attn=attn, seed=0)
 
 
 def _qwen2(attn: str) -> torch.nn.Module:
-    torch.manual_seed(1)
-    cfg = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        attn_implementation=attn,
-    )
-    return Qwen2ForCausalLM(cfg).eval()
+    return tiny_model("qwen2", vocab=VOCAB, kv_heads=1, positions=None, attn=attn, seed=1)
 
 
 def _qwen3(attn: str) -> torch.nn.Module:
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    torch.manual_seed(4)
-    cfg = Qwen3Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        attn_implementation=attn,
-    )
-    return Qwen3ForCausalLM(cfg).eval()
+    return tiny_model("qwen3", vocab=VOCAB, positions=None, attn=attn, seed=4)
 
 
 def _gpt2(attn: str) -> torch.nn.Module:
-    torch.manual_seed(2)
-    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, attn_implementation=attn)
-    return GPT2LMHeadModel(cfg).eval()
+    return tiny_model("gpt2", vocab=VOCAB, positions=64, attn=attn, seed=2)
 
 
 MAKERS = {"llama": _llama, "qwen2": _qwen2, "qwen3": _qwen3, "gpt2": _gpt2}
