@@ -1,9 +1,14 @@
 """Small image classifiers trained on the synthetic shapes set, cached after the first training.
 
 ``ShapesCNN`` is a plain VGG-style CNN with BatchNorm (its last convolution is the natural CAM
-layer); ``ShapesViT`` is a small vision transformer with a CLS token whose attention is built from
-explicit modules (``q``/``k``/``v``/``proj`` Linear layers, an ``nn.Softmax``, ``nn.LayerNorm`` and
-``nn.GELU``) so that hooks, CAM reshapes and LRP rules can reach every step.
+layer); ``ShapesViT`` is a small vision transformer whose attention is built from explicit modules
+(``q``/``k``/``v``/``proj`` Linear layers, an ``nn.Softmax``, ``nn.LayerNorm`` and ``nn.GELU``) so that
+hooks, CAM reshapes and LRP rules can reach every step. The trained one (``load_or_train("vit")``,
+``VIT_SHAPES``) has a BatchNorm conv stem to an 8x8 token grid, 2 pre-norm blocks of dim 64 and mean
+pooling; trained with AdamW (warm-up + cosine), label smoothing 0.1 and the eight flips/transposes of
+the square for 8 epochs of 24 000 images (batch 64, ~4-5 minutes on one core), it reaches 0.981 test
+accuracy (seed 0; 0.974 on ``make_shapes(500, seed=123)``); the CNN reaches 0.98. The earlier recipe (one
+GELU conv, CLS token, 4 blocks, 12 epochs of 6 000 images) reached 0.45.
 ``FashionViT`` is the same ViT for Fashion-MNIST (``load_or_train("fashion_vit")``: 28x28 grey images,
 7x7 patches, 4 blocks of dim 64, label smoothing 0.1, left-right flips, 8 epochs of 20 000 images;
 0.862 test accuracy on the first 1 000 test images, 0.8585 on the first 2 000).
@@ -32,7 +37,7 @@ from whatmatters.vision.shapes import CLASSES, make_shapes
 # defaults per architecture: image size, training images, epochs, batch size
 DEFAULTS: dict[str, dict[str, int]] = {
     "cnn": {"size": 32, "n_train": 6000, "epochs": 6, "batch_size": 64},
-    "vit": {"size": 32, "n_train": 6000, "epochs": 12, "batch_size": 64},
+    "vit": {"size": 32, "n_train": 24000, "epochs": 8, "batch_size": 64},
     "fashion_vit": {"size": 28, "n_train": 20000, "epochs": 8, "batch_size": 128},
 }
 
@@ -45,7 +50,7 @@ def _resolve(arch: str, **given: Any) -> dict[str, Any]:
 
 
 CACHE_ENV = "WHATMATTERS_CACHE"
-CACHE_VERSION = {"cnn": 1, "vit": 2, "fashion_vit": 1}  # bumped when an architecture or its training changes
+CACHE_VERSION = {"cnn": 1, "vit": 3, "fashion_vit": 1}  # bumped when an architecture or its training changes
 
 
 def cache_dir() -> Path:
@@ -54,8 +59,8 @@ def cache_dir() -> Path:
 
 
 # ------------------------------------------------------------------ models
-def _conv(c_in: int, c_out: int) -> list[nn.Module]:
-    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+def _conv(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
 
 
 class ShapesCNN(nn.Module):
@@ -120,10 +125,14 @@ class Block(nn.Module):
 
 
 class ShapesViT(nn.Module):
-    """A small ViT: patch embedding (a 3x3 conv stem, then a ``patch`` x ``patch`` strided conv), CLS token,
-    learned position embeddings, ``depth`` pre-norm blocks, final LayerNorm and a Linear head on the CLS token.
+    """A small ViT: a convolutional patch embedding, position embeddings, ``depth`` pre-norm blocks, a final
+    LayerNorm and a Linear head on the CLS token (``pool="cls"``) or on the mean of the patch tokens (``"mean"``).
 
-    Blocks output ``(n, 1 + grid**2, dim)`` tokens (CLS first); ``grid = image_size // patch``.
+    Patch embedding: with ``conv_stem=False`` a 3x3 conv (``stem`` channels) + GELU, then a ``patch`` x
+    ``patch`` strided conv; with ``conv_stem=True`` a 3x3 conv + BatchNorm + ReLU, then 3x3 stride-2 convs
+    (BatchNorm + ReLU between them, channels doubling, the last one to ``dim``) down to the ``patch`` grid
+    (``patch`` a power of two). Blocks output ``(n, extra + grid**2, dim)`` tokens, ``grid = image_size // patch``,
+    one leading CLS token (``extra = 1``) or none (``"mean"``).
     """
 
     def __init__(
@@ -136,26 +145,43 @@ class ShapesViT(nn.Module):
         heads: int = 4,
         in_channels: int = 3,
         stem: int = 32,
+        *,
+        conv_stem: bool = False,
+        pool: str = "cls",
     ):
         super().__init__()
         if image_size % patch:
             raise InputError(f"image_size ({image_size}) must be a multiple of patch ({patch})")
+        if pool not in ("cls", "mean"):
+            raise InputError(f"pool must be 'cls' or 'mean', got {pool!r}")
+        if conv_stem and (patch < 2 or patch & (patch - 1)):
+            raise InputError(f"conv_stem=True needs a power-of-two patch of at least 2, got {patch}")
         self.grid = image_size // patch
         # a small convolutional stem before patchifying: ViTs learn far faster on little data with it
-        self.patch_embed = nn.Sequential(
-            nn.Conv2d(in_channels, stem, 3, padding=1), nn.GELU(), nn.Conv2d(stem, dim, patch, stride=patch)
-        )
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(0.02 * torch.randn(1, 1 + self.grid**2, dim))
+        if conv_stem:
+            layers: list[nn.Module] = _conv(in_channels, stem)
+            width = stem
+            for _ in range(patch.bit_length() - 2):  # all stride-2 convs but the last
+                layers += _conv(width, 2 * width, stride=2)
+                width *= 2
+            self.patch_embed = nn.Sequential(*layers, nn.Conv2d(width, dim, 3, stride=2, padding=1))
+        else:
+            self.patch_embed = nn.Sequential(
+                nn.Conv2d(in_channels, stem, 3, padding=1), nn.GELU(), nn.Conv2d(stem, dim, patch, stride=patch)
+            )
+        extra = 1 if pool == "cls" else 0
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if extra else None
+        self.pos_embed = nn.Parameter(0.02 * torch.randn(1, extra + self.grid**2, dim))
         self.blocks = nn.Sequential(*(Block(dim, heads) for _ in range(depth)))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, n_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2)  # (n, grid**2, dim)
-        cls = self.cls_token.expand(len(x), -1, -1)
-        tokens = torch.cat([cls, tokens], dim=1) + self.pos_embed
-        return self.head(self.norm(self.blocks(tokens))[:, 0])
+        if self.cls_token is not None:
+            tokens = torch.cat([self.cls_token.expand(len(x), -1, -1), tokens], dim=1)
+        tokens = self.norm(self.blocks(tokens + self.pos_embed))
+        return self.head(tokens[:, 0] if self.cls_token is not None else tokens.mean(1))
 
 
 class FashionViT(ShapesViT):
@@ -164,6 +190,19 @@ class FashionViT(ShapesViT):
     def __init__(self, n_classes: int = 10, image_size: int = 28, patch: int = 7, dim: int = 64, depth: int = 4):
         super().__init__(n_classes, image_size, patch, dim, depth, heads=4, in_channels=1, stem=16)
 
+
+# the trained shapes ViT (``load_or_train("vit")``): a BatchNorm conv stem to an 8x8 grid (on 32 px), two blocks,
+# mean pooling. Measured alternatives learned slower per second: four blocks (0.89 after 6 epochs), the GELU
+# stem with a CLS token (0.37 after 4 epochs)
+VIT_SHAPES: dict[str, Any] = {
+    "patch": 4,
+    "dim": 64,
+    "depth": 2,
+    "heads": 4,
+    "stem": 16,
+    "conv_stem": True,
+    "pool": "mean",
+}
 
 ARCHS = {"cnn": ShapesCNN, "vit": ShapesViT, "fashion_vit": FashionViT}
 DATASETS = {"cnn": "shapes", "vit": "shapes", "fashion_vit": "fashion-mnist"}
@@ -180,7 +219,7 @@ def _config(arch: str, size: int, n_train: int, epochs: int, seed: int, **extra:
 
 def _build(config: dict[str, Any]) -> nn.Module:
     if config["arch"] == "vit":
-        return ShapesViT(image_size=config["size"])
+        return ShapesViT(image_size=config["size"], **VIT_SHAPES)
     if config["arch"] == "fashion_vit":
         return FashionViT(image_size=config["size"])
     return ShapesCNN()
@@ -221,6 +260,37 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
     return float((pred == labels).float().mean())
 
 
+# training recipe per architecture. flips: 1 left-right, 2 also up-down, 3 also transposes (all eight
+# symmetries of the square); decay_all: weight decay on every parameter (else not on biases, norms,
+# position embeddings and class tokens); init: truncated-normal (std 0.02) Linear weights and zero biases.
+RECIPES: dict[str, dict[str, Any]] = {
+    "cnn": {"lr": 3e-3, "weight_decay": 1e-4, "decay_all": True, "label_smoothing": 0.0, "flips": 2,
+            "warmup": 0.15, "init": False},
+    "vit": {"lr": 2e-3, "weight_decay": 0.05, "decay_all": False, "label_smoothing": 0.1, "flips": 3,
+            "warmup": 0.1, "init": True},
+    "fashion_vit": {"lr": 2e-3, "weight_decay": 1e-4, "decay_all": True, "label_smoothing": 0.1, "flips": 1,
+                    "warmup": 0.15, "init": False},
+}  # fmt: skip
+
+
+def _init_linear(model: nn.Module) -> None:
+    """Truncated-normal (std 0.02) weights and zero biases in every Linear layer (the usual ViT init)."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+            nn.init.zeros_(module.bias)
+
+
+def _param_groups(model: nn.Module, weight_decay: float, decay_all: bool) -> list[dict[str, Any]]:
+    """AdamW groups: decay on weight matrices and kernels only, unless ``decay_all``."""
+    if decay_all:
+        return [{"params": list(model.parameters()), "weight_decay": weight_decay}]
+    decay, keep = [], []
+    for name, p in model.named_parameters():
+        (decay if p.ndim >= 2 and name not in ("pos_embed", "cls_token") else keep).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
+
+
 def train_shapes(
     arch: str = "cnn",
     *,
@@ -241,9 +311,10 @@ def train_shapes(
     thread is about as fast as two on free cores and many times faster on shared ones (idle
     OpenMP threads spin); None keeps torch's setting.
 
-    Training uses AdamW with a one-cycle (warm-up, cosine) schedule and random horizontal/vertical
-    flips. ``max_steps`` stops early (for tests). ``info`` holds the test accuracy on ``n_test``
-    fresh images (seed ``seed + 1``), the training seconds and the configuration.
+    Training uses AdamW with a one-cycle (warm-up, cosine) schedule and random flips (``RECIPES``
+    holds each architecture's learning rate, weight decay, label smoothing and flips). ``max_steps``
+    stops early (for tests). ``info`` holds the test accuracy on ``n_test`` fresh images (seed
+    ``seed + 1``), the training seconds and the configuration.
     """
     r = _resolve(arch, size=size, n_train=n_train, epochs=epochs, batch_size=batch_size)
     size, n_train, epochs, batch_size = r["size"], r["n_train"], r["epochs"], r["batch_size"]
@@ -272,14 +343,17 @@ def _train(
     model = _build(config)
     images, labels, test_x, test_y = _data(arch, n_train, n_test, size, seed)
     n_train = len(images)
-    fashion = DATASETS[arch] == "fashion-mnist"
-    lr = lr if lr is not None else {"cnn": 3e-3, "vit": 1e-3, "fashion_vit": 2e-3}[arch]
+    recipe = RECIPES[arch]
+    if recipe["init"]:
+        _init_linear(model)
+    lr = lr if lr is not None else recipe["lr"]
     steps_per_epoch = math.ceil(n_train / batch_size)
     total = steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05 if arch == "vit" else 1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(total, 1), pct_start=0.15)
+    opt = torch.optim.AdamW(_param_groups(model, recipe["weight_decay"], recipe["decay_all"]), lr=lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(total, 1), pct_start=recipe["warmup"])
     g = torch.Generator().manual_seed(seed)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1 if fashion else 0.0)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe["label_smoothing"])
+    flip_dims = recipe["flips"]
     start, cpu_start = time.perf_counter(), time.process_time()
     model.train()
     step = 0
@@ -290,11 +364,15 @@ def _train(
                 break
             idx = order[i : i + batch_size]
             x, y = images[idx], labels[idx]
-            flips = torch.rand(2, generator=g)  # flips keep the class (shapes: both; clothes: left-right only)
-            if flips[0] < 0.5:
+            # symmetries that keep the class, each with probability 1/2 (shapes: flips, and for the ViT also
+            # transposes; clothes: left-right flips only); the fashion/CNN draws stay those of their cache
+            coins = torch.rand(2 if flip_dims < 3 else 3, generator=g)
+            if coins[0] < 0.5:
                 x = x.flip(-1)
-            if flips[1] < 0.5 and not fashion:
+            if flip_dims >= 2 and coins[1] < 0.5:
                 x = x.flip(-2)
+            if flip_dims >= 3 and coins[2] < 0.5:
+                x = x.transpose(-1, -2)
             loss = loss_fn(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -320,13 +398,7 @@ def train_shapes_cnn(**kwargs: Any) -> tuple[nn.Module, dict[str, Any]]:
 
 
 def train_shapes_vit(**kwargs: Any) -> tuple[nn.Module, dict[str, Any]]:
-    """:func:`train_shapes` with ``arch="vit"`` (more epochs by default: transformers learn slower).
-
-    Known limitation: with this recipe the ViT reaches only about 0.45 test accuracy (12 epochs of
-    6000 images; variants with 2 blocks, 8-pixel patches or higher learning rates did no better),
-    far below the CNN's 0.98. Use it for shape and hook tests, not yet for faithfulness results.
-    """
-    kwargs.setdefault("epochs", 12)
+    """:func:`train_shapes` with ``arch="vit"`` (recipe: ``VIT_SHAPES`` and ``RECIPES["vit"]``)."""
     return train_shapes("vit", **kwargs)
 
 
@@ -364,7 +436,7 @@ def load_or_train(
     retrain: bool = False,
     verbose: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """The shapes model ``arch`` from the cache, or trained now and cached (a couple of minutes on 2 cores).
+    """The model ``arch`` from the cache, or trained now and cached (a few minutes on one core).
 
     The cache file name is a hash of the architecture, data and training parameters and seed, so
     different settings never collide. ``cache`` overrides :func:`cache_dir`; ``retrain`` ignores a
