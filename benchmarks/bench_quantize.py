@@ -9,9 +9,12 @@
   ViT PTQ work does). Scores are computed on ``--n-cal`` training images (LRP target: the predicted class).
 * SmolLM2-135M-Instruct: the same allocation rule applied weight-only to every Linear layer of the
   decoder (210 layers; ``lm_head`` is tied to the embeddings and stays float), held-out perplexity on
-  Python documentation windows (as ``bench_sparsity.py``). LRP through the Llama (RMSNorm, rotary
-  attention) is not supported by ``whatmatters.lrp``, so relevance is gradient x activation
-  (``sum |output * dL/doutput|``), the first-order approximation of the relevance reaching a layer.
+  Python documentation windows (as ``bench_sparsity.py``). LRP relevance is AttnLRP through the Llama
+  (``whatmatters.lrp.lm``: identity rule on RMSNorm and SiLU, uniform rule on the gate x up product and
+  the attention matrix products, softmax gradient) for the predicted next token at the last position of
+  each calibration window (``lrp``) or for the logits of the actual next tokens at every position
+  (``lrp_next``, teacher forcing, as the loss of the other scores); gradient x activation
+  (``sum |output * dL/doutput|``, the loss over all positions) is kept for comparison.
 
 There is no reference library for mixed-precision allocation in this environment, so the comparison
 is between allocation rules at the same budget (and the float model). Run with 1 thread on a shared
@@ -37,7 +40,7 @@ from whatmatters.vision.pretrained import load_fashion_mnist
 VIT_BUDGETS = (3, 4, 6)  # 3 added: at 4 and 6 bits every allocation is within noise of the float ViT
 LM_BUDGETS = (4, 6)
 VIT_SCORES = ("lrp", "uniform", "magnitude", "fisher", "block_influence")
-LM_SCORES = ("gradient_activation", "uniform", "magnitude", "fisher")
+LM_SCORES = ("lrp", "lrp_next", "gradient_activation", "uniform", "magnitude", "fisher")
 
 
 def log(msg: str) -> None:
@@ -127,7 +130,8 @@ def bench_lm(args: argparse.Namespace) -> dict[str, Any]:
         if method == "uniform":
             continue
         t = time.perf_counter()
-        scores[method] = layer_scores(model, method, cal_ids, None, batch_size=4)
+        kind, target = ("lrp", "next") if method == "lrp_next" else (method, None)
+        scores[method] = layer_scores(model, kind, cal_ids, None, target=target, batch_size=4)
         score_s[method] = round(time.perf_counter() - t, 1)
         log(f"{method} scores in {score_s[method]}s")
     rows = []
@@ -160,7 +164,7 @@ def bench_lm(args: argparse.Namespace) -> dict[str, Any]:
         "dense_perplexity": round(dense, 3),
         "float_mb": round(sum(p.numel() for p in model.parameters()) * 4 / 1e6, 2),
         "score_seconds": score_s,
-        "relevance": "gradient x activation (LRP through Llama is not supported)",
+        "relevance": "AttnLRP (whatmatters.lrp.lm); lrp: predicted token at the last position, lrp_next: all positions",
         "results": rows,
     }
 

@@ -506,7 +506,10 @@ def layer_scores(
     weights, ``compress.score(model, "fisher", data)``; Linear layers only), ``"lrp"`` (relevance arriving
     at the layer's output, ``lrp.layers.layer_relevance`` with ``|R|`` summed, mean over ``data``; with
     ``attention="gradient"`` (default) the attention softmax passes the gradient, so relevance reaches the
-    query and key projections, which the conservative rule (``attention="constant"``) leaves at zero),
+    query and key projections, which the conservative rule (``attention="constant"``) leaves at zero; for
+    Llama-family causal LMs and token-id ``data`` this is AttnLRP, resp. CP-LRP, of ``whatmatters.lrp.lm``
+    for the predicted next token at the last position, or with ``target="next"`` for the actual next tokens
+    at every position),
     ``"gradient_activation"``
     (mean over batches of ``sum |output * d loss / d output|``, the first-order relevance of the layer's
     output, for models LRP does not support) and ``"block_influence"`` (``1 - cos(input, output)`` of the
@@ -531,6 +534,7 @@ def layer_scores(
         values = lay.values.float()
         names = list(lay.names)
     elif method == "lrp":
+        from whatmatters.lrp import lm
         from whatmatters.lrp.layers import layer_relevance
 
         if not isinstance(data, torch.Tensor):
@@ -538,10 +542,20 @@ def layer_scores(
         attention = params.pop("attention", "gradient")
         if attention not in ("gradient", "constant"):
             raise MethodError(f"attention must be 'gradient' or 'constant', got {attention!r}")
-        rules = dict(params.pop("rules", None) or {})
-        if attention == "gradient":  # relevance also flows through the attention weights to q and k
-            rules.update({n: _softmax_gradient_rule()() for n, m in model.named_modules() if isinstance(m, nn.Softmax)})
-        rel = layer_relevance(model, data, target, names, batch_size=batch_size, rules=rules or None, **params)
+        if not data.is_floating_point() and lm.is_language_model(model):  # token ids: AttnLRP / CP-LRP
+            variant = "attnlrp" if attention == "gradient" else "cp"
+            lm_params = {k: params.pop(k) for k in ("epsilon",) if k in params}
+            if params:
+                raise MethodError(f"lrp layer scores of a language model take epsilon= only, not {sorted(params)}")
+            rel = lm.layer_relevance(model, data, target, names, variant=variant, batch_size=batch_size, **lm_params)
+            params = {"attention": attention, **lm_params}
+        else:
+            rules = dict(params.pop("rules", None) or {})
+            if attention == "gradient":  # relevance also flows through the attention weights to q and k
+                rules.update(
+                    {n: _softmax_gradient_rule()() for n, m in model.named_modules() if isinstance(m, nn.Softmax)}
+                )
+            rel = layer_relevance(model, data, target, names, batch_size=batch_size, rules=rules or None, **params)
         values = rel.aggregate("mean").values
     elif method == "gradient_activation":
         values = _gradient_activation(model, chosen, data, batch_size)

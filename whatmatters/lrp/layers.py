@@ -11,6 +11,7 @@ from torch import nn
 
 from whatmatters.core.errors import InputError
 from whatmatters.core.importance import Importance
+from whatmatters.lrp import lm
 from whatmatters.lrp.composites import CONV, LINEAR, Composite
 from whatmatters.lrp.core import lrp
 
@@ -34,7 +35,13 @@ def layer_relevance(
     ``"sum"`` sums ``R`` (signed; close to the target logit for every layer a conservative
     composite crosses in full). ``target`` is a class index, one per sample, or None (predicted
     class). Values have shape ``(n, len(layers))``; the model is not changed.
+
+    Hugging Face causal LMs (Llama, Mistral, Qwen2, Qwen3) with integer token-id ``inputs`` go to
+    :func:`whatmatters.lrp.lm.layer_relevance` (AttnLRP; ``target`` is the next-token id at the last
+    position; ``composite`` and ``canonize`` do not apply there, ``variant`` and ``epsilon`` do).
     """
+    if isinstance(inputs, torch.Tensor) and not inputs.is_floating_point() and lm.is_language_model(model):
+        return lm.layer_relevance(model, inputs, target, layers, reduce=reduce, batch_size=batch_size, **params)
     if reduce not in ("abs", "sum"):
         raise InputError(f"reduce must be 'abs' or 'sum', got {reduce!r}")
     if not isinstance(inputs, torch.Tensor) or inputs.ndim < 2 or len(inputs) == 0:
