@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import torch
 
 from whatmatters.core.adapters import Model, TorchModel, _batches
-from whatmatters.core.errors import InputError, ModelError, TargetError
+from whatmatters.core.errors import InputError, ModelError, TargetError, WhatMattersError
 
 T = TypeVar("T")
 
@@ -94,6 +94,29 @@ class Task:
         return out.gather(1, tgt.unsqueeze(1)).squeeze(1)
 
 
+def as_indices(target: Any, error: type[WhatMattersError] = TargetError) -> torch.Tensor:
+    """``target`` (an int, a sequence or a tensor of integers) as a CPU LongTensor of the same shape.
+
+    Raises ``error`` for booleans, complex numbers, non-integral or non-finite floats (Python floats are
+    checked in float64, so ``1e-300`` is not rounded to 0) and values that overflow int64.
+    """
+    message = f"target must be an int index or one int per sample, got {target!r}"
+    try:
+        if isinstance(target, torch.Tensor):
+            t = target.detach().cpu()
+        else:
+            t = torch.as_tensor(target)
+            if t.is_floating_point():
+                t = torch.as_tensor(target, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        raise error(message) from None
+    if t.dtype == torch.bool or t.is_complex():
+        raise error(message)
+    if t.is_floating_point() and not bool((t == t.round()).all() and t.isfinite().all() and (t.abs() < 2**63).all()):
+        raise error(f"target must be indices (integers), got {target!r}")
+    return t.to(torch.long)
+
+
 def resolve_target(target: Any, model: Model, inputs: torch.Tensor) -> torch.Tensor:
     """One output index per sample: given, or the predicted class (argmax) when ``target`` is None."""
     n_out = probe(model, inputs)
@@ -102,15 +125,7 @@ def resolve_target(target: Any, model: Model, inputs: torch.Tensor) -> torch.Ten
         if n_out == 1:
             return torch.zeros(n, dtype=torch.long)
         return model.predict(inputs).argmax(1).cpu()
-    try:
-        tgt = torch.as_tensor(target.cpu() if isinstance(target, torch.Tensor) else target)
-    except (TypeError, ValueError, RuntimeError, OverflowError):
-        raise TargetError(f"target must be an int output index or one int per sample, got {target!r}") from None
-    if tgt.dtype == torch.bool or tgt.is_complex():
-        raise TargetError(f"target must be an int output index or one int per sample, got {target!r}")
-    if tgt.is_floating_point() and not bool((tgt == tgt.round()).all()):
-        raise TargetError(f"target must be output indices (integers), got {target!r}")
-    tgt = tgt.to(torch.long)
+    tgt = as_indices(target)
     if tgt.ndim == 0:
         tgt = tgt.expand(n).clone()
     if tgt.shape != (n,):

@@ -11,6 +11,7 @@ from torch import nn
 
 from whatmatters.core.errors import InputError, MethodError, ModelError
 from whatmatters.core.state import hooks, preserved
+from whatmatters.core.task import as_indices
 from whatmatters.lrp.canonizers import merge_batchnorm
 from whatmatters.lrp.composites import Composite, get_composite
 from whatmatters.lrp.rules import RULES, Rule, stabilize
@@ -108,7 +109,7 @@ def _logits(out: Any) -> Tensor:
 def _target_rows(target: Any, n: int, logits: Tensor) -> Tensor:
     if target is None:
         return logits.detach().argmax(1)
-    t = torch.as_tensor(target, device=logits.device).long().reshape(-1)
+    t = as_indices(target, InputError).reshape(-1).to(logits.device)
     if t.numel() == 1:
         t = t.expand(n)
     if t.numel() != n or t.min() < 0 or t.max() >= logits.shape[1]:

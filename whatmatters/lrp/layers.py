@@ -11,6 +11,7 @@ from torch import nn
 
 from whatmatters.core.errors import InputError
 from whatmatters.core.importance import Importance
+from whatmatters.core.task import as_indices
 from whatmatters.lrp import lm
 from whatmatters.lrp.composites import CONV, LINEAR, Composite
 from whatmatters.lrp.core import lrp
@@ -52,7 +53,7 @@ def layer_relevance(
     if not layers:
         raise InputError("no layers to score: the model has no Linear/Conv layer; name the layers with layers=[...]")
     start = time.perf_counter()
-    tgt = None if target is None else torch.as_tensor(target).long().reshape(-1)
+    tgt = None if target is None else as_indices(target, InputError).reshape(-1)
     rows = []
     for s in range(0, len(inputs), batch_size):
         t = None if tgt is None else (tgt if tgt.numel() == 1 else tgt[s : s + batch_size])

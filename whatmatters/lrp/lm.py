@@ -37,6 +37,7 @@ from torch import nn
 from whatmatters.core.errors import InputError, MethodError, ModelError
 from whatmatters.core.importance import Importance
 from whatmatters.core.state import find_module, hooks, preserved
+from whatmatters.core.task import as_indices
 from whatmatters.lrp.rules import stabilize
 
 Tensor = torch.Tensor
@@ -244,13 +245,7 @@ def attached(
 
 def _as_ids(target: Any) -> Tensor:
     """Target token ids as a flat LongTensor; ``InputError`` for non-integers and overflowing values."""
-    try:
-        t = torch.as_tensor(target)
-    except (TypeError, ValueError, RuntimeError, OverflowError) as err:
-        raise InputError(f"target must be integer token ids, None or 'next', got {target!r} ({err})") from None
-    if t.dtype == torch.bool or t.is_complex() or (t.is_floating_point() and not torch.equal(t, t.round())):
-        raise InputError(f"target must be integer token ids, None or 'next', got {target!r}")
-    return t.long().reshape(-1)
+    return as_indices(target, InputError).reshape(-1)
 
 
 def _targets(target: Any, n: int, logits: Tensor) -> Tensor:
