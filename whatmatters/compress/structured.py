@@ -150,6 +150,20 @@ def _progress(task: WeightTask) -> bool | None:
     return task.calibration.progress if task.calibration is not None else None
 
 
+def _forward_all(task: WeightTask, handles: list, state: dict, device: torch.device, what: str) -> None:
+    """Run every calibration batch through the model in eval mode with ``handles`` attached (removed after).
+
+    ``state["mask"]`` holds the current batch's padding mask for the hooks.
+    """
+    batches = _batches(task, what)
+    with hooks(*handles), torch.no_grad():
+        task.model.eval()
+        for batch in progress_bar(batches, len(batches), what, _progress(task)):
+            batch = batch.to(device)
+            state["mask"] = batch.mask
+            _call(task.model, batch)
+
+
 def _equal(values: list[int], what: str) -> int:
     if len(set(values)) != 1:
         raise ModelError(
@@ -263,13 +277,7 @@ def neuron_activation(task: WeightTask) -> tuple[torch.Tensor, dict]:
         return hook
 
     handles = [b.down.register_forward_pre_hook(make(i)) for i, b in enumerate(blks)]
-    batches = _batches(task, "activations")
-    with hooks(*handles), torch.no_grad():
-        model.eval()
-        for batch in progress_bar(batches, len(batches), "activations", _progress(task)):
-            batch = batch.to(device)
-            state["mask"] = batch.mask
-            _call(model, batch)
+    _forward_all(task, handles, state, device, "activations")
     cols = torch.stack([_down_columns(b) for b in blks]).to(device)
     values = (sums / max(state["count"], 1.0)).float() * cols
     return values, {"layers": [b.name for b in blks]}
@@ -385,13 +393,7 @@ def block_influence(task: WeightTask) -> tuple[torch.Tensor, dict]:
 
     handles = [b.module.register_forward_pre_hook(pre(i), with_kwargs=True) for i, b in enumerate(blks)]
     handles += [b.module.register_forward_hook(post(i), with_kwargs=True) for i, b in enumerate(blks)]
-    batches = _batches(task, "block influence")
-    with hooks(*handles), torch.no_grad():
-        model.eval()
-        for batch in progress_bar(batches, len(batches), "block influence", _progress(task)):
-            batch = batch.to(device)
-            state["mask"] = batch.mask
-            _call(model, batch)
+    _forward_all(task, handles, state, device, "block influence")
     values = (sums / max(state["count"], 1.0)).float()
     return values, {"names": [b.name for b in blks], "layers": [b.name for b in blks]}
 
