@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import tiny_model
+from helpers import tiny_model
 from torch import nn
 
 import whatmatters as wm

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from helpers import small_cnn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.linear_model import LogisticRegression
@@ -15,19 +16,6 @@ from whatmatters.evaluate import measure, metrics, robustness
 from whatmatters.evaluate.robustness import gradient_noise
 
 torch.set_num_threads(1)
-
-
-def _cnn() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2),
-        nn.Flatten(),
-        nn.Linear(32, 3),
-    ).eval()
 
 
 def _images(n: int = 4) -> torch.Tensor:
@@ -44,7 +32,7 @@ def test_registered():
 
 @pytest.mark.parametrize("method", ["grad_cam", "saliency", "integrated_gradients"])
 def test_zero_noise_gives_exactly_zero(method):
-    model, x = _cnn(), _images()
+    model, x = small_cnn(width=8), _images()
     imp = wm.explain(model, x, method=method, target=1)
     for distance in ("relative_l2", "spearman"):
         res = gradient_noise(model, x, imp, sigma=0.0, n_repeats=2, distance=distance)
@@ -54,7 +42,7 @@ def test_zero_noise_gives_exactly_zero(method):
 
 @pytest.mark.parametrize("method", ["grad_cam", "layer_cam", "saliency"])
 def test_more_noise_more_change(method):
-    model, x = _cnn(), _images()
+    model, x = small_cnn(width=8), _images()
     imp = wm.explain(model, x, method=method, target=1)
     values = [gradient_noise(model, x, imp, sigma=s, n_repeats=3).value for s in (0.05, 0.3, 2.0)]
     assert 0 < values[0] < values[1] < values[2], values
@@ -78,7 +66,7 @@ def test_linear_model_matches_the_noise_drawn():
 
 
 def test_gradient_free_methods_are_not_applicable():
-    model, x = _cnn(), _images(2)
+    model, x = small_cnn(width=8), _images(2)
     for method in ("score_cam", "eigen_cam"):
         imp = wm.explain(model, x, method=method, target=1)
         assert all(math.isnan(v) for v in gradient_noise(model, x, imp, sigma=1.0, n_repeats=1).scores.tolist())
@@ -88,7 +76,7 @@ def test_gradient_free_methods_are_not_applicable():
 
 
 def test_cf_cam_and_layer_injection():
-    model, x = _cnn(), _images(3)
+    model, x = small_cnn(width=8), _images(3)
     imp = wm.explain(model, x, method="cf_cam", target=1, layer="2")
     res = gradient_noise(model, x, imp, sigma=5.0, n_repeats=2)
     assert res.value > 0 and not math.isnan(res.value)
@@ -100,7 +88,7 @@ def test_cf_cam_and_layer_injection():
 
 
 def test_hooks_removed_and_model_unchanged_on_error(monkeypatch):
-    model, x = _cnn(), _images(2)
+    model, x = small_cnn(width=8), _images(2)
     imp = wm.explain(model, x, method="grad_cam", target=1)
     before = [p.clone() for p in model.parameters()]
     flags = [p.requires_grad for p in model.parameters()]
@@ -118,7 +106,7 @@ def test_hooks_removed_and_model_unchanged_on_error(monkeypatch):
 
 
 def test_random_reference_and_bad_input():
-    model, x = _cnn(), _images(2)
+    model, x = small_cnn(width=8), _images(2)
     imp = wm.explain(model, x, method="saliency")
     from whatmatters.evaluate.benchmark import REFERENCE
 
@@ -139,7 +127,7 @@ def test_random_reference_and_bad_input():
 @settings(max_examples=10, deadline=None)
 @given(sigma=st.one_of(st.floats(max_value=-1e-9), st.just(float("nan")), st.just(float("inf"))))
 def test_bad_sigma(sigma):
-    model, x = _cnn(), _images(1)
+    model, x = small_cnn(width=8), _images(1)
     imp = wm.Importance(torch.rand(1, 12, 12), unit="pixel", method="saliency")
     with pytest.raises(InputError, match="sigma"):
         gradient_noise(model, x, imp, sigma=sigma)

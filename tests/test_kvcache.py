@@ -6,7 +6,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from tiny_models import tiny_model
+from helpers import tiny_model
 from transformers import (
     DynamicCache,
 )

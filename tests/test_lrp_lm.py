@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import tiny_batch, tiny_model
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from tiny_models import tiny_batch, tiny_model
 
 import whatmatters as wm
 from whatmatters.lrp import lm

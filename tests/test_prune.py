@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+from helpers import tiny_batch, tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tiny_models import tiny_batch, tiny_model
 from torch import nn
 
 import whatmatters as wm

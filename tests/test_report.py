@@ -6,7 +6,6 @@ import io
 import re
 import shutil
 import subprocess
-from html.parser import HTMLParser
 from types import SimpleNamespace
 
 import matplotlib.colors
@@ -16,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import html_tags as tags
 
 import whatmatters as wm
 from whatmatters.report import plots
@@ -61,21 +61,6 @@ def bench():
     return SimpleNamespace(
         table=table, importances=imps, curves=curves, agreement=agreement, metric_info=info, reference="random"
     )
-
-
-class _Tags(HTMLParser):
-    def __init__(self):
-        super().__init__()
-        self.tags = []
-
-    def handle_starttag(self, tag, attrs):
-        self.tags.append((tag, dict(attrs)))
-
-
-def tags(text, name=None):
-    parser = _Tags()
-    parser.feed(text)
-    return [attrs for tag, attrs in parser.tags if name is None or tag == name]
 
 
 def decode_png(uri):

@@ -2,13 +2,13 @@
 
 import base64
 import io
-from html.parser import HTMLParser
 
 import matplotlib
 import matplotlib.image as mpimg
 import numpy as np
 import pytest
 import torch
+from helpers import html_tags
 from torch import nn
 
 import whatmatters as wm
@@ -19,19 +19,8 @@ from whatmatters.report.html import render_report, write_report
 torch.set_num_threads(1)
 
 
-class _Tags(HTMLParser):
-    def __init__(self):
-        super().__init__()
-        self.tags = []
-
-    def handle_starttag(self, tag, attrs):
-        self.tags.append((tag, dict(attrs)))
-
-
 def imgs(text, cls=None):
-    parser = _Tags()
-    parser.feed(text)
-    return [a for t, a in parser.tags if t == "img" and (cls is None or a.get("class") == cls)]
+    return [a for a in html_tags(text, "img") if cls is None or a.get("class") == cls]
 
 
 def png(uri):

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import small_cnn
 from sklearn.linear_model import LogisticRegression
 from torch import nn
 
@@ -12,19 +13,6 @@ import whatmatters as wm
 from whatmatters.core.errors import WhatMattersError
 from whatmatters.evaluate import measure, metrics
 from whatmatters.evaluate.robustness import cascade_layers, max_sensitivity, randomization
-
-
-def _cnn() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(4, 4, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2),
-        nn.Flatten(),
-        nn.Linear(16, 3),
-    ).eval()
 
 
 def _mlp(linear: bool = False) -> nn.Module:
@@ -92,7 +80,7 @@ def test_max_sensitivity_matches_manual_computation():
 
 def test_max_sensitivity_images_and_method_params():
     x = _images(2)
-    cnn = _cnn()
+    cnn = small_cnn()
     imp = wm.explain(cnn, x, method="smoothgrad", n_samples=4)
     res = measure(cnn, x, imp, "max_sensitivity", n_samples=3)
     assert res.scores.shape == (2,) and bool(torch.isfinite(res.scores).all())
@@ -101,7 +89,7 @@ def test_max_sensitivity_images_and_method_params():
 
 def test_randomization_drops_and_leaves_model_unchanged():
     x = _images(3)
-    cnn = _cnn()
+    cnn = small_cnn()
     before = {k: v.clone() for k, v in cnn.state_dict().items()}
     imp = wm.explain(cnn, x, method="saliency")
     res = randomization(cnn, x, imp)
@@ -168,7 +156,7 @@ def test_spearman_matches_scipy():
 def test_gradient_x_input_stays_closer_to_input_than_saliency():
     """Adebayo et al.: gradient x input keeps the input's structure after randomization, saliency does not."""
     x = _images(3)
-    cnn = _cnn()
+    cnn = small_cnn()
     sal = randomization(cnn, x, wm.explain(cnn, x, method="saliency"))
     gxi = randomization(cnn, x, wm.explain(cnn, x, method="gradient_x_input"))
     assert gxi.value > sal.value + 0.2
@@ -188,7 +176,7 @@ def test_in_benchmark_reference_is_nan():
     from whatmatters.evaluate import benchmark
 
     x = _images(2)
-    cnn = _cnn()
+    cnn = small_cnn()
     res = benchmark(cnn, x, ["saliency"], metrics=["max_sensitivity", "randomization"], progress=False)
     assert res.table["error"].isna().all()
     assert np.isfinite(res.table.loc["saliency", ["max_sensitivity", "randomization"]].astype(float)).all()

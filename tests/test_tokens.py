@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from tiny_models import tiny_model
+from helpers import tiny_model
 
 import whatmatters
 from whatmatters.compress import score

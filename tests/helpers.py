@@ -1,15 +1,44 @@
-"""Tiny random Hugging Face models for tests (no download): one builder for every architecture used.
-
-``tiny_model(kind)`` builds a seeded, eval-mode model with hidden size 32 and 4 attention heads;
-``tiny_batch(kind)`` gives matching inputs (token ids, or images for ViT).
-"""
+"""Shared test helpers: tiny random Hugging Face models (no download), a tiny CNN, an HTML tag reader."""
 
 from __future__ import annotations
 
+from html.parser import HTMLParser
 from typing import Any
 
 import pytest
 import torch
+from torch import nn
+
+
+def small_cnn(width: int = 4, classes: int = 3, seed: int = 0) -> nn.Module:
+    """Two 3x3 convs with ReLU, pooled to 2x2, then a linear head; eval mode, seeded."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(width, width, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(4 * width, classes),
+    ).eval()
+
+
+class _Tags(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict]] = []
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        self.tags.append((tag, dict(attrs)))
+
+
+def html_tags(text: str, name: str | None = None) -> list[dict]:
+    """Attributes of every start tag (or of every ``name`` tag) in ``text``."""
+    parser = _Tags()
+    parser.feed(text)
+    return [attrs for tag, attrs in parser.tags if name is None or tag == name]
+
 
 KINDS = ("bert", "gpt2", "llama", "qwen2", "qwen3", "vit")
 
