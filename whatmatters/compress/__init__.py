@@ -3,7 +3,8 @@
 ``score(model, method, data=...)`` scores weights (``ModelImportance``: one ``Importance`` per layer) or
 other model parts (heads, neurons, layers, experts, tokens, KV entries). Actions return a new model:
 ``prune`` zeroes the least important weights (unstructured, N:M); ``prune_structured`` removes heads,
-neurons or layers and ``prune_experts`` MoE experts; ``allocate_bits`` + ``quantize`` give a
+neurons or layers of transformers, ``prune_channels`` conv / linear channels of plain PyTorch models
+(traced with torch.fx) and ``prune_experts`` MoE experts; ``allocate_bits`` + ``quantize`` give a
 fake-quantized mixed-precision copy; ``kv_eviction`` evicts KV-cache entries during ``generate``.
 ``calibrate(model, data)`` computes activation / gradient statistics once for several scores. Every
 module in this package is imported on first use of the registry.
@@ -11,6 +12,7 @@ module in this package is imported on first use of the registry.
 
 from whatmatters.compress.api import ModelImportance, score
 from whatmatters.compress.calibrate import Calibration, calibrate, lm_windows
+from whatmatters.compress.channels import ChannelPruned, ChannelReport, channels_by_layer, prune_channels
 from whatmatters.compress.experts import prune_experts
 from whatmatters.compress.kvcache import evict_scores, kv_eviction
 from whatmatters.compress.prune import Pruned, PruneReport, measure, prune
@@ -19,6 +21,8 @@ from whatmatters.compress.remove import StructuredPruned, StructuredReport, load
 
 __all__ = [
     "Calibration",
+    "ChannelPruned",
+    "ChannelReport",
     "ModelImportance",
     "PruneReport",
     "Pruned",
@@ -29,6 +33,7 @@ __all__ = [
     "allocate_bits",
     "average_bits",
     "calibrate",
+    "channels_by_layer",
     "evict_scores",
     "kv_eviction",
     "layer_scores",
@@ -36,6 +41,7 @@ __all__ = [
     "load_pruned",
     "measure",
     "prune",
+    "prune_channels",
     "prune_experts",
     "prune_structured",
     "quantize",

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,10 @@ from whatmatters.core.state import preserved
 from whatmatters.core.task import check_params
 
 _META_KEY = b"whatmatters.model_importance"
+
+# Layer selection by unit for compress scorers that do not score linear weights (filled by the module registering
+# them: ``channels`` for ``unit="channel"``, convolutions included); every other scorer uses ``select_layers``.
+LAYER_SELECTORS: dict[str, Callable[[nn.Module, str | Sequence[str] | None], dict[str, nn.Module]]] = {}
 
 
 @dataclass
@@ -306,9 +310,10 @@ def score(
     if info.verb != "compress":
         raise MethodError(f"{method!r} is a {info.verb} method; use whatmatters.{info.verb}(...) for it")
     check_params(info.name, params, info.defaults)
-    chosen = select_layers(model, layers)
+    select = LAYER_SELECTORS.get(info.units[0], select_layers)
+    chosen = select(model, layers)
     if isinstance(data, Calibration):
-        data.check_model(model, chosen)
+        data.check_model(model, chosen if select is select_layers else ())
         calibration: Calibration | None = data
     elif data is not None:
         batches = as_batches(data, tokenizer, batch_size=batch_size, max_length=max_length)

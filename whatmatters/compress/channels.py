@@ -1,0 +1,794 @@
+"""Channel importance and channel removal for plain PyTorch CNNs and MLPs (``nn.Conv1d/2d/3d``, ``nn.Linear``).
+
+Scores (``whatmatters.compress.score(model, method, data=x)``), higher = keep:
+
+* ``channel_l1``: L1 norm of each output filter / weight row (Li et al., 2017); no data.
+* ``bn_scale``: ``|gamma|`` of the BatchNorm that directly follows the layer (network slimming, Liu et
+  al., 2017); only layers followed by a BatchNorm are scored; no data.
+* ``channel_taylor``: ``E_x |sum_positions a(x) * dL(x)/da(x)|`` (Molchanov et al., 2017), ``a`` being the
+  channel where it enters the next layer (after BatchNorm, activation and pooling), i.e. the first-order loss
+  change when the channel is removed; loss: cross-entropy to the labels when given (``data=[(x, y)]`` or a
+  DataLoader of pairs), else to the predicted class (``compress.calibrate.default_loss``).
+
+Result shape: one :class:`~whatmatters.core.importance.Importance` with ``unit="channel"`` and values
+``(total_channels,)``, the scored layers' output channels concatenated in model order and named
+``"layer:channel"``; ``extra["layers"]`` / ``extra["channels"]`` give the layers and their channel counts
+(:func:`channels_by_layer` splits the values per layer). One flat vector keeps every ``Importance``
+operation (``top`` over the whole model, ``rank``, ``agreement`` between methods, ``save``) and is what
+``allocation="global"`` ranks; a per-layer mapping would need a second result type for no gain.
+
+:func:`prune_channels` removes the lowest-scored output channels of each prunable layer together with the
+following BatchNorm entries and the matching inputs of the consuming layer(s). Dependencies come from
+``torch.fx`` symbolic tracing and one forward pass on ``example_input`` (for shapes): a layer is prunable
+when its output reaches conv/linear consumers only through channel-wise operations (BatchNorm,
+activations, dropout, pooling, reductions over spatial axes, and ``flatten`` in front of a ``Linear``,
+where channel ``c`` is the input block ``[c*h*w, (c+1)*h*w)``). Layers whose channels are coupled to
+something else (residual additions, concatenation, grouped / depthwise convolutions, model outputs,
+modules whatmatters cannot see into) are kept and listed with the reason in the report.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import operator
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+from torch import fx, nn
+from torch.nn import functional as F
+
+from whatmatters.compress.api import LAYER_SELECTORS, WeightTask
+from whatmatters.compress.remove import n_parameters
+from whatmatters.compress.structured import _batches, _loss, _progress
+from whatmatters.core.errors import InputError, ModelError
+from whatmatters.core.importance import Importance
+from whatmatters.core.registry import scorer
+from whatmatters.core.state import parameter_device_dtype, preserved
+from whatmatters.core.task import progress_bar
+
+CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+LAYERS = (*CONV, nn.Linear)
+BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+# operations that act on every channel separately (for any layout)
+_ELEMENTWISE_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh,
+    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+    nn.Dropout3d, nn.AlphaDropout,
+)  # fmt: skip
+_ELEMENTWISE_FUNCTIONS = {
+    F.relu, torch.relu, F.relu_, torch.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish,
+    F.hardswish, F.hardsigmoid, F.hardtanh, F.softplus, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.dropout,
+    F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, torch.clamp, torch.clip, torch.abs, torch.neg,
+    operator.mul, operator.truediv, operator.add, operator.sub, operator.neg, operator.iadd, operator.imul,
+    torch.mul, torch.add, torch.sub, torch.div,
+}  # fmt: skip
+_ELEMENTWISE_METHODS = {
+    "relu", "relu_", "sigmoid", "tanh", "contiguous", "clone", "detach", "float", "to", "abs", "neg", "clamp",
+    "clamp_", "mul", "mul_", "div", "div_", "add", "add_", "sub", "sub_",
+}  # fmt: skip
+# operations that act on every channel separately when channels are axis 1 of an (n, C, *spatial) tensor
+_POOL_MODULES = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    nn.LPPool1d, nn.LPPool2d,
+)  # fmt: skip
+_POOL_FUNCTIONS = {
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
+    F.adaptive_max_pool3d, F.lp_pool1d, F.lp_pool2d,
+}  # fmt: skip
+_FLATTEN = ({torch.flatten, torch.reshape}, {"flatten", "view", "reshape"})
+_REDUCE = ({torch.mean, torch.sum, torch.amax}, {"mean", "sum", "amax"})
+_SHAPE_METHODS = {"size", "dim"}
+
+
+# ------------------------------------------------------------------ layers
+def select_channel_layers(model: Any, layers: str | Sequence[str] | None = None) -> dict[str, nn.Module]:
+    """The ``nn.Conv1d/2d/3d`` and ``nn.Linear`` layers of ``model`` (all, or those matching the regex(es))."""
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"channel scores and removal need a PyTorch nn.Module, got {type(model).__name__}")
+    found = {n: m for n, m in model.named_modules() if n and isinstance(m, LAYERS)}
+    if not found:
+        raise ModelError(f"{type(model).__name__} has no nn.Conv1d/2d/3d or nn.Linear layer, so no channels to score")
+    if layers is None:
+        return found
+    patterns = [layers] if isinstance(layers, str) else list(layers)
+    if not patterns:
+        raise InputError("layers is an empty list; give a regular expression such as r'features' or None for all")
+    chosen: set[str] = set()
+    for pattern in patterns:
+        try:
+            regex = re.compile(pattern)
+        except (re.error, TypeError) as err:
+            raise InputError(f"layer pattern {pattern!r} is not a valid regular expression: {err}") from None
+        hits = {n for n in found if regex.search(n)}
+        if not hits:
+            raise InputError(
+                f"unknown layer pattern {pattern!r}: it matches none of the model's {len(found)} conv / linear layers "
+                f"(e.g. {', '.join(list(found)[:4])}); give a regular expression searched in these names"
+            )
+        chosen |= hits
+    return {n: m for n, m in found.items() if n in chosen}
+
+
+LAYER_SELECTORS["channel"] = select_channel_layers
+
+
+def n_channels(module: nn.Module) -> int:
+    return module.out_channels if isinstance(module, CONV) else module.out_features
+
+
+# ------------------------------------------------------------ dependencies
+class _Tracer(fx.Tracer):
+    """Traces into the modules holding layers of interest; every other module is one opaque operation."""
+
+    def __init__(self, open_modules: set[str]) -> None:
+        super().__init__()
+        self.open_modules = open_modules
+        self.failed: str | None = None
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, (*LAYERS, *BATCHNORM)):
+            return True
+        return super().is_leaf_module(m, qualname) or qualname not in self.open_modules
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed is None:  # the innermost module fails first
+                self.failed = self.path_of_module(m)
+            raise
+
+
+def trace(model: nn.Module, names: Sequence[str]) -> fx.GraphModule:
+    """``torch.fx`` graph of ``model`` (in its current mode) opening only the modules that hold ``names``."""
+    open_modules = {""}
+    for name in names:
+        parts = name.split(".")
+        open_modules |= {".".join(parts[:i]) for i in range(1, len(parts))}
+    tracer = _Tracer(open_modules)
+    try:
+        graph = tracer.trace(model)
+    except Exception as err:
+        where = f" in module {tracer.failed!r}" if tracer.failed else f" in {type(model).__name__}.forward"
+        raise ModelError(
+            f"torch.fx cannot trace the model{where} ({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
+            "Channel scores and removal need a traceable forward: pass layers= regular expressions selecting only "
+            "layers outside that module (modules holding no selected layer are treated as one opaque operation), "
+            "or remove the data-dependent Python control flow from its forward"
+        ) from None
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _shape_query(node: fx.Node) -> bool:
+    """A node computing sizes, not tensors (``x.size(0)``, ``x.shape[1]``, arithmetic on them)."""
+    if node.op == "call_method" and node.target in _SHAPE_METHODS:
+        return True
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1] in ("shape", "dtype", "device", "ndim")
+    if node.op == "call_function" and getattr(node.target, "__module__", "") in ("_operator", "operator"):
+        inputs = [a for a in node.all_input_nodes]
+        return bool(inputs) and all(_shape_query(a) for a in inputs)
+    return False
+
+
+def _other_tensors(u: fx.Node, n: fx.Node, shapes: dict[str, tuple] | None) -> list[fx.Node]:
+    """Tensor inputs of ``u`` other than ``n``."""
+    others = [a for a in u.all_input_nodes if a is not n]
+    if shapes is not None:
+        return [a for a in others if a.name in shapes]
+    return [a for a in others if not _shape_query(a)]
+
+
+@dataclass
+class Layout:
+    """Where the channels of a tensor are: axis 1 (``"first"``), the last axis, or flattened blocks (``"flat"``)."""
+
+    kind: str
+    block: int = 1
+
+
+@dataclass
+class LayerDeps:
+    """One conv / linear layer's channel dependencies."""
+
+    name: str
+    module: nn.Module
+    channels: int
+    batchnorms: list[str] = field(default_factory=list)
+    consumers: dict[str, int] = field(default_factory=dict)  # consumer -> input features per channel
+    point: str = ""  # the graph node where the channels enter the next layer (channel_taylor's mask point)
+    point_layout: str = "first"
+    reason: str | None = None  # why the layer cannot be pruned; None when it can
+
+    @property
+    def prunable(self) -> bool:
+        return self.reason is None
+
+
+def _describe(u: fx.Node, modules: dict[str, nn.Module]) -> str:
+    if u.op == "call_module":
+        return f"module {u.target!r} ({type(modules[u.target]).__name__})"
+    if u.op == "call_method":
+        return f"the tensor method .{u.target}()"
+    return f"{getattr(u.target, '__name__', str(u.target))}()"
+
+
+def _step(
+    u: fx.Node,
+    n: fx.Node,
+    layout: Layout,
+    channels: int,
+    modules: dict[str, nn.Module],
+    calls: dict[str, int],
+    shapes: dict[str, tuple] | None,
+) -> tuple:
+    """How the channels in ``n`` pass into its user ``u``.
+
+    Returns ``("pass", layout)``, ``("bn", name)``, ``("consumer", name, features_per_channel)`` or
+    ``("stop", reason)``.
+    """
+    unknown = ("stop", f"its output feeds {_describe(u, modules)}, which is not known to keep channels separate")
+    if u.op == "output":
+        return ("stop", "its output is a model output")
+    others = _other_tensors(u, n, shapes)
+    if u.op == "call_function" and u.target in (operator.add, operator.iadd, torch.add) and others:
+        return ("stop", "its output is added to another tensor (residual connection), which couples the channels")
+    if u.op == "call_function" and u.target in (torch.cat, torch.concat, torch.stack):
+        return ("stop", "its output is concatenated with other tensors, which couples the channel positions")
+    if others:
+        return ("stop", f"its output is combined with another tensor in {_describe(u, modules)}, coupling the channels")
+    first = layout.kind == "first"
+    if u.op == "call_module":
+        m = modules[u.target]
+        if calls[u.target] > 1 and isinstance(m, (*LAYERS, *BATCHNORM)):
+            return ("stop", f"it feeds {u.target!r}, which is called more than once (shared weights)")
+        if isinstance(m, CONV):
+            if not first:
+                return ("stop", f"it feeds the convolution {u.target!r} with channels on another axis")
+            if m.groups > 1:
+                return ("stop", f"it feeds the grouped / depthwise convolution {u.target!r}, whose channels are tied")
+            return ("consumer", u.target, 1) if m.in_channels == channels else unknown
+        if isinstance(m, nn.Linear):
+            if first:
+                return ("stop", f"it feeds the Linear {u.target!r} along the last (not the channel) axis")
+            ok = m.in_features == channels * layout.block
+            return ("consumer", u.target, layout.block) if ok else unknown
+        if isinstance(m, BATCHNORM):
+            if (layout.kind == "flat" and layout.block > 1) or m.num_features != channels:
+                return ("stop", f"the BatchNorm {u.target!r} does not normalize its channels one by one")
+            if layout.kind == "last" and shapes is not None and len(shapes.get(n.name, ())) != 2:
+                return ("stop", f"the BatchNorm {u.target!r} normalizes another axis than the channels")
+            return ("bn", u.target)
+        if isinstance(m, _ELEMENTWISE_MODULES):
+            return ("pass", layout)
+        if isinstance(m, _POOL_MODULES):
+            return ("pass", layout) if first else unknown
+        if isinstance(m, nn.Flatten):
+            return _flatten(u, n, layout, shapes)
+        return unknown
+    if u.op == "call_function":
+        if u.target in _ELEMENTWISE_FUNCTIONS:
+            return ("pass", layout)
+        if u.target in _POOL_FUNCTIONS:
+            return ("pass", layout) if first else unknown
+        if u.target in _FLATTEN[0]:
+            return _flatten(u, n, layout, shapes)
+        if u.target in _REDUCE[0]:
+            return _reduce(u, n, layout, shapes)
+        return unknown
+    if u.op == "call_method":
+        if u.target in _ELEMENTWISE_METHODS:
+            return ("pass", layout)
+        if u.target in _FLATTEN[1]:
+            return _flatten(u, n, layout, shapes)
+        if u.target in _REDUCE[1]:
+            return _reduce(u, n, layout, shapes)
+    return unknown
+
+
+def _flatten(u: fx.Node, n: fx.Node, layout: Layout, shapes: dict[str, tuple] | None) -> tuple:
+    if shapes is None or n.name not in shapes or u.name not in shapes:
+        return ("stop", "its output is reshaped (pass example_input so the flattened layout can be checked)")
+    a, b = shapes[n.name], shapes[u.name]
+    if layout.kind == "first" and len(a) >= 3 and b == (a[0], math.prod(a[1:])):
+        return ("pass", Layout("flat", math.prod(a[2:])))
+    if a == b:
+        return ("pass", layout)
+    return ("stop", f"its output is reshaped from {a} to {b}, which mixes the channels with other axes")
+
+
+def _reduce(u: fx.Node, n: fx.Node, layout: Layout, shapes: dict[str, tuple] | None) -> tuple:
+    """Mean / sum / amax over the spatial axes of an ``(n, C, *spatial)`` tensor (global pooling)."""
+    if layout.kind != "first" or shapes is None or n.name not in shapes or u.name not in shapes:
+        return ("stop", f"its output is reduced by .{getattr(u.target, '__name__', u.target)}() over unknown axes")
+    a, b = shapes[n.name], shapes[u.name]
+    dims = u.args[1] if len(u.args) > 1 else u.kwargs.get("dim")
+    dims = (dims,) if isinstance(dims, int) else dims
+    if not isinstance(dims, (tuple, list)) or not all(isinstance(d, int) for d in dims):
+        return ("stop", "its output is reduced over all axes, which mixes the channels")
+    if any(d % len(a) < 2 for d in dims):
+        return ("stop", "its output is reduced over the batch or channel axis, which mixes the channels")
+    if b == a[:2]:
+        return ("pass", Layout("flat", 1))
+    return ("pass", layout) if b[:2] == a[:2] else ("stop", "its output is reduced in a way that mixes the channels")
+
+
+def _record_shapes(gm: fx.GraphModule, inputs: tuple) -> dict[str, tuple]:
+    shapes: dict[str, tuple] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, node: fx.Node) -> Any:
+            out = super().run_node(node)
+            if isinstance(out, torch.Tensor):
+                shapes[node.name] = tuple(out.shape)
+            return out
+
+    with torch.no_grad():
+        Recorder(gm).run(*inputs)
+    return shapes
+
+
+def _as_inputs(example_input: Any) -> tuple:
+    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    if not inputs or not all(isinstance(x, torch.Tensor) for x in inputs):
+        raise InputError(
+            f"example_input must be a tensor (or a tuple of tensors) the model accepts, e.g. a batch of two "
+            f"images, got {type(example_input).__name__}"
+        )
+    return inputs
+
+
+def dependencies(
+    model: nn.Module, names: Sequence[str], example_input: Any = None
+) -> tuple[fx.GraphModule, dict[str, LayerDeps]]:
+    """Trace ``model`` (in eval mode; restored after) and find the channel dependencies of the layers ``names``.
+
+    ``example_input`` gives the shapes needed for ``flatten`` / reductions; without it they stop a chain.
+    """
+    with preserved(model):
+        model.eval()
+        gm = trace(model, names)
+        shapes = None
+        if example_input is not None:
+            inputs = _as_inputs(example_input)
+            try:
+                shapes = _record_shapes(gm, inputs)
+            except Exception as err:
+                raise InputError(
+                    f"the model fails on example_input ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                    "give a batch of inputs it accepts"
+                ) from None
+    modules = dict(gm.named_modules())
+    nodes: dict[str, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            nodes.setdefault(node.target, []).append(node)
+    calls = {k: len(v) for k, v in nodes.items()}
+    deps = {}
+    for name in names:
+        module = modules.get(name)
+        if module is None:  # an opaque module holds it: not reached by the graph
+            module = model.get_submodule(name)
+        d = LayerDeps(name, module, n_channels(module))
+        deps[name] = d
+        if name not in nodes:
+            d.reason = "it is not called as a module in the traced forward (inside an opaque module, or unused)"
+            continue
+        if calls[name] > 1:
+            d.reason = "it is called more than once (shared weights)"
+            continue
+        if isinstance(module, CONV) and module.groups > 1:
+            d.reason = "grouped / depthwise convolution: its output channels are tied to its input channels"
+        start = nodes[name][0]
+        layout = Layout("first" if isinstance(module, CONV) else "last")
+        d.point_layout = layout.kind
+        _walk(d, start, layout, modules, calls, shapes)
+        if d.reason is None and not d.consumers:
+            d.reason = "its output reaches no conv / linear layer"
+    return gm, deps
+
+
+def _walk(
+    d: LayerDeps,
+    start: fx.Node,
+    layout: Layout,
+    modules: dict[str, nn.Module],
+    calls: dict[str, int],
+    shapes: dict[str, tuple] | None,
+) -> None:
+    """Follow the channels of ``start`` to the consuming layers; set ``d``'s BatchNorms, consumers, point, reason."""
+    # the point: the end of the single-user chain of channel-wise ops (not crossing flatten / reductions)
+    point = start
+    while True:
+        users = [u for u in point.users if not _shape_query(u)]
+        if len(users) != 1:
+            break
+        step = _step(users[0], point, layout, d.channels, modules, calls, shapes)
+        if step[0] == "bn" or (step[0] == "pass" and step[1].kind == layout.kind and step[1].block == 1):
+            point = users[0]
+            continue
+        break
+    d.point = point.name
+    stack, seen = [(start, layout)], {start.name}
+    while stack:
+        n, lay = stack.pop()
+        for u in n.users:
+            if _shape_query(u):
+                continue
+            step = _step(u, n, lay, d.channels, modules, calls, shapes)
+            if step[0] == "stop":
+                d.reason = d.reason or step[1]
+                continue
+            if step[0] == "consumer":
+                d.consumers[step[1]] = step[2]
+                continue
+            if step[0] == "bn":
+                d.batchnorms.append(step[1])
+            if u.name not in seen:
+                seen.add(u.name)
+                stack.append((u, step[1] if step[0] == "pass" else lay))
+
+
+# ------------------------------------------------------------------ scores
+def _result(values: dict[str, torch.Tensor], extra: dict[str, Any] | None = None) -> tuple:
+    names = list(values)
+    flat = torch.cat([values[n].detach().float().reshape(-1).cpu() for n in names])
+    labels = [f"{n}:{c}" for n in names for c in range(len(values[n]))]
+    out = {"names": labels, "layers": names, "channels": [len(values[n]) for n in names], **(extra or {})}
+    return flat, out
+
+
+def channels_by_layer(importance: Importance) -> dict[str, torch.Tensor]:
+    """Split a channel :class:`Importance` into ``{layer: (channels,) scores}`` (views of ``values``)."""
+    layers, counts = _layers_of(importance)
+    return dict(zip(layers, importance.values.split(counts)))
+
+
+@scorer("channel_l1", verb="compress", units=("channel",), family="structured", needs="module", per_sample=False,
+        aliases=("filter_l1",))  # fmt: skip
+def channel_l1(task: WeightTask) -> tuple[torch.Tensor, dict]:
+    """L1 norm of each output channel's weights (a conv filter or a linear row; Li et al., 2017). No data."""
+    return _result({n: m.weight.detach().abs().reshape(n_channels(m), -1).sum(1) for n, m in task.layers.items()})
+
+
+@scorer("bn_scale", verb="compress", units=("channel",), family="structured", needs="module", per_sample=False,
+        aliases=("network_slimming",))  # fmt: skip
+def bn_scale(task: WeightTask) -> tuple[torch.Tensor, dict]:
+    """``|gamma|`` of the BatchNorm directly after each layer (network slimming, Liu et al., 2017). No data.
+
+    Only layers whose output goes to one affine BatchNorm (and nowhere else) are scored; ``extra["batchnorm"]``
+    names each one's BatchNorm.
+    """
+    gm, _ = dependencies(task.model, list(task.layers))
+    modules = dict(gm.named_modules())
+    values, bns = {}, {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or node.target not in task.layers:
+            continue
+        users = [u for u in node.users if not _shape_query(u)]
+        if len(users) == 1 and users[0].op == "call_module":
+            bn = modules[users[0].target]
+            if isinstance(bn, BATCHNORM) and bn.affine and bn.num_features == n_channels(modules[node.target]):
+                values[node.target] = bn.weight.detach().abs()
+                bns[node.target] = users[0].target
+    if not values:
+        raise ModelError(
+            "bn_scale needs layers followed directly by an affine BatchNorm, and none of the selected layers is; "
+            "use 'channel_l1' or 'channel_taylor'"
+        )
+    order = [n for n in task.layers if n in values]
+    return _result({n: values[n] for n in order}, {"batchnorm": bns})
+
+
+class _Masked(fx.Interpreter):
+    """Runs the traced model multiplying a per-sample channel mask ``(n, C)`` into the output of given nodes."""
+
+    def __init__(self, gm: fx.GraphModule, points: dict[str, tuple[int, str]], masks: list[torch.Tensor]) -> None:
+        super().__init__(gm)
+        self.points, self.masks = points, masks
+
+    def run_node(self, node: fx.Node) -> Any:
+        out = super().run_node(node)
+        where = self.points.get(node.name)
+        if where is not None:
+            mask = self.masks[where[0]].to(out.dtype)
+            shape = [mask.shape[0]] + [1] * (out.ndim - 1)
+            shape[1 if where[1] == "first" else -1] = mask.shape[1]
+            out = out * mask.reshape(shape)
+        return out
+
+
+@scorer("channel_taylor", verb="compress", units=("channel",), family="structured", needs="module",
+        per_sample=False, aliases=("molchanov",))  # fmt: skip
+def channel_taylor(task: WeightTask) -> tuple[torch.Tensor, dict]:
+    """First-order Taylor importance ``E_x |sum_positions a * dL/da|`` of each output channel (Molchanov et al., 2017).
+
+    ``a`` is the channel where it enters the next layer (``extra["points"]`` names the graph node): there
+    removing the channel equals zeroing it, so the score estimates the loss change of removal. Per-sample
+    gradients come from a ones mask per sample and channel (one backward pass per batch; the loss is a batch
+    mean, so gradients are multiplied by the batch size).
+    """
+    model = task.model
+    batches = _batches(task, "gradients")
+    for b in batches:
+        if b.kwargs or not b.args:
+            raise InputError(
+                "channel_taylor needs input tensors: pass data=images, data=[(images, labels)] or a DataLoader of "
+                "(images, labels) pairs (integer labels given alone are read as token ids)"
+            )
+    gm, deps = dependencies(model, list(task.layers))
+    names = list(task.layers)
+    points = {deps[n].point: (i, deps[n].point_layout) for i, n in enumerate(names)}
+    device, _ = parameter_device_dtype(model)
+    totals = [torch.zeros(deps[n].channels, dtype=torch.float64, device=device) for n in names]
+    count = 0
+    for p in model.parameters():
+        p.requires_grad_(False)  # restored by score()'s preserved()
+    model.eval()
+    for batch in progress_bar(batches, len(batches), "channel gradients", _progress(task)):
+        batch = batch.to(device)
+        b = batch.size
+        masks = [torch.ones(b, deps[n].channels, device=device, requires_grad=True) for n in names]
+        with torch.enable_grad():
+            output = _Masked(gm, points, masks).run(*batch.args)
+            grads = torch.autograd.grad(_loss(task, output, batch), masks, allow_unused=True)
+        for total, g in zip(totals, grads):
+            if g is not None:
+                total += (g.detach().double() * b).abs().sum(0)
+        count += b
+    values = {n: (t / max(count, 1)).float() for n, t in zip(names, totals)}
+    return _result(values, {"points": {n: deps[n].point for n in names}})
+
+
+# ----------------------------------------------------------------- removal
+@dataclass
+class ChannelReport:
+    """What ``prune_channels`` did: channels per layer, removed indices, skipped layers and why, parameters."""
+
+    method: str
+    allocation: str
+    amount: float
+    channels: dict[str, tuple[int, int]] = field(default_factory=dict)  # prunable layer -> (before, after)
+    removed: dict[str, list[int]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # layer -> reason it was kept whole
+    n_parameters_before: int = 0
+    n_parameters_after: int = 0
+
+    @property
+    def n_removed(self) -> int:
+        return sum(len(v) for v in self.removed.values())
+
+    @property
+    def parameter_ratio(self) -> float:
+        return self.n_parameters_after / max(self.n_parameters_before, 1)
+
+    def to_frame(self):
+        """A pandas DataFrame, one row per scored layer: channels before / after and, if kept whole, why."""
+        import pandas as pd
+
+        rows = [{"layer": n, "before": b, "after": a, "skipped": ""} for n, (b, a) in self.channels.items()]
+        rows += [{"layer": n, "before": None, "after": None, "skipped": r} for n, r in self.skipped.items()]
+        return pd.DataFrame(rows).set_index("layer")
+
+    def __repr__(self) -> str:
+        return (
+            f"ChannelReport(method={self.method!r}, allocation={self.allocation!r}, amount={self.amount:g}, "
+            f"removed {self.n_removed} channels from {len(self.channels)} layers, {len(self.skipped)} layers skipped, "
+            f"parameters {self.n_parameters_before:,} -> {self.n_parameters_after:,} ({self.parameter_ratio:.3f}))"
+        )
+
+
+class ChannelPruned(NamedTuple):
+    """``prune_channels``' result (unpack as ``model, report``)."""
+
+    model: nn.Module
+    report: ChannelReport
+
+
+def _layers_of(importance: Any) -> tuple[list[str], list[int]]:
+    if not isinstance(importance, Importance):
+        raise InputError(
+            "importance must be a channel Importance from whatmatters.compress.score(model, 'channel_l1' | 'bn_scale' "
+            f"| 'channel_taylor', ...), got {type(importance).__name__}"
+        )
+    if importance.unit != "channel" or importance.per_sample:
+        raise InputError(
+            f"prune_channels needs a unit='channel' importance (not per sample), got unit={importance.unit!r}"
+            f"{', per sample' if importance.per_sample else ''}; score with 'channel_l1', 'bn_scale' or "
+            "'channel_taylor'"
+        )
+    layers, counts = importance.extra.get("layers"), importance.extra.get("channels")
+    if not isinstance(layers, list) or not isinstance(counts, list) or len(layers) != len(counts):
+        raise InputError("the channel importance lacks extra['layers'] / extra['channels']; score the model again")
+    counts = [int(c) for c in counts]
+    if tuple(importance.values.shape) != (sum(counts),):
+        raise InputError(
+            f"the channel importance has values of shape {tuple(importance.values.shape)} but its layers hold "
+            f"{sum(counts)} channels"
+        )
+    return [str(n) for n in layers], counts
+
+
+def _check_amount(amount: Any) -> float:
+    if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0 <= float(amount) < 1:
+        raise InputError(
+            f"amount must be the fraction of channels to remove, a number in [0, 1), got {amount!r} "
+            "(e.g. amount=0.25 removes a quarter of each prunable layer's channels)"
+        )
+    return float(amount)
+
+
+def plan(scores: dict[str, torch.Tensor], amount: float, allocation: str) -> dict[str, torch.Tensor]:
+    """Boolean ``removed`` mask per layer: the lowest scores (ties by position), at least one channel kept per layer.
+
+    ``"uniform"``: ``round(amount * C)`` of every layer's ``C`` channels (at most ``C - 1``); ``"global"``:
+    the ``round(amount * total)`` lowest scores over all layers, never a layer's best channel.
+    """
+    if allocation == "uniform":
+        out = {}
+        for name, v in scores.items():
+            k = min(round(amount * len(v)), len(v) - 1)
+            mask = torch.zeros(len(v), dtype=torch.bool)
+            mask[torch.sort(v.double(), stable=True).indices[:k]] = True
+            out[name] = mask
+        return out
+    names = list(scores)
+    flat = torch.cat([scores[n].double() for n in names])
+    counts = [len(scores[n]) for n in names]
+    k = min(round(amount * len(flat)), len(flat) - len(names))
+    starts = torch.tensor([0, *counts[:-1]]).cumsum(0)
+    best = torch.stack([torch.sort(scores[n].double(), stable=True).indices[-1] for n in names]) + starts
+    ranked = flat.clone()
+    ranked[best] = float("inf")
+    mask = torch.zeros(len(flat), dtype=torch.bool)
+    mask[torch.sort(ranked, stable=True).indices[:k]] = True
+    return dict(zip(names, mask.split(counts)))
+
+
+def _param(t: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
+    return nn.Parameter(t.contiguous().clone(), requires_grad=like.requires_grad)
+
+
+def _slice_layer(m: nn.Module, keep_out: torch.Tensor | None, keep_in: torch.Tensor | None) -> None:
+    with torch.no_grad():
+        w = m.weight
+        if keep_out is not None:
+            w = w[keep_out.to(w.device)]
+            if m.bias is not None:
+                m.bias = _param(m.bias[keep_out.to(w.device)], m.bias)
+        if keep_in is not None:
+            w = w[:, keep_in.to(w.device)]
+        m.weight = _param(w, m.weight)
+    if isinstance(m, CONV):
+        m.out_channels, m.in_channels = m.weight.shape[0], m.weight.shape[1] * m.groups
+    else:
+        m.out_features, m.in_features = m.weight.shape
+
+
+def _slice_bn(bn: nn.Module, keep: torch.Tensor) -> None:
+    with torch.no_grad():
+        for attr in ("weight", "bias"):
+            p = getattr(bn, attr)
+            if p is not None:
+                setattr(bn, attr, _param(p[keep.to(p.device)], p))
+        for attr in ("running_mean", "running_var"):
+            t = getattr(bn, attr)
+            if t is not None:
+                setattr(bn, attr, t[keep.to(t.device)].clone())
+    bn.num_features = len(keep)
+
+
+def prune_channels(
+    model: nn.Module,
+    importance: Importance,
+    amount: float = 0.3,
+    *,
+    example_input: Any,
+    allocation: str = "uniform",
+    layers: str | Sequence[str] | None = None,
+) -> ChannelPruned:
+    """Remove the lowest-scored output channels of a plain PyTorch CNN / MLP (a new model; ``model`` is unchanged).
+
+    Args:
+        model: the ``nn.Module`` the importance was computed for (traceable with ``torch.fx``).
+        importance: a ``unit="channel"`` Importance from ``whatmatters.compress.score`` (higher = keep).
+        amount: fraction of channels removed, in ``[0, 1)``, rounded to whole channels; every layer keeps one.
+        example_input: a batch the model accepts (a tensor or a tuple of tensors), for the shapes behind
+            ``flatten`` -> ``Linear`` and a check that the pruned model runs.
+        allocation: ``"uniform"`` (the same fraction of every prunable layer) or ``"global"`` (the lowest scores
+            over all prunable layers, compared as they are).
+        layers: regular expression(s): prune only the scored layers matching them.
+
+    Returns:
+        ``ChannelPruned(model, report)``; ``report.skipped`` lists the scored layers kept whole and why.
+    """
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"prune_channels needs a PyTorch nn.Module, got {type(model).__name__}")
+    if allocation not in ("uniform", "global"):
+        raise InputError(f"allocation must be 'uniform' or 'global', got {allocation!r}")
+    amount = _check_amount(amount)
+    names, counts = _layers_of(importance)
+    values = importance.values.detach().float().cpu()
+    if not bool(torch.isfinite(values).all()):
+        raise InputError("the channel importance holds NaN or infinite values")
+    present = dict(model.named_modules())
+    for name, count in zip(names, counts):
+        m = present.get(name)
+        if not isinstance(m, LAYERS) or n_channels(m) != count:
+            what = (
+                "no such layer"
+                if m is None
+                else f"{type(m).__name__} with {n_channels(m) if isinstance(m, LAYERS) else '?'} channels"
+            )
+            raise ModelError(
+                f"the importance scores {count} channels of {name!r}, but this model has {what}: it was computed "
+                "for another model; score this model"
+            )
+    scores = dict(zip(names, values.split(counts)))
+    if layers is not None:
+        wanted = set(select_channel_layers(model, layers))
+        scores = {n: v for n, v in scores.items() if n in wanted}
+        if not scores:
+            raise InputError(f"layers={layers!r} selects none of the scored layers ({', '.join(names[:4])}, ...)")
+    _, deps = dependencies(model, list(scores), example_input)
+    prunable = {n: v for n, v in scores.items() if deps[n].prunable}
+    removed = plan(prunable, amount, allocation) if prunable else {}
+
+    before = n_parameters(model)
+    pruned = copy.deepcopy(model)
+    keep_out = {n: (~gone).nonzero().reshape(-1) for n, gone in removed.items() if bool(gone.any())}
+    keep_in: dict[str, torch.Tensor] = {}
+    for name, keep in keep_out.items():
+        for consumer, block in deps[name].consumers.items():
+            keep_in[consumer] = (keep[:, None] * block + torch.arange(block)).reshape(-1)
+    for name in set(keep_out) | set(keep_in):
+        _slice_layer(pruned.get_submodule(name), keep_out.get(name), keep_in.get(name))
+    for name, keep in keep_out.items():
+        for bn in deps[name].batchnorms:
+            _slice_bn(pruned.get_submodule(bn), keep)
+    _check_runs(pruned, example_input)
+    report = ChannelReport(
+        method=importance.method,
+        allocation=allocation,
+        amount=amount,
+        channels={n: (len(g), int((~g).sum())) for n, g in removed.items()},
+        removed={n: g.nonzero().reshape(-1).tolist() for n, g in removed.items()},
+        skipped={n: str(deps[n].reason) for n in scores if not deps[n].prunable},
+        n_parameters_before=before,
+        n_parameters_after=n_parameters(pruned),
+    )
+    return ChannelPruned(pruned, report)
+
+
+def _check_runs(model: nn.Module, example_input: Any) -> None:
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*_as_inputs(example_input))
+    except Exception as err:
+        raise ModelError(
+            f"the pruned model fails on example_input ({type(err).__name__}: {str(err).splitlines()[0][:200]}): "
+            "a channel dependency was missed; report this model, and pass layers= to leave the failing layer out"
+        ) from None
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+__all__ = [
+    "ChannelPruned",
+    "ChannelReport",
+    "channels_by_layer",
+    "dependencies",
+    "plan",
+    "prune_channels",
+    "select_channel_layers",
+]
