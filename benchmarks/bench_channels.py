@@ -3,10 +3,13 @@
 ``load_or_train("cnn")`` (ShapesCNN, five conv + BatchNorm + ReLU blocks) is pruned with ``prune_channels`` at
 25 % and 50 % of the channels of every prunable conv (uniform allocation; the classifier is the model output and
 stays) using random scores (mean of 3 seeds), ``channel_l1``, ``bn_scale`` and ``channel_taylor`` (calibration:
-256 training images with their labels). No fine-tuning. Accuracy on ``make_shapes(1000, seed=123)``;
+256 training images with their labels). No fine-tuning. Each pruned structure is evaluated plain, with mean
+compensation (``compensate``), with BatchNorm recalibration (``recalibrate_bn``) and with both, calibrated on
+the same 256 images. Accuracy on ``make_shapes(1000, seed=123)``;
 latency: median of repeated forward passes of a batch of 64 images, 1 thread. Ratios are to the dense model.
 
-Run: ``python benchmarks/bench_channels.py [--out FILE] [--repeats N] [--allocation global]``.
+Run: ``python benchmarks/bench_channels.py [--out FILE] [--repeats N] [--allocation global]
+[--calibration none compensate recalibrate_bn both]``.
 """
 
 from __future__ import annotations
@@ -55,11 +58,16 @@ def random_like(imp: Importance, seed: int) -> Importance:
                       per_sample=False, method="random", extra=dict(imp.extra))  # fmt: skip
 
 
+VARIANTS = {"none": (False, False), "compensate": (True, False), "recalibrate_bn": (False, True), "both": (True, True)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=30, help="timed forward passes per model")
     ap.add_argument("--allocation", default="uniform", choices=["uniform", "global"])
     ap.add_argument("--out", help="also write the JSON here")
+    ap.add_argument("--calibration", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                    help="which calibration variants to run")  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(1)
 
@@ -87,34 +95,42 @@ def main() -> None:
     for amount in (0.25, 0.5):
         for method in ("random", "channel_l1", "bn_scale", "channel_taylor"):
             imps = [random_like(scores["channel_l1"], s) for s in range(3)] if method == "random" else [scores[method]]
-            accs, params, lats, skipped = [], [], [], {}
-            for imp in imps:
-                pruned, report = prune_channels(model, imp, amount, allocation=args.allocation, example_input=example)
-                accs.append(accuracy(pruned, tx, ty))
-                params.append(report.n_parameters_after)
-                lats.append(latency(pruned, batch, args.repeats))
-                skipped = report.skipped
-            row = {
-                "method": method,
-                "removed": amount,
-                "accuracy": statistics.mean(accs),
-                "accuracy_per_seed": accs if method == "random" else None,
-                "parameters": int(statistics.mean(params)),
-                "latency_ms": statistics.median(lats) * 1e3,
-                "accuracy_ratio": statistics.mean(accs) / dense_acc,
-                "parameter_ratio": statistics.mean(params) / dense_params,
-                "latency_ratio": statistics.median(lats) / dense_lat,
-                "score_seconds": seconds.get(method),
-                "skipped": skipped,
-            }
-            rows.append(row)
-            log(f"{method} {amount:.0%}: accuracy {row['accuracy']:.3f}, latency ratio {row['latency_ratio']:.3f}")
+            for variant in args.calibration:
+                compensate, recalibrate = VARIANTS[variant]
+                accs, params, lats, skipped = [], [], [], {}
+                for imp in imps:
+                    pruned, report = prune_channels(
+                        model, imp, amount, allocation=args.allocation, example_input=example,
+                        calibration=cx if variant != "none" else None, compensate=compensate,
+                        recalibrate_bn=recalibrate,
+                    )  # fmt: skip
+                    accs.append(accuracy(pruned, tx, ty))
+                    params.append(report.n_parameters_after)
+                    lats.append(latency(pruned, batch, args.repeats))
+                    skipped = report.skipped
+                row = {
+                    "method": method,
+                    "removed": amount,
+                    "calibration": variant,
+                    "accuracy": statistics.mean(accs),
+                    "accuracy_per_seed": accs if method == "random" else None,
+                    "parameters": int(statistics.mean(params)),
+                    "latency_ms": statistics.median(lats) * 1e3,
+                    "accuracy_ratio": statistics.mean(accs) / dense_acc,
+                    "parameter_ratio": statistics.mean(params) / dense_params,
+                    "latency_ratio": statistics.median(lats) / dense_lat,
+                    "score_seconds": seconds.get(method),
+                    "skipped": skipped,
+                }
+                rows.append(row)
+                log(f"{method} {amount:.0%} {variant}: accuracy {row['accuracy']:.3f}")
 
     result = {
         "model": "ShapesCNN load_or_train('cnn')",
         "allocation": args.allocation,
         "test_images": len(tx),
         "calibration_images": len(cx),
+        "calibration_variants": args.calibration,
         "latency": f"median of {args.repeats} passes, batch {len(batch)}, 1 thread",
         "dense": {"accuracy": dense_acc, "parameters": dense_params, "latency_ms": dense_lat * 1e3},
         "rows": rows,
@@ -127,11 +143,11 @@ def main() -> None:
         with open(args.out, "w") as f:
             f.write(text + "\n")
     print(f"\ndense: accuracy {dense_acc:.3f}, {dense_params:,} parameters, {dense_lat * 1e3:.2f} ms / batch of 64")
-    print(f"{'method':<16}{'removed':>8}{'accuracy':>10}{'acc ratio':>11}{'params':>9}{'param ratio':>13}"
-          f"{'latency ms':>12}{'lat ratio':>11}")  # fmt: skip
+    print(f"{'method':<16}{'removed':>8}{'calibration':>16}{'accuracy':>10}{'acc ratio':>11}{'params':>9}"
+          f"{'param ratio':>13}{'latency ms':>12}{'lat ratio':>11}")  # fmt: skip
     for r in rows:
         print(
-            f"{r['method']:<16}{r['removed']:>8.0%}{r['accuracy']:>10.3f}{r['accuracy_ratio']:>11.3f}{r['parameters']:>9,}"
+            f"{r['method']:<16}{r['removed']:>8.0%}{r['calibration']:>16}{r['accuracy']:>10.3f}{r['accuracy_ratio']:>11.3f}{r['parameters']:>9,}"
             f"{r['parameter_ratio']:>13.3f}{r['latency_ms']:>12.2f}{r['latency_ratio']:>11.3f}"
         )
 

@@ -352,3 +352,160 @@ def test_untraceable_module_is_named_and_layers_avoid_it():
     pruned, report = prune_channels(model, imp, 0.5, example_input=x)
     assert set(report.removed) == {"b"} and "odd" in report.skipped["a"] and pruned.c.in_channels == 3
     assert pruned.odd.conv.in_channels == 4
+
+
+# ------------------------------------------------------ mean compensation
+def _constant_channels(model: nn.Module, chosen: dict[str, list[int]], batchnorms: dict[str, str]) -> nn.Module:
+    """Make the chosen channels constant after their BatchNorm (gamma = 0; beta > 0 or < 0 so relu(beta) varies)."""
+    with torch.no_grad():
+        for name, idx in chosen.items():
+            bn = model.get_submodule(batchnorms[name])
+            bn.weight[idx] = 0
+            bn.bias[idx] = torch.linspace(-0.5, 1.5, len(idx))
+    return model
+
+
+def _unpadded() -> nn.Module:
+    torch.manual_seed(0)
+    return _randomize_bn(
+        nn.Sequential(
+            nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 6, 3, bias=False), nn.BatchNorm2d(6),
+            nn.ReLU(), nn.Flatten(), nn.Linear(6 * 4 * 4, 3),
+        )
+    )  # fmt: skip
+
+
+def test_compensation_is_exact_for_constant_channels():
+    chosen = {"0": [1, 4, 6], "3": [0, 2]}
+    model = _constant_channels(_unpadded(), chosen, {"0": "1", "3": "4"})
+    imp = _lowest_at(score(model, "channel_l1"), chosen)
+    cal = torch.randn(10, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(5, 3, 8, 8)
+    plain, _ = prune_channels(model, imp, 0.375, example_input=x)
+    pruned, report = prune_channels(
+        model, imp, 0.375, example_input=x, compensate=True, calibration=cal, recalibrate_bn=False
+    )
+    assert report.removed == chosen and report.compensated == ["3", "7"] and report.biases_created == ["3"]
+    assert report.recalibrated == [] and pruned[3].bias.shape == (6 - 2,)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), model(x), rtol=1e-5, atol=1e-5)  # conv (no padding) and flatten->Linear
+        assert not torch.allclose(plain(x), model(x), atol=1e-2)
+    assert report.n_parameters_after == n_parameters(pruned) == n_parameters(plain) + 4
+
+
+def test_compensation_through_pooling_and_padded_conv():
+    # constant channels of "0" reach conv "4" (padding=1) after MaxPool; of "4" reach the Linear after global pooling
+    chosen = {"0": [2, 5, 7], "4": [1, 3, 8, 9, 10]}
+    model = _constant_channels(small_cnn(), chosen, {"0": "1", "4": "5"})
+    imp = _lowest_at(score(model, "channel_l1"), chosen)
+    pruned, report = prune_channels(
+        model, imp, 0.4, example_input=X, compensate=True, calibration=X, recalibrate_bn=False
+    )
+    assert report.removed == chosen and report.compensated == ["4", "9"] and report.biases_created == []
+    with torch.no_grad():
+        inner, inner_ref = pruned[:5](X), model[:5](X)  # conv "4": exact away from the zero-padded border
+        torch.testing.assert_close(inner[..., 1:-1, 1:-1], inner_ref[..., 1:-1, 1:-1][:, pruned_rows(report)])
+        assert not torch.allclose(inner[..., 0, :], inner_ref[:, pruned_rows(report)][..., 0, :], atol=1e-3)
+    only_last, _ = prune_channels(
+        model, imp, 0.4, example_input=X, compensate=True, calibration=X, recalibrate_bn=False, layers="^4$"
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(only_last(X), model(X), rtol=1e-5, atol=1e-5)  # Linear consumer: exact
+
+
+def pruned_rows(report) -> list[int]:
+    return [c for c in range(12) if c not in report.removed["4"]]
+
+
+def test_compensation_uses_the_mean_of_non_constant_channels():
+    model = small_cnn()
+    imp = score(model, "channel_l1")
+    pruned, report = prune_channels(
+        model, imp, 0.5, example_input=X, compensate=True, calibration=X, recalibrate_bn=False, layers="^4$"
+    )
+    gone = report.removed["4"]
+    with torch.no_grad():
+        feats = model[:9](X)  # the Linear's inputs in the original model
+        expected = model[9].bias + model[9].weight[:, gone] @ feats[:, gone].mean(0)
+        torch.testing.assert_close(pruned[9].bias, expected, rtol=1e-5, atol=1e-6)
+        # mean preserved: the average logit over the calibration data is unchanged
+        torch.testing.assert_close(pruned(X).mean(0), model(X).mean(0), rtol=1e-4, atol=1e-5)
+
+
+def test_calibration_as_batches_of_pairs_gives_the_same_means():
+    model = small_cnn()
+    imp = score(model, "channel_l1")
+    y = torch.zeros(6, dtype=torch.long)
+    a, _ = prune_channels(model, imp, 0.5, example_input=X, compensate=True, calibration=X, recalibrate_bn=False)
+    batches = [(X[:4], y[:4]), (X[4:], y[4:])]
+    b, _ = prune_channels(model, imp, 0.5, example_input=X, compensate=True, calibration=batches, recalibrate_bn=False)
+    with torch.no_grad():
+        torch.testing.assert_close(a(X), b(X), rtol=1e-5, atol=1e-6)
+
+
+def test_recalibrate_bn_is_the_cumulative_average_and_keeps_weights():
+    model = small_cnn()
+    imp = score(model, "channel_l1")
+    plain, _ = prune_channels(model, imp, 0.5, example_input=X, compensate=True, calibration=X, recalibrate_bn=False)
+    pruned, report = prune_channels(model, imp, 0.5, example_input=X, compensate=True, calibration=X, batch_size=2)
+    assert report.recalibrated == ["1", "5"] and report.compensated == ["4", "9"]
+    with torch.no_grad():
+        h = pruned[0](X)  # the first BatchNorm's input does not depend on the other statistics
+        means = torch.stack([c.mean((0, 2, 3)) for c in h.split(2)])
+        variances = torch.stack([c.transpose(0, 1).reshape(h.shape[1], -1).var(1) for c in h.split(2)])
+    torch.testing.assert_close(pruned[1].running_mean, means.mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pruned[1].running_var, variances.mean(0), rtol=1e-5, atol=1e-6)
+    assert int(pruned[1].num_batches_tracked) == 3 and pruned[1].momentum == 0.1 and not pruned.training
+    assert all(torch.equal(p, q) for p, q in zip(plain.parameters(), pruned.parameters()))
+    assert not torch.allclose(plain[5].running_var, pruned[5].running_var)
+
+
+def test_input_model_unchanged_with_calibration():
+    model = small_cnn().train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    hooks_before = [dict(m._forward_pre_hooks) for m in model.modules()]
+    pruned, report = prune_channels(
+        model, score(model, "channel_l1"), 0.5, example_input=X, compensate=True, calibration=X
+    )
+    assert report.compensated and report.recalibrated
+    assert model.training and all(m.training for m in model.modules()) and pruned.training
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert [dict(m._forward_pre_hooks) for m in model.modules()] == hooks_before
+    assert model[1].momentum == 0.1 and all(not m._forward_pre_hooks for m in pruned.modules())
+
+
+def test_bad_calibration():
+    model = small_cnn()
+    imp = score(model, "channel_l1")
+    with pytest.raises(InputError, match=r"calibration samples have shape \(3, 9, 9\)"):
+        prune_channels(model, imp, 0.5, example_input=X, calibration=torch.randn(4, 3, 9, 9))
+    with pytest.raises(InputError, match="positionally"):
+        prune_channels(model, imp, 0.5, example_input=X, calibration=torch.ones(4, 3, 8, 8, dtype=torch.long))
+    with pytest.raises(InputError, match="NaN"):
+        prune_channels(model, imp, 0.5, example_input=X, calibration=torch.full((2, 3, 8, 8), float("nan")))
+    with pytest.raises(InputError, match="compensate=True needs calibration"):
+        prune_channels(model, imp, 0.5, example_input=X, compensate=True)
+    with pytest.raises(InputError, match="recalibrate_bn=True needs calibration"):
+        prune_channels(model, imp, 0.5, example_input=X, recalibrate_bn=True)
+    with pytest.raises(InputError, match="compensate must be"):
+        prune_channels(model, imp, 0.5, example_input=X, calibration=X, compensate="yes")
+    with pytest.raises(InputError, match="batch_size"):
+        prune_channels(model, imp, 0.5, example_input=X, calibration=X, batch_size=0)
+    mlp = _randomize_bn(nn.Sequential(nn.Linear(6, 10), nn.BatchNorm1d(10), nn.ReLU(), nn.Linear(10, 3)))
+    x = torch.randn(3, 6)
+    with pytest.raises(InputError, match="more than one sample"):
+        prune_channels(mlp, score(mlp, "channel_l1"), 0.5, example_input=x, calibration=x, batch_size=1)
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.lists(st.integers(1, 9), min_size=1, max_size=4).filter(lambda s: s != [3, 8, 8]))
+def test_calibration_of_another_shape_is_rejected(shape):
+    model = small_cnn()
+    with pytest.raises(InputError, match="calibration samples have shape"):
+        prune_channels(model, score(model, "channel_l1"), 0.5, example_input=X, calibration=torch.randn(2, *shape))
+
+
+def test_calibration_recalibrates_batchnorm_and_compensation_is_opt_in():
+    model = small_cnn()
+    _, report = prune_channels(model, score(model, "channel_l1"), 0.5, example_input=X, calibration=X)
+    assert report.recalibrated and not report.compensated and not report.biases_created

@@ -24,7 +24,8 @@ when its output reaches conv/linear consumers only through channel-wise operatio
 activations, dropout, pooling, reductions over spatial axes, and ``flatten`` in front of a ``Linear``,
 where channel ``c`` is the input block ``[c*h*w, (c+1)*h*w)``). Layers whose channels are coupled to
 something else (residual additions, concatenation, grouped / depthwise convolutions, model outputs,
-modules whatmatters cannot see into) are kept and listed with the reason in the report.
+modules whatmatters cannot see into) are kept and listed with the reason in the report. With ``calibration=``
+data, the removed channels' means are folded into the consumers' biases and BatchNorm statistics re-estimated.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import operator
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, NamedTuple
 
 import torch
@@ -42,12 +44,13 @@ from torch import fx, nn
 from torch.nn import functional as F
 
 from whatmatters.compress.api import LAYER_SELECTORS, WeightTask
+from whatmatters.compress.calibrate import as_batches
 from whatmatters.compress.remove import n_parameters
 from whatmatters.compress.structured import _batches, _loss, _progress
 from whatmatters.core.errors import InputError, ModelError
 from whatmatters.core.importance import Importance
 from whatmatters.core.registry import scorer
-from whatmatters.core.state import parameter_device_dtype, preserved
+from whatmatters.core.state import hooks, parameter_device_dtype, preserved
 from whatmatters.core.task import progress_bar
 
 CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -560,6 +563,9 @@ class ChannelReport:
     skipped: dict[str, str] = field(default_factory=dict)  # layer -> reason it was kept whole
     n_parameters_before: int = 0
     n_parameters_after: int = 0
+    compensated: list[str] = field(default_factory=list)  # consumers whose bias took the removed channels' means
+    biases_created: list[str] = field(default_factory=list)  # consumers that had no bias before compensation
+    recalibrated: list[str] = field(default_factory=list)  # BatchNorms whose running statistics were re-estimated
 
     @property
     def n_removed(self) -> int:
@@ -581,7 +587,8 @@ class ChannelReport:
         return (
             f"ChannelReport(method={self.method!r}, allocation={self.allocation!r}, amount={self.amount:g}, "
             f"removed {self.n_removed} channels from {len(self.channels)} layers, {len(self.skipped)} layers skipped, "
-            f"parameters {self.n_parameters_before:,} -> {self.n_parameters_after:,} ({self.parameter_ratio:.3f}))"
+            f"parameters {self.n_parameters_before:,} -> {self.n_parameters_after:,} ({self.parameter_ratio:.3f}), "
+            f"{len(self.compensated)} biases compensated, {len(self.recalibrated)} BatchNorms recalibrated)"
         )
 
 
@@ -656,8 +663,26 @@ def _param(t: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
     return nn.Parameter(t.contiguous().clone(), requires_grad=like.requires_grad)
 
 
-def _slice_layer(m: nn.Module, keep_out: torch.Tensor | None, keep_in: torch.Tensor | None) -> None:
+def _slice_layer(
+    m: nn.Module, keep_out: torch.Tensor | None, keep_in: torch.Tensor | None, mean: torch.Tensor | None = None
+) -> bool:
+    """Keep output / input channels of a conv / linear layer; returns True when a bias was created.
+
+    With ``mean`` (the mean of every input feature, or of every input channel of a conv), the removed inputs'
+    constant contribution ``sum_kernel W[:, removed] * mean[removed]`` is first folded into the bias.
+    """
+    created = False
     with torch.no_grad():
+        if mean is not None and keep_in is not None:
+            w = m.weight
+            gone = torch.ones(w.shape[1], dtype=torch.bool, device=w.device)
+            gone[keep_in.to(w.device)] = False
+            taps = w[:, gone].double().reshape(w.shape[0], int(gone.sum()), -1).sum(-1)
+            delta = (taps @ mean.to(w.device, torch.float64)[gone]).to(w.dtype)
+            if m.bias is None:
+                m.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device), m.weight.requires_grad)
+                created = True
+            m.bias += delta
         w = m.weight
         if keep_out is not None:
             w = w[keep_out.to(w.device)]
@@ -670,6 +695,7 @@ def _slice_layer(m: nn.Module, keep_out: torch.Tensor | None, keep_in: torch.Ten
         m.out_channels, m.in_channels = m.weight.shape[0], m.weight.shape[1] * m.groups
     else:
         m.out_features, m.in_features = m.weight.shape
+    return created
 
 
 def _slice_bn(bn: nn.Module, keep: torch.Tensor) -> None:
@@ -693,6 +719,10 @@ def prune_channels(
     example_input: Any,
     allocation: str = "uniform",
     layers: str | Sequence[str] | None = None,
+    calibration: Any = None,
+    compensate: bool = False,
+    recalibrate_bn: bool | None = None,
+    batch_size: int = 64,
 ) -> ChannelPruned:
     """Remove the lowest-scored output channels of a plain PyTorch CNN / MLP (a new model; ``model`` is unchanged).
 
@@ -705,6 +735,23 @@ def prune_channels(
         allocation: ``"uniform"`` (the same fraction of every prunable layer) or ``"global"`` (the lowest scores
             over all prunable layers, compared as they are).
         layers: regular expression(s): prune only the scored layers matching them.
+        calibration: inputs like ``example_input`` (a tensor of samples, or a DataLoader of tensors or
+            ``(inputs, labels)`` pairs) for mean compensation and ``recalibrate_bn``.
+        compensate: fold the mean of each removed channel, measured where it enters the consuming layer (after
+            BatchNorm, activation, pooling; over samples and positions, in the original model in eval mode),
+            into that layer's bias (created if missing), as FLAP does for transformers: ``b += W[:, removed] @
+            mean`` for a Linear (per position for ``flatten``), ``b += sum_kernel W[:, removed] * mean`` for a
+            conv. Exact for channels that are constant there, except where a zero-padded conv's kernel overlaps
+            the border (its padding zeros also receive the mean). Opt-in: on the shapes CNN it helps one pruned
+            layer at a time but lowers accuracy when every layer is pruned at once.
+        recalibrate_bn: re-estimate the running statistics of every BatchNorm of the pruned model on
+            ``calibration`` (one pass, BatchNorms in train mode with a cumulative average; no weight changes).
+            Default: when ``calibration`` is given. Removal also shrinks the variance of the consumers' outputs,
+            which the stored statistics do not know; on the shapes CNN recalibration raises accuracy for every
+            score, while compensation alone often lowers it (see ``benchmarks/bench_channels.py``). After a
+            recalibrated BatchNorm the compensated mean is re-estimated anyway; it matters for consumers
+            without one (e.g. the classifier).
+        batch_size: rows per forward pass when ``calibration`` is one tensor.
 
     Returns:
         ``ChannelPruned(model, report)``; ``report.skipped`` lists the scored layers kept whole and why.
@@ -714,6 +761,15 @@ def prune_channels(
     if allocation not in ("uniform", "global"):
         raise InputError(f"allocation must be 'uniform' or 'global', got {allocation!r}")
     amount = _check_amount(amount)
+    for flag, value in (("compensate", compensate), ("recalibrate_bn", recalibrate_bn)):
+        if value is not None and not isinstance(value, bool):
+            raise InputError(f"{flag} must be True or False, got {value!r}")
+    recalibrate_bn = calibration is not None if recalibrate_bn is None else recalibrate_bn
+    if (compensate or recalibrate_bn) and calibration is None:
+        flag = "compensate=True" if compensate else "recalibrate_bn=True"
+        raise InputError(f"{flag} needs calibration data: pass calibration=inputs (e.g. a few hundred training images)")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
     names, counts = _layers_of(importance)
     values = importance.values.detach().float().cpu()
     if not bool(torch.isfinite(values).all()):
@@ -738,22 +794,28 @@ def prune_channels(
         if not scores:
             raise InputError(f"layers={layers!r} selects none of the scored layers ({', '.join(names[:4])}, ...)")
     _, deps = dependencies(model, list(scores), example_input)
+    batches = _calibration_batches(calibration, example_input, batch_size) if calibration is not None else []
     prunable = {n: v for n, v in scores.items() if deps[n].prunable}
     removed = plan(prunable, amount, allocation) if prunable else {}
 
     before = n_parameters(model)
-    pruned = copy.deepcopy(model)
     keep_out = {n: (~gone).nonzero().reshape(-1) for n, gone in removed.items() if bool(gone.any())}
     keep_in: dict[str, torch.Tensor] = {}
     for name, keep in keep_out.items():
         for consumer, block in deps[name].consumers.items():
             keep_in[consumer] = (keep[:, None] * block + torch.arange(block)).reshape(-1)
-    for name in set(keep_out) | set(keep_in):
-        _slice_layer(pruned.get_submodule(name), keep_out.get(name), keep_in.get(name))
+    means = _input_means(model, sorted(keep_in), batches) if compensate else {}
+    pruned = copy.deepcopy(model)
+    created = [
+        name
+        for name in sorted(set(keep_out) | set(keep_in))
+        if _slice_layer(pruned.get_submodule(name), keep_out.get(name), keep_in.get(name), means.get(name))
+    ]
     for name, keep in keep_out.items():
         for bn in deps[name].batchnorms:
             _slice_bn(pruned.get_submodule(bn), keep)
     _check_runs(pruned, example_input)
+    recalibrated = _recalibrate_bn(pruned, batches) if recalibrate_bn else []
     report = ChannelReport(
         method=importance.method,
         allocation=allocation,
@@ -763,8 +825,103 @@ def prune_channels(
         skipped={n: str(deps[n].reason) for n in scores if not deps[n].prunable},
         n_parameters_before=before,
         n_parameters_after=n_parameters(pruned),
+        compensated=sorted(means),
+        biases_created=created,
+        recalibrated=recalibrated,
     )
     return ChannelPruned(pruned, report)
+
+
+def _calibration_batches(calibration: Any, example_input: Any, batch_size: int) -> list[tuple[torch.Tensor, ...]]:
+    """The positional inputs of each calibration batch, checked against ``example_input``'s per-sample shapes."""
+    want = [tuple(x.shape[1:]) for x in _as_inputs(example_input)]
+    out = []
+    for batch in as_batches(calibration, batch_size=batch_size):
+        if batch.kwargs or not batch.args:
+            raise InputError(
+                "calibration must hold input tensors the model takes positionally: a float tensor of samples "
+                "(n, ...) or a DataLoader of tensors or (inputs, labels) pairs (integer tensors are read as token ids)"
+            )
+        got = [tuple(a.shape[1:]) for a in batch.args]
+        if got != want:
+            raise InputError(
+                f"calibration samples have shape {got[0] if len(got) == 1 else got} but example_input's samples have "
+                f"{want[0] if len(want) == 1 else want}; give calibration inputs of the shape the model is run on"
+            )
+        out.append(batch.args)
+    return out
+
+
+def _input_means(model: nn.Module, consumers: Sequence[str], batches: list[tuple]) -> dict[str, torch.Tensor]:
+    """Mean (float64) of every input channel of each consumer (over samples and positions; per feature for a
+    Linear) on the calibration batches, from forward pre-hooks on the original model in eval mode."""
+    if not consumers:
+        return {}
+    sums: dict[str, torch.Tensor] = {}
+    counts = dict.fromkeys(consumers, 0)
+
+    def record(name: str, module: nn.Module, args: tuple) -> None:
+        x = args[0].detach()
+        axis = x.ndim - 1 - len(module.kernel_size) if isinstance(module, CONV) else x.ndim - 1
+        total = x.sum([d for d in range(x.ndim) if d != axis], dtype=torch.float64)
+        sums[name] = sums[name] + total if name in sums else total
+        counts[name] += x.numel() // x.shape[axis]
+
+    device, _ = parameter_device_dtype(model)
+    handles = [model.get_submodule(n).register_forward_pre_hook(partial(record, n)) for n in consumers]
+    with preserved(model, weights=False), hooks(*handles), torch.no_grad():
+        model.eval()
+        for args in batches:
+            try:
+                model(*(a.to(device) for a in args))
+            except Exception as err:
+                raise InputError(
+                    f"the model fails on the calibration data ({type(err).__name__}: "
+                    f"{str(err).splitlines()[0][:200]}); give inputs the model accepts"
+                ) from None
+    missing = [n for n in consumers if n not in sums]
+    if missing:
+        raise ModelError(f"the layers {missing} were not called on the calibration data, so their inputs have no mean")
+    means = {n: sums[n] / counts[n] for n in consumers}
+    bad = [n for n, v in means.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise InputError(f"the calibration data gives non-finite inputs to {bad}; check it for inf / huge values")
+    return means
+
+
+def _recalibrate_bn(model: nn.Module, batches: list[tuple]) -> list[str]:
+    """Re-estimate the running statistics of ``model``'s BatchNorms in place (cumulative average over one pass)."""
+    bns = {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    }
+    if not bns:
+        return []
+    device, _ = parameter_device_dtype(model)
+    modes = [(m, m.training) for m in model.modules()]
+    momenta = {n: m.momentum for n, m in bns.items()}
+    try:
+        model.eval()
+        for m in bns.values():
+            m.reset_running_stats()
+            m.momentum = None  # cumulative moving average over the batches
+            m.train()
+        with torch.no_grad():
+            for args in batches:
+                try:
+                    model(*(a.to(device) for a in args))
+                except ValueError as err:
+                    raise InputError(
+                        f"recalibrate_bn failed ({str(err).splitlines()[0][:200]}): BatchNorm statistics need "
+                        "calibration batches of more than one sample"
+                    ) from None
+    finally:
+        for n, m in bns.items():
+            m.momentum = momenta[n]
+        for m, training in modes:
+            m.training = training
+    return list(bns)
 
 
 def _check_runs(model: nn.Module, example_input: Any) -> None:
