@@ -76,7 +76,8 @@ def n_parameters(model: nn.Module) -> int:
 
 
 # ------------------------------------------------------------------ slicing
-def _param(t: torch.Tensor, like: nn.Parameter | None) -> nn.Parameter:
+def as_parameter(t: torch.Tensor, like: nn.Parameter | None) -> nn.Parameter:
+    """A new parameter holding a copy of ``t``, with ``like``'s ``requires_grad``."""
     return nn.Parameter(t.contiguous().clone(), requires_grad=like.requires_grad if like is not None else True)
 
 
@@ -85,13 +86,13 @@ def slice_out(layer: nn.Module, idx: torch.Tensor) -> None:
     idx = idx.to(layer.weight.device)
     with torch.no_grad():
         if is_transposed(layer):
-            layer.weight = _param(layer.weight[:, idx], layer.weight)
+            layer.weight = as_parameter(layer.weight[:, idx], layer.weight)
             layer.nf = len(idx)
         else:
-            layer.weight = _param(layer.weight[idx], layer.weight)
+            layer.weight = as_parameter(layer.weight[idx], layer.weight)
             layer.out_features = len(idx)
         if layer.bias is not None:
-            layer.bias = _param(layer.bias[idx], layer.bias)
+            layer.bias = as_parameter(layer.bias[idx], layer.bias)
 
 
 def slice_in(layer: nn.Module, idx: torch.Tensor, mean: torch.Tensor | None = None) -> bool:
@@ -112,9 +113,9 @@ def slice_in(layer: nn.Module, idx: torch.Tensor, mean: torch.Tensor | None = No
                 created = True
             layer.bias += delta
         if is_transposed(layer):
-            layer.weight = _param(layer.weight[idx], layer.weight)
+            layer.weight = as_parameter(layer.weight[idx], layer.weight)
         else:
-            layer.weight = _param(layer.weight[:, idx], layer.weight)
+            layer.weight = as_parameter(layer.weight[:, idx], layer.weight)
             layer.in_features = len(idx)
     return created
 
@@ -243,11 +244,12 @@ def _reshape_to(model: nn.Module, layers: list[dict[str, Any]]) -> None:
 
 
 # -------------------------------------------------------------- selection
-def _check_amount(amount: Any) -> float:
+def check_amount(amount: Any, example: str = "removes a quarter of the heads / neurons / layers") -> float:
+    """``amount`` as a float in [0, 1); ``InputError`` naming the fix otherwise."""
     if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0 <= float(amount) < 1:
         raise InputError(
             f"amount must be the fraction of units to remove, a number in [0, 1), got {amount!r} "
-            "(e.g. amount=0.25 removes a quarter of the heads / neurons / layers)"
+            f"(e.g. amount=0.25 {example})"
         )
     return float(amount)
 
@@ -441,7 +443,7 @@ def prune_structured(
         raise InputError(f"allocation must be 'uniform' or 'global', got {allocation!r}")
     if gqa not in ("groups", "heads"):
         raise InputError(f"gqa must be 'groups' or 'heads', got {gqa!r}")
-    amount = _check_amount(amount)
+    amount = check_amount(amount)
     list_name, blks = blocks(model)
     unit, values = _validate(importance, blks)
     means = importance.extra.get("channel_means") if unit != "layer" else None
