@@ -56,6 +56,27 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
     return w.t() if is_transposed(module) else w
 
 
+def match_layers(found: dict[str, nn.Module], layers: str | Sequence[str], what: str) -> dict[str, nn.Module]:
+    """The layers of ``found`` whose names match the regular expression(s) ``layers`` (each must match one)."""
+    patterns = [layers] if isinstance(layers, str) else list(layers)
+    if not patterns:
+        raise InputError("layers is an empty list; give a regular expression such as r'mlp' or None for all layers")
+    chosen: set[str] = set()
+    for pattern in patterns:
+        try:
+            regex = re.compile(pattern)
+        except (re.error, TypeError) as err:
+            raise InputError(f"layer pattern {pattern!r} is not a valid regular expression: {err}") from None
+        hits = {n for n in found if regex.search(n)}
+        if not hits:
+            raise InputError(
+                f"unknown layer pattern {pattern!r}: it matches none of the model's {len(found)} {what} "
+                f"(e.g. {', '.join(list(found)[:4])}); give a regular expression searched in these names"
+            )
+        chosen |= hits
+    return {n: m for n, m in found.items() if n in chosen}
+
+
 def select_layers(model: Any, layers: str | Sequence[str] | None = None) -> dict[str, nn.Module]:
     """The ``nn.Linear`` / ``Conv1D`` layers to score, by name, in model order.
 
@@ -79,24 +100,7 @@ def select_layers(model: Any, layers: str | Sequence[str] | None = None) -> dict
         if not chosen:
             raise ModelError("every linear layer of the model is an output head; select layers with layers='regex'")
         return chosen
-    patterns = [layers] if isinstance(layers, str) else list(layers)
-    if not patterns:
-        raise InputError("layers is an empty list; give a regular expression such as r'mlp' or None for all layers")
-    chosen_names: set[str] = set()
-    for pattern in patterns:
-        try:
-            regex = re.compile(pattern)
-        except (re.error, TypeError) as err:
-            raise InputError(f"layer pattern {pattern!r} is not a valid regular expression: {err}") from None
-        hits = {n for n in found if regex.search(n)}
-        if not hits:
-            examples = ", ".join(list(found)[:4])
-            raise InputError(
-                f"unknown layer pattern {pattern!r}: it matches none of the model's {len(found)} linear layers "
-                f"(e.g. {examples}); give a regular expression searched in these names"
-            )
-        chosen_names |= hits
-    return {n: m for n, m in found.items() if n in chosen_names}
+    return match_layers(found, layers, "linear layers")
 
 
 # ----------------------------------------------------------------- batches

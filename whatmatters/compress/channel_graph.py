@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import operator
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +19,7 @@ from torch import fx, nn
 from torch.nn import functional as F
 
 from whatmatters.compress.api import LAYER_SELECTORS
+from whatmatters.compress.calibrate import match_layers
 from whatmatters.core.errors import InputError, ModelError
 from whatmatters.core.state import preserved
 
@@ -70,23 +70,7 @@ def select_channel_layers(model: Any, layers: str | Sequence[str] | None = None)
         raise ModelError(f"{type(model).__name__} has no nn.Conv1d/2d/3d or nn.Linear layer, so no channels to score")
     if layers is None:
         return found
-    patterns = [layers] if isinstance(layers, str) else list(layers)
-    if not patterns:
-        raise InputError("layers is an empty list; give a regular expression such as r'features' or None for all")
-    chosen: set[str] = set()
-    for pattern in patterns:
-        try:
-            regex = re.compile(pattern)
-        except (re.error, TypeError) as err:
-            raise InputError(f"layer pattern {pattern!r} is not a valid regular expression: {err}") from None
-        hits = {n for n in found if regex.search(n)}
-        if not hits:
-            raise InputError(
-                f"unknown layer pattern {pattern!r}: it matches none of the model's {len(found)} conv / linear layers "
-                f"(e.g. {', '.join(list(found)[:4])}); give a regular expression searched in these names"
-            )
-        chosen |= hits
-    return {n: m for n, m in found.items() if n in chosen}
+    return match_layers(found, layers, "conv / linear layers")
 
 
 LAYER_SELECTORS["channel"] = select_channel_layers
