@@ -51,7 +51,7 @@ from whatmatters.compress.channel_graph import (
     select_channel_layers,
     shape_query,
 )
-from whatmatters.compress.remove import as_parameter, check_amount, n_parameters
+from whatmatters.compress.remove import RemovalCounts, as_parameter, check_amount, n_parameters
 from whatmatters.compress.structured import _batches, _loss, _progress
 from whatmatters.core.errors import InputError, ModelError
 from whatmatters.core.importance import Importance
@@ -173,7 +173,7 @@ def channel_taylor(task: WeightTask) -> tuple[torch.Tensor, dict]:
 
 # ----------------------------------------------------------------- removal
 @dataclass
-class ChannelReport:
+class ChannelReport(RemovalCounts):
     """What ``prune_channels`` did: channels per layer, removed indices, skipped layers and why, parameters."""
 
     method: str
@@ -187,14 +187,6 @@ class ChannelReport:
     compensated: list[str] = field(default_factory=list)  # consumers whose bias took the removed channels' means
     biases_created: list[str] = field(default_factory=list)  # consumers that had no bias before compensation
     recalibrated: list[str] = field(default_factory=list)  # BatchNorms whose running statistics were re-estimated
-
-    @property
-    def n_removed(self) -> int:
-        return sum(len(v) for v in self.removed.values())
-
-    @property
-    def parameter_ratio(self) -> float:
-        return self.n_parameters_after / max(self.n_parameters_before, 1)
 
     def to_frame(self):
         """A pandas DataFrame, one row per scored layer: channels before / after and, if kept whole, why."""

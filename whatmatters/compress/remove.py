@@ -31,8 +31,24 @@ from whatmatters.core.importance import Importance
 STRUCTURE_KEY = "whatmatters_structure"
 
 
+class RemovalCounts:
+    """``n_removed`` and ``parameter_ratio`` of a removal report with ``removed`` and parameter counts."""
+
+    removed: dict
+    n_parameters_before: int
+    n_parameters_after: int
+
+    @property
+    def n_removed(self) -> int:
+        return sum(len(v) for v in self.removed.values())
+
+    @property
+    def parameter_ratio(self) -> float:
+        return self.n_parameters_after / max(self.n_parameters_before, 1)
+
+
 @dataclass
-class StructuredReport:
+class StructuredReport(RemovalCounts):
     """What ``prune_structured`` removed: unit indices per block (original numbering) and the size change."""
 
     unit: str
@@ -45,14 +61,6 @@ class StructuredReport:
     compensated: bool = False
     from_pretrained: bool = True
     standardized: bool = False
-
-    @property
-    def n_removed(self) -> int:
-        return sum(len(v) for v in self.removed.values())
-
-    @property
-    def parameter_ratio(self) -> float:
-        return self.n_parameters_after / max(self.n_parameters_before, 1)
 
     def __repr__(self) -> str:
         return (
