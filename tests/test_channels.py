@@ -221,6 +221,21 @@ def test_global_allocation_removes_exact_count_and_keeps_one_per_layer():
     assert report.n_removed == 10 and all(a >= 1 for _, a in report.channels.values())
 
 
+def test_global_allocation_standardizes_scores_per_layer():
+    """Scores of very different scale per layer: raw ranking empties the small layer; standardized takes both."""
+    model = small_cnn()
+    imp = score(model, "channel_l1")
+    per = channels_by_layer(imp)
+    scaled = torch.cat([v * (1000.0 if i == 0 else 1.0) for i, v in enumerate(per.values())])
+    imp = dataclasses.replace(imp, values=scaled)
+    _, raw = prune_channels(model, imp, 0.25, allocation="global", standardize=False, example_input=X)
+    _, std = prune_channels(model, imp, 0.25, allocation="global", example_input=X)
+    first = next(iter(per))
+    assert not raw.removed.get(first) and std.removed.get(first) and raw.n_removed == std.n_removed
+    with pytest.raises(InputError, match="standardize"):
+        prune_channels(model, imp, 0.25, allocation="global", standardize="yes", example_input=X)
+
+
 def test_input_model_unchanged():
     model = small_cnn().train()
     state = {k: v.clone() for k, v in model.state_dict().items()}

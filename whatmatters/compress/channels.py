@@ -51,7 +51,7 @@ from whatmatters.compress.channel_graph import (
     select_channel_layers,
     shape_query,
 )
-from whatmatters.compress.remove import RemovalCounts, as_parameter, check_amount, n_parameters
+from whatmatters.compress.remove import RemovalCounts, as_parameter, check_amount, n_parameters, standardize_rows
 from whatmatters.compress.structured import _batches, _loss, _progress
 from whatmatters.core.errors import InputError, ModelError
 from whatmatters.core.importance import Importance
@@ -318,6 +318,7 @@ def prune_channels(
     *,
     example_input: Any,
     allocation: str = "uniform",
+    standardize: bool = True,
     layers: str | Sequence[str] | None = None,
     calibration: Any = None,
     compensate: bool = False,
@@ -333,7 +334,10 @@ def prune_channels(
         example_input: a batch the model accepts (a tensor or a tuple of tensors), for the shapes behind
             ``flatten`` -> ``Linear`` and a check that the pruned model runs.
         allocation: ``"uniform"`` (the same fraction of every prunable layer) or ``"global"`` (the lowest scores
-            over all prunable layers, compared as they are).
+            over all prunable layers).
+        standardize: with ``"global"``, compare ``(score - mean) / std`` within each layer (FLAP's adaptive
+            structure search) instead of raw scores, whose scale differs between layers (filter norms grow
+            with fan-in); on the shapes CNN it raises accuracy at 25 % for every score (see the README).
         layers: regular expression(s): prune only the scored layers matching them.
         calibration: inputs like ``example_input`` (a tensor of samples, or a DataLoader of tensors or
             ``(inputs, labels)`` pairs) for mean compensation and ``recalibrate_bn``.
@@ -361,7 +365,7 @@ def prune_channels(
     if allocation not in ("uniform", "global"):
         raise InputError(f"allocation must be 'uniform' or 'global', got {allocation!r}")
     amount = check_amount(amount, "removes a quarter of each prunable layer's channels")
-    for flag, value in (("compensate", compensate), ("recalibrate_bn", recalibrate_bn)):
+    for flag, value in (("compensate", compensate), ("recalibrate_bn", recalibrate_bn), ("standardize", standardize)):
         if value is not None and not isinstance(value, bool):
             raise InputError(f"{flag} must be True or False, got {value!r}")
     recalibrate_bn = calibration is not None if recalibrate_bn is None else recalibrate_bn
@@ -396,6 +400,8 @@ def prune_channels(
     _, deps = dependencies(model, list(scores), example_input)
     batches = _calibration_batches(calibration, example_input, batch_size) if calibration is not None else []
     prunable = {n: v for n, v in scores.items() if deps[n].prunable}
+    if standardize and allocation == "global":
+        prunable = {n: standardize_rows(v[None])[0] for n, v in prunable.items()}
     removed = plan(prunable, amount, allocation) if prunable else {}
 
     before = n_parameters(model)
