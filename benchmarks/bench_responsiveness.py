@@ -14,18 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import numpy as np
-
-
-def best_of(fn, runs: int) -> tuple[float, object]:
-    times, out = [], None
-    for _ in range(runs):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return min(times), out
+from timing import best_of
 
 
 def loop_reference(predict_class, X: np.ndarray, grids: list[np.ndarray], desired: int) -> np.ndarray:

@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from whatmatters.compress.calibrate import HEAD_PATTERN, _call, _conv1d_type, as_batches
+from whatmatters.compress.calibrate import HEAD_PATTERN, _call, _conv1d_type, as_batches, match_layers
 from whatmatters.core.errors import InputError, MethodError, ModelError
 from whatmatters.core.importance import Importance
 from whatmatters.core.state import hooks, preserved
@@ -65,23 +65,7 @@ def quantizable_layers(model: nn.Module, layers: str | Sequence[str] | None = No
     if layers is None:
         chosen = {n: m for n, m in found.items() if not HEAD_PATTERN.search(n)}
         return chosen or found
-    patterns = [layers] if isinstance(layers, str) else list(layers)
-    if not patterns:
-        raise InputError("layers is an empty list; give regular expressions such as r'blocks' or None for all layers")
-    hits: set[str] = set()
-    for pattern in patterns:
-        try:
-            regex = re.compile(pattern)
-        except (re.error, TypeError) as err:
-            raise InputError(f"layer pattern {pattern!r} is not a valid regular expression: {err}") from None
-        match = {n for n in found if regex.search(n)}
-        if not match:
-            raise InputError(
-                f"layer pattern {pattern!r} matches none of the model's {len(found)} Linear/Conv layers "
-                f"(e.g. {', '.join(list(found)[:4])})"
-            )
-        hits |= match
-    return {n: m for n, m in found.items() if n in hits}
+    return match_layers(found, layers, "Linear/Conv layers")
 
 
 def _out_dim(module: nn.Module) -> int:
