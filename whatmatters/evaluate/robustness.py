@@ -22,7 +22,6 @@ import numbers
 from typing import Any
 
 import torch
-from scipy.stats import rankdata
 from torch import nn
 
 from whatmatters.core.adapters import TorchModel
@@ -30,6 +29,7 @@ from whatmatters.core.errors import InputError, MethodError, ModelError
 from whatmatters.core.importance import Importance
 from whatmatters.core.registry import get_method
 from whatmatters.core.state import hooks
+from whatmatters.evaluate.agreement import spearman
 from whatmatters.evaluate.metrics import flat_scores, metric, metric_task
 
 
@@ -118,10 +118,7 @@ def max_sensitivity(
         )
     e = flat_scores(importance, n)  # (n, d)
     e2 = flat_scores(again, n * n_samples).reshape(n, n_samples, -1)
-    num = torch.linalg.vector_norm(e2 - e.unsqueeze(1), dim=-1)  # (n, n_samples)
-    den = torch.linalg.vector_norm(e, dim=-1, keepdim=True)
-    ratio = torch.where(den > 0, num / den.clamp_min(1e-300), torch.full_like(num, float("nan")))
-    return ratio.amax(dim=1)
+    return _relative_l2(e.unsqueeze(1), e2).amax(dim=1)  # (n, n_samples) -> (n,)
 
 
 def cascade_layers(model: nn.Module) -> list[str]:
@@ -156,13 +153,16 @@ def _spearman_abs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Row-wise Spearman correlation of float64 CPU rows (average ranks for ties; NaN for constant rows)."""
-    ra = torch.from_numpy(rankdata(a.numpy(), axis=1))
-    rb = torch.from_numpy(rankdata(b.numpy(), axis=1))
-    ra = ra - ra.mean(1, keepdim=True)
-    rb = rb - rb.mean(1, keepdim=True)
-    den = torch.linalg.vector_norm(ra, dim=1) * torch.linalg.vector_norm(rb, dim=1)
-    return torch.where(den > 0, (ra * rb).sum(1) / den.clamp_min(1e-300), torch.full_like(den, float("nan")))
+    """Row-wise Spearman correlation (average ranks for ties; NaN for constant rows)."""
+    constant = (a == a[..., :1]).all(-1) | (b == b[..., :1]).all(-1)
+    return torch.where(constant, float("nan"), spearman(a, b))
+
+
+def _relative_l2(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``||other - reference|| / ||reference||`` over the last axis (broadcast); NaN where ``reference`` is zero."""
+    num = torch.linalg.vector_norm(other - reference, dim=-1)
+    den = torch.linalg.vector_norm(reference, dim=-1).expand_as(num)
+    return torch.where(den > 0, num / den.clamp_min(1e-300), torch.full_like(num, float("nan")))
 
 
 @metric("randomization", category="randomization", higher_is_better=False, units="pixel")
@@ -288,9 +288,7 @@ def _noise_at_input(module: nn.Module, noise: GradientNoise) -> Any:
 def _distance(clean: torch.Tensor, noisy: torch.Tensor, distance: str) -> torch.Tensor:
     if distance == "spearman":
         return torch.where((clean == noisy).all(-1), 0.0, 1 - _spearman(clean, noisy))  # exact 0 for equal maps
-    num = torch.linalg.vector_norm(noisy - clean, dim=-1)
-    den = torch.linalg.vector_norm(clean, dim=-1)
-    return torch.where(den > 0, num / den.clamp_min(1e-300), torch.full_like(num, float("nan")))
+    return _relative_l2(clean, noisy)
 
 
 @metric("gradient_noise", category="robustness", higher_is_better=False, units="pixel")
