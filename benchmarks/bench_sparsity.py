@@ -38,6 +38,16 @@ LM_METHODS = ("magnitude", "wanda", "gradient_wanda", "taylor")
 SPARSITIES = (0.1, 0.3, 0.5, 0.7)
 
 
+def pruning_runs(args: argparse.Namespace) -> list[tuple[str, float | None, str, str]]:
+    """``(method, sparsity, pattern, group)`` to measure: every method x sparsity per row, layer-wise magnitude
+    at 50 % (the published baseline) and 2:4 for magnitude and Wanda (not with ``--quick``)."""
+    runs = [(m, s, "unstructured", "row") for m in args.methods for s in args.sparsities]
+    if 0.5 in args.sparsities and "magnitude" in args.methods:
+        runs.append(("magnitude", 0.5, "unstructured", "layer"))
+    runs += [(m, None, "2:4", "row") for m in ("magnitude", "wanda") if m in args.methods and not args.quick]
+    return runs
+
+
 def log(msg: str) -> None:
     print(f"[bench_sparsity] {msg}", file=sys.stderr, flush=True)
 
@@ -90,10 +100,7 @@ def bench_lm(args: argparse.Namespace) -> dict[str, Any]:
 
     work = copy.deepcopy(model)
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
-    runs = [(m, s, "unstructured", "row") for m in args.methods for s in args.sparsities]
-    if 0.5 in args.sparsities and "magnitude" in args.methods:
-        runs.append(("magnitude", 0.5, "unstructured", "layer"))
-    runs += [(m, None, "2:4", "row") for m in ("magnitude", "wanda") if m in args.methods and not args.quick]
+    runs = pruning_runs(args)
     results = []
     for method, sparsity, pattern, group in runs:
         work.load_state_dict(dense_state)
@@ -198,10 +205,7 @@ def bench_minilm(args: argparse.Namespace) -> dict[str, Any]:
     scores = {m: score(model, m, data=cal) for m in args.methods}
     work = copy.deepcopy(model)
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
-    runs = [(m, s, "unstructured", "row") for m in args.methods for s in args.sparsities]
-    if 0.5 in args.sparsities and "magnitude" in args.methods:
-        runs.append(("magnitude", 0.5, "unstructured", "layer"))
-    runs += [(m, None, "2:4", "row") for m in ("magnitude", "wanda") if m in args.methods and not args.quick]
+    runs = pruning_runs(args)
     results = []
     for method, sparsity, pattern, group in runs:
         work.load_state_dict(dense_state)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 from html.parser import HTMLParser
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -85,3 +88,12 @@ def tiny_batch(kind: str, n: int = 6, length: int = 10, vocab: int = 60) -> torc
     if kind == "vit":
         return torch.randn(n, 3, 16, 16)
     return torch.randint(0, vocab, (n, length))
+
+
+def benchmark_script(name: str) -> ModuleType:
+    """The module ``benchmarks/<name>.py`` (e.g. a golden-array maker whose fixture model a test reuses)."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

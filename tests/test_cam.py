@@ -3,12 +3,12 @@ ViTs, a ground-truth CNN, bad input and model state."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import benchmark_script
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -26,16 +26,9 @@ CAMS = ["grad_cam", "grad_cam_plus_plus", "xgrad_cam", "layer_cam", "eigen_cam",
 REFERENCE = ["grad_cam", "grad_cam_plus_plus", "xgrad_cam", "layer_cam", "eigen_cam", "score_cam"]
 
 
-def _goldens_module():
-    spec = importlib.util.spec_from_file_location("make_cam_goldens", ROOT / "benchmarks" / "make_cam_goldens.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def golden():
-    maker = _goldens_module()
+    maker = benchmark_script("make_cam_goldens")
     model = maker.fixture_cnn()
     model.load_state_dict(torch.load(FIXTURES / "cnn.pt", weights_only=True))
     model.eval()

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import benchmark_script
 from torch import nn
 
 import whatmatters as wm
@@ -20,16 +20,9 @@ ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "lrp"
 
 
-def _goldens_module():
-    spec = importlib.util.spec_from_file_location("make_lrp_goldens", ROOT / "benchmarks" / "make_lrp_goldens.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
 def golden():
-    maker = _goldens_module()
+    maker = benchmark_script("make_lrp_goldens")
     model = maker.fixture_cnn()
     model.load_state_dict(torch.load(FIXTURES / "cnn.pt"))
     model.eval()

@@ -1,11 +1,11 @@
 """ROAD (remove and debias): noisy linear imputation and the MoRF / LeRF curves, against Quantus goldens."""
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import benchmark_script
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -22,10 +22,7 @@ GOLDEN = ROOT / "tests" / "fixtures" / "road" / "quantus_road.npz"
 
 def _golden_model(g: np.lib.npyio.NpzFile) -> nn.Module:
     """The goldens' CNN (architecture from the script that made them) with the stored weights."""
-    spec = importlib.util.spec_from_file_location("make_road_goldens", ROOT / "benchmarks" / "make_road_goldens.py")
-    maker = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(maker)
-    model = maker.fixture_cnn()
+    model = benchmark_script("make_road_goldens").fixture_cnn()
     model.load_state_dict({k[2:]: torch.from_numpy(g[k]) for k in g.files if k.startswith("w_")})
     return model.eval()
 
