@@ -109,17 +109,10 @@ def bench_vit(args: argparse.Namespace) -> dict[str, Any]:
 
 # ------------------------------------------------------------------- SmolLM2
 def bench_lm(args: argparse.Namespace) -> dict[str, Any]:
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-    from bench_sparsity import eval_windows, perplexity
-
-    from whatmatters.compress import lm_windows
-    from whatmatters.models import load_smollm2, load_texts
+    from bench_sparsity import perplexity, smollm2_windows  # the script's folder is on sys.path
 
     t0 = time.perf_counter()
-    model, tok = load_smollm2()
-    docs = load_texts("python-docs")
-    cal_ids = lm_windows(docs[0::2], tok, n_sequences=args.lm_cal, seq_len=args.seq_len, seed=0)
-    ev_ids = eval_windows(docs[1::2], tok, args.lm_eval, args.seq_len)
+    model, cal_ids, ev_ids = smollm2_windows(args.lm_cal, args.lm_eval, args.seq_len)
     log(f"SmolLM2 loaded in {time.perf_counter() - t0:.1f}s")
     t = time.perf_counter()
     dense = perplexity(model, ev_ids)

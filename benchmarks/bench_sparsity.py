@@ -60,6 +60,15 @@ def eval_windows(texts: list[str], tokenizer: Any, n: int, seq_len: int) -> torc
     return chunks[pick]
 
 
+def smollm2_windows(n_cal: int, n_eval: int, seq_len: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """SmolLM2, calibration windows from the even Python-docs topics and evaluation windows
+    (evenly spaced, non-overlapping) from the odd ones: the split every SmolLM2 benchmark uses."""
+    model, tok = load_smollm2()
+    docs = load_texts("python-docs")
+    cal_ids = lm_windows(docs[0::2], tok, n_sequences=n_cal, seq_len=seq_len, seed=0)
+    return model, cal_ids, eval_windows(docs[1::2], tok, n_eval, seq_len)
+
+
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, ids: torch.Tensor, batch_size: int = 4) -> float:
     total, count = 0.0, 0
@@ -75,11 +84,8 @@ def perplexity(model: torch.nn.Module, ids: torch.Tensor, batch_size: int = 4) -
 
 def bench_lm(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
-    model, tok = load_smollm2()
+    model, cal_ids, ev_ids = smollm2_windows(args.lm_cal, args.lm_eval, args.seq_len)
     load_s = time.perf_counter() - t0
-    docs = load_texts("python-docs")
-    cal_ids = lm_windows(docs[0::2], tok, n_sequences=args.lm_cal, seq_len=args.seq_len, seed=0)
-    ev_ids = eval_windows(docs[1::2], tok, args.lm_eval, args.seq_len)
     log(f"SmolLM2 loaded in {load_s:.1f}s; calibration {tuple(cal_ids.shape)}, evaluation {tuple(ev_ids.shape)}")
 
     t0 = time.perf_counter()

@@ -25,12 +25,11 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sparsity import eval_windows, perplexity
+from bench_sparsity import perplexity, smollm2_windows
 
-from whatmatters.compress import calibrate, lm_windows, score
+from whatmatters.compress import calibrate, score
 from whatmatters.compress.remove import n_parameters, prune_structured
 from whatmatters.core.importance import Importance
-from whatmatters.models import load_smollm2, load_texts
 
 
 def log(msg: str) -> None:
@@ -70,10 +69,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     start = t0 = time.perf_counter()
-    model, tok = load_smollm2()
-    docs = load_texts("python-docs")
-    cal_ids = lm_windows(docs[0::2], tok, n_sequences=args.cal, seq_len=args.seq_len, seed=0)
-    ev_ids = eval_windows(docs[1::2], tok, args.eval, args.seq_len)
+    model, cal_ids, ev_ids = smollm2_windows(args.cal, args.eval, args.seq_len)
     lat_ids = ev_ids[:1]
     log(f"loaded in {time.perf_counter() - t0:.1f}s")
     dense_ppl = perplexity(model, ev_ids)
