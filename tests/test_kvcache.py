@@ -7,11 +7,9 @@ import torch
 
 pytest.importorskip("transformers")
 from helpers import tiny_model
-from transformers import (
-    DynamicCache,
-)
 
 from whatmatters.compress.kvcache import POLICIES, evict_scores, kv_eviction
+from whatmatters.core import hf
 from whatmatters.core.errors import InputError, MethodError, ModelError
 
 VOCAB, PROMPT = 97, 40
@@ -66,8 +64,8 @@ def test_generate_runs_and_prefill_cache_equals_budget(models, ids, name, policy
     before, hooks_before = _state(model), _n_hooks(model)
     with kv_eviction(model, policy, 0.5, **SMALL.get(policy, {})) as h:
         out = _generate(model, ids)
-        cache = DynamicCache(config=model.config)
-        model(ids, past_key_values=cache, use_cache=True)
+        cache = hf.new_cache(model)
+        model(ids, **hf.cache_kwargs(model, cache), use_cache=True)
         lengths = {layer.keys.shape[2] for layer in cache.layers}
     assert out.shape == (2, PROMPT + 4)
     assert lengths == {PROMPT // 2}
@@ -96,18 +94,18 @@ def test_evicted_next_token_logits_match_manual_cache(models, ids, name, policy)
     model = models[name]
     params = {"decoding": False} if policy in ("heavy_hitter", "scissorhands") else SMALL.get(policy, {})
     with kv_eviction(model, policy, 0.5, **params) as h:
-        cache = DynamicCache(config=model.config)
-        model(ids, past_key_values=cache, use_cache=True)
+        cache = hf.new_cache(model)
+        model(ids, **hf.cache_kwargs(model, cache), use_cache=True)
         nxt = torch.randint(0, VOCAB, (2, 3), generator=torch.Generator().manual_seed(4))
-        got = model(nxt, past_key_values=cache, use_cache=True).logits  # positions filled in by the hook
+        got = model(nxt, **hf.cache_kwargs(model, cache), use_cache=True).logits  # positions filled in by the hook
     kept = {i: p[..., : PROMPT // 2] for i, p in h.kept_positions().items()}
-    full = DynamicCache(config=model.config)
-    model(ids, past_key_values=full, use_cache=True)
+    full = hf.new_cache(model)
+    model(ids, **hf.cache_kwargs(model, full), use_cache=True)
     for i, layer in enumerate(full.layers):
         idx = kept[i][..., None].expand(-1, -1, -1, layer.keys.shape[-1])
         layer.keys, layer.values = layer.keys.gather(2, idx), layer.values.gather(2, idx)
     pos = torch.arange(PROMPT, PROMPT + 3)[None].expand(2, -1)
-    want = model(nxt, past_key_values=full, position_ids=pos, use_cache=True).logits
+    want = model(nxt, **hf.cache_kwargs(model, full), position_ids=pos, use_cache=True).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # and the eviction really changed the result
     assert not torch.allclose(want, model(torch.cat([ids, nxt], 1)).logits[:, -3:], atol=1e-4)
@@ -148,10 +146,10 @@ def test_sink_recent_keeps_sinks_and_recent_window(models, ids):
 
 def test_heavy_hitter_keeps_budget_while_decoding(models, ids):
     with kv_eviction(models["qwen2"], "heavy_hitter", 0.5, recent_ratio=0.25) as h:
-        cache = DynamicCache(config=models["qwen2"].config)
-        models["qwen2"](ids, past_key_values=cache, use_cache=True)
+        cache = hf.new_cache(models["qwen2"])
+        models["qwen2"](ids, **hf.cache_kwargs(models["qwen2"], cache), use_cache=True)
         for t in range(3):
-            models["qwen2"](ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            models["qwen2"](ids[:, t : t + 1], **hf.cache_kwargs(models["qwen2"], cache), use_cache=True)
             assert cache.layers[0].keys.shape[2] == PROMPT // 2
     kept = h.kept_positions()[0]
     recent = int(PROMPT // 2 * 0.25)
@@ -163,8 +161,8 @@ def test_ems_merges_values_into_kept_entries(models, ids):
     caches = {}
     for merge in (True, False):
         with kv_eviction(model, "ems", 0.5, window_size=8, merge=merge) as h:
-            caches[merge] = DynamicCache(config=model.config)
-            model(ids, past_key_values=caches[merge], use_cache=True)
+            caches[merge] = hf.new_cache(model)
+            model(ids, **hf.cache_kwargs(model, caches[merge]), use_cache=True)
     assert torch.equal(caches[True].layers[0].keys, caches[False].layers[0].keys)
     assert not torch.equal(caches[True].layers[0].values, caches[False].layers[0].values)
     assert h.kept_positions()[0].shape[-1] == PROMPT // 2

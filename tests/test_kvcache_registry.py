@@ -9,11 +9,11 @@ import torch
 
 pytest.importorskip("transformers")
 from helpers import tiny_model
-from transformers import DynamicCache
 
 import whatmatters
 from whatmatters.compress import score
 from whatmatters.compress.kvcache import POLICIES, POLICY_PARAMS, evict_scores, kv_eviction
+from whatmatters.core import hf
 from whatmatters.core.errors import InputError, MethodError
 from whatmatters.core.registry import get_method
 
@@ -64,7 +64,7 @@ def test_score_returns_the_prefill_scores(ids, policy):
 def test_aliases_and_unknown_names(ids):
     model = _llama()
     with kv_eviction(model, "h2o", 0.5) as h:
-        model(ids, past_key_values=DynamicCache(config=model.config), use_cache=True)
+        model(ids, **hf.cache_kwargs(model, hf.new_cache(model)), use_cache=True)
     assert h.policy == "heavy_hitter" and set(h.budgets.values()) == {PROMPT // 2}
     assert torch.equal(evict_scores(model, ids, "streaming_llm").values, evict_scores(model, ids, "sink_recent").values)
     with pytest.raises(MethodError, match=r"unknown KV eviction policy 'scisorhands'.*'scissorhands'.*unit='kv'"):
@@ -113,11 +113,11 @@ def test_scissorhands_keeps_recent_window_and_evicts_in_chunks(ids):
     model = _qwen2()
     budget = PROMPT // 2
     with kv_eviction(model, "scissorhands", 0.5, recent_window=4, chunk_ratio=0.25, history_window=6) as h:
-        cache = DynamicCache(config=model.config)
-        model(ids, past_key_values=cache, use_cache=True)
+        cache = hf.new_cache(model)
+        model(ids, **hf.cache_kwargs(model, cache), use_cache=True)
         lengths = [cache.layers[0].keys.shape[2]]
         for t in range(8):
-            model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            model(ids[:, t : t + 1], **hf.cache_kwargs(model, cache), use_cache=True)
             lengths.append(cache.layers[0].keys.shape[2])
             state = h._layers[0]
             assert state.hist.shape[2] <= 6 and state.hist.shape[-1] == lengths[-1]
@@ -132,17 +132,17 @@ def test_scissorhands_evicted_logits_equal_manual_cache(ids):
     """Ground truth: the hooked forward equals a forward on a cache gathered by hand at the kept positions."""
     model = _llama()
     with kv_eviction(model, "scissorhands", 0.5, decoding=False, history_window=8) as h:
-        cache = DynamicCache(config=model.config)
-        model(ids, past_key_values=cache, use_cache=True)
+        cache = hf.new_cache(model)
+        model(ids, **hf.cache_kwargs(model, cache), use_cache=True)
         nxt = torch.randint(0, VOCAB, (2, 3), generator=torch.Generator().manual_seed(4))
-        got = model(nxt, past_key_values=cache, use_cache=True).logits
-    full = DynamicCache(config=model.config)
-    model(ids, past_key_values=full, use_cache=True)
+        got = model(nxt, **hf.cache_kwargs(model, cache), use_cache=True).logits
+    full = hf.new_cache(model)
+    model(ids, **hf.cache_kwargs(model, full), use_cache=True)
     for i, layer in enumerate(full.layers):
         idx = h.kept_positions()[i][..., : PROMPT // 2, None].expand(-1, -1, -1, layer.keys.shape[-1])
         layer.keys, layer.values = layer.keys.gather(2, idx), layer.values.gather(2, idx)
     pos = torch.arange(PROMPT, PROMPT + 3)[None].expand(2, -1)
-    want = model(nxt, past_key_values=full, position_ids=pos, use_cache=True).logits
+    want = model(nxt, **hf.cache_kwargs(model, full), position_ids=pos, use_cache=True).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # the kept positions are the top-scored ones of evict_scores
     scores = evict_scores(model, ids, "scissorhands", history_window=8).values

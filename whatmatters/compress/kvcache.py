@@ -65,9 +65,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from whatmatters.core import hf
 from whatmatters.core.errors import InputError, MethodError, ModelError
 from whatmatters.core.importance import Importance
-from whatmatters.core.state import preserved
+from whatmatters.core.state import hooks, preserved
 
 if TYPE_CHECKING:
     from whatmatters.compress.api import WeightTask
@@ -377,22 +378,6 @@ class KVEviction:
         return {i: s.scores for i, s in sorted(self._layers.items()) if s.scores is not None}
 
 
-def _cache_layer(cache: Any, layer_idx: int) -> Any:
-    from transformers.cache_utils import DynamicLayer
-
-    layers = getattr(cache, "layers", None)
-    if layers is None or layer_idx >= len(layers):
-        raise ModelError(f"kv_eviction needs a transformers DynamicCache, got {type(cache).__name__}")
-    layer = layers[layer_idx]
-    if type(layer) is not DynamicLayer:
-        raise ModelError(
-            f"kv_eviction supports DynamicCache layers only; layer {layer_idx} is a {type(layer).__name__} "
-            "(static, quantized, offloaded and sliding-window caches keep their own position bookkeeping). "
-            "Use the default cache: model.generate(...) without cache_implementation"
-        )
-    return layer
-
-
 def _merge(
     keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor, order: torch.Tensor, n_keep: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -421,12 +406,12 @@ class _Hook:
         self.h, self.arch, self.idx = handle, arch, layer_idx
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
-        cache = kwargs.get("past_key_values")
+        cache = hf.find_cache(kwargs)
         if cache is None:
             return output
         hidden = args[0] if args else kwargs["hidden_states"]
         q_len = hidden.shape[1]
-        layer = _cache_layer(cache, self.idx)
+        layer = hf.cache_layer(cache, self.idx, "kv_eviction")
         keys, values = layer.keys, layer.values
         h, p = self.h, self.h.params
         state = h._layers.get(self.idx)
@@ -510,7 +495,7 @@ def _model_pre_hook(handle: KVEviction, first_layer: int):
                 "kv_eviction does not support padded batches (the attention_mask has zeros): evicted caches no "
                 "longer line up with the padding mask. Generate the sequences one at a time or without padding"
             )
-        cache = kwargs.get("past_key_values")
+        cache = hf.find_cache(kwargs)
         state = handle._layers.get(first_layer)
         if kwargs.get("position_ids") is None and cache is not None and state is not None and state.cache() is cache:
             ids = kwargs.get("input_ids", args[0] if args else None)
@@ -528,6 +513,48 @@ def _model_pre_hook(handle: KVEviction, first_layer: int):
     return pre_hook
 
 
+def _model_post_hook(handle: KVEviction, layers: list[int]):
+    """After every forward pass: the hooks saw the cache and it holds what the eviction left in each layer.
+
+    A transformers release that passes the cache under a name or path the hooks do not know, or changes the
+    cache after the attention layer, would otherwise leave the cache silently unevicted.
+    """
+
+    def post_hook(_module: nn.Module, _args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+        cache = hf.find_cache(kwargs) or hf.find_cache(output)
+        if cache is None:
+            if kwargs.get("use_cache"):
+                raise hf.incompatible("kv_eviction", "the forward pass ran with use_cache=True but no Cache was found")
+            return
+        for idx in layers:
+            state = handle._layers.get(idx)
+            if state is None or state.cache() is not cache:
+                raise hf.incompatible("kv_eviction", f"the hook on attention layer {idx} never saw the model's cache")
+            length, expected = hf.cache_length(cache, idx), state.positions.shape[-1]
+            evicts = not handle.record and (handle.params.get("decoding", False) or state.seen == expected)
+            if length != expected or (evicts and length > state.budget):
+                raise hf.incompatible(
+                    "kv_eviction",
+                    f"attention layer {idx} holds {length} cached positions after the forward pass; the eviction "
+                    f"left {expected} (budget {state.budget})",
+                )
+
+    return post_hook
+
+
+@contextmanager
+def _attached(model: nn.Module, arch: _Arch, handle: KVEviction) -> Iterator[None]:
+    """Install the attention hooks and the model's pre / post hooks; remove them on exit."""
+    layers = [int(getattr(m, "layer_idx", i)) for i, m in enumerate(arch.modules)]
+    handles = [
+        m.register_forward_hook(_Hook(handle, arch, idx), with_kwargs=True) for idx, m in zip(layers, arch.modules)
+    ]
+    handles.append(model.register_forward_pre_hook(_model_pre_hook(handle, layers[0]), with_kwargs=True))
+    handles.append(model.register_forward_hook(_model_post_hook(handle, layers), with_kwargs=True))
+    with hooks(*handles):
+        yield
+
+
 @contextmanager
 def kv_eviction(
     model: nn.Module, policy: str = "snapkv", compression_ratio: float = 0.5, **params: Any
@@ -538,7 +565,9 @@ def kv_eviction(
     fraction of the prompt's cached positions removed at the prefill (``0.75`` keeps 25 %); ``0`` changes
     nothing. ``params`` are the policy's parameters (``whatmatters.describe(policy)`` lists them with their
     defaults). Yields a :class:`KVEviction` handle. Hooks are removed and the model is left exactly as it
-    was on exit, even on error.
+    was on exit, even on error. After every forward pass the cache is checked against the eviction (every
+    attention hook saw it; each layer holds the kept entries, at most the budget): a transformers release
+    the hooks cannot follow raises :class:`~whatmatters.core.errors.ModelError` instead of an unevicted cache.
     """
     ratio = _check_ratio(compression_ratio)
     policy = _policy_name(policy)
@@ -549,17 +578,8 @@ def kv_eviction(
         if ratio == 0:
             yield handle
             return
-        handles = [
-            m.register_forward_hook(_Hook(handle, arch, int(getattr(m, "layer_idx", i))), with_kwargs=True)
-            for i, m in enumerate(arch.modules)
-        ]
-        first = int(getattr(arch.modules[0], "layer_idx", 0))
-        handles.append(model.register_forward_pre_hook(_model_pre_hook(handle, first), with_kwargs=True))
-        try:
+        with _attached(model, arch, handle):
             yield handle
-        finally:
-            for hd in handles:
-                hd.remove()
 
 
 def _check_ids(input_ids: Any) -> torch.Tensor:
@@ -572,20 +592,10 @@ def _check_ids(input_ids: Any) -> torch.Tensor:
 
 def _record(model: nn.Module, arch: _Arch, input_ids: torch.Tensor, policy: str, ratio: float, p: dict[str, Any]):
     """Prefill scores of every layer, ``(batch, n_layers, n_kv_heads, seq_len)`` float32, and the layer indices."""
-    from transformers import DynamicCache
-
     handle = KVEviction(policy, ratio, p, len(arch.modules), record=True)
     device = next(model.parameters()).device
-    with preserved(model), torch.no_grad():
-        handles = [
-            m.register_forward_hook(_Hook(handle, arch, int(getattr(m, "layer_idx", i))), with_kwargs=True)
-            for i, m in enumerate(arch.modules)
-        ]
-        try:
-            model(input_ids=input_ids.to(device), past_key_values=DynamicCache(config=model.config), use_cache=True)
-        finally:
-            for hd in handles:
-                hd.remove()
+    with preserved(model), torch.no_grad(), _attached(model, arch, handle):
+        model(input_ids=input_ids.to(device), **hf.cache_kwargs(model, hf.new_cache(model)), use_cache=True)
     scores = handle.prefill_scores()
     return torch.stack([scores[i] for i in sorted(scores)], dim=1).float(), sorted(scores)
 

@@ -25,6 +25,7 @@ from torch import nn
 
 from whatmatters.compress.calibrate import is_transposed, weight_matrix
 from whatmatters.compress.structured import Block, blocks
+from whatmatters.core import hf
 from whatmatters.core.errors import InputError, ModelError
 from whatmatters.core.importance import Importance
 
@@ -482,6 +483,7 @@ def prune_structured(
     original_bias = (blks[0].o.bias is not None, blks[0].down.bias is not None)
 
     before = n_parameters(model)
+    before_shape = hf.output_shape(model, "prune_structured") if hasattr(model, "config") else None
     pruned = model if inplace else copy.deepcopy(model)
     _, new_blks = blocks(pruned)
     removed: dict[str, list[int]] = {}
@@ -505,6 +507,7 @@ def prune_structured(
                 kv_keep = torch.arange(b.n_kv)[~drop.reshape(b.n_kv, g).all(-1)]
                 keep_heads(b, keep, kv_keep, mean)
     ok = _write_config(pruned, original_bias)
+    _check_forward(pruned, before_shape)
     report = StructuredReport(
         unit=unit,
         method=importance.method,
@@ -518,6 +521,15 @@ def prune_structured(
         standardized=standardize,
     )
     return StructuredPruned(pruned, report)
+
+
+def _check_forward(pruned: nn.Module, before: tuple[int, ...] | None) -> None:
+    """The pruned model runs and gives outputs of the original shape (module attributes the release reads)."""
+    if before is None:
+        return
+    after = hf.output_shape(pruned, "prune_structured")
+    if after != before:
+        raise hf.incompatible("prune_structured", f"the pruned model's output has shape {after}, the original {before}")
 
 
 def load_pruned(path: str | Path, *, dtype: torch.dtype | None = None) -> nn.Module:

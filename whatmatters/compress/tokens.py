@@ -25,12 +25,16 @@ import torch
 from torch import nn
 
 from whatmatters.compress.kvcache import _Arch, _arch, _queries
+from whatmatters.core import hf
 from whatmatters.core.errors import InputError, ModelError
 from whatmatters.core.registry import scorer
 from whatmatters.core.state import preserved
 
 if TYPE_CHECKING:
     from whatmatters.compress.api import WeightTask
+
+
+FEATURE = "accumulated_attention"
 
 
 class _Stop(Exception):
@@ -104,22 +108,27 @@ def attention_received(
     arch = _arch(model)
     _check_sliding(model)
     chosen = _layer_indices(arch, layers)
-    from transformers import DynamicCache
-
     device = next(model.parameters()).device
     ids = input_ids.to(device)
     mask = attention_mask.to(device).bool() if attention_mask is not None else None
     total = torch.zeros(ids.shape, device=device, dtype=torch.float32)
-    cache = DynamicCache(config=model.config)
+    cache = hf.new_cache(model)
     index = {m: int(getattr(m, "layer_idx", i)) for i, m in enumerate(arch.modules)}
     last = arch.modules[chosen[-1]]
+    seen: list[int] = []
 
     def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any], _output: Any) -> None:
         nonlocal total
         hidden = args[0] if args else kwargs["hidden_states"]
-        layer = kwargs["past_key_values"].layers[index[module]]
+        if hf.find_cache(kwargs) is not cache:
+            raise hf.incompatible(FEATURE, f"attention layer {index[module]} was not given the cache")
+        keys = hf.cache_layer(cache, index[module], FEATURE).keys
+        if keys.shape[2] != ids.shape[1]:
+            what = f"layer {index[module]} cached {keys.shape[2]} keys for {ids.shape[1]} tokens"
+            raise hf.incompatible(FEATURE, what)
         q = _queries(arch, module, hidden, kwargs)
-        total = total + received_attention(q, layer.keys, float(module.scaling), mask, query_block=query_block)
+        total = total + received_attention(q, keys, float(module.scaling), mask, query_block=query_block)
+        seen.append(index[module])
         if module is last:
             raise _Stop
 
@@ -127,12 +136,15 @@ def attention_received(
         handles = [arch.modules[i].register_forward_hook(hook, with_kwargs=True) for i in chosen]
         try:
             kwargs = {"attention_mask": attention_mask.to(device)} if attention_mask is not None else {}
-            model(input_ids=ids, past_key_values=cache, use_cache=True, **kwargs)
+            model(input_ids=ids, **hf.cache_kwargs(model, cache), use_cache=True, **kwargs)
         except _Stop:
             pass
         finally:
             for h in handles:
                 h.remove()
+    if len(seen) != len(chosen):
+        missed = sorted(set(chosen) - set(seen))
+        raise hf.incompatible(FEATURE, f"the hooks on attention layers {missed} did not run during the forward pass")
     valid = mask if mask is not None else torch.ones_like(ids, dtype=torch.bool)
     # queries i >= j that are not padding: reverse cumulative count of valid positions
     seen_by = valid.flip(-1).cumsum(-1).flip(-1) * valid

@@ -82,6 +82,30 @@ def preserved(module: nn.Module, *, weights: bool | None = None) -> Iterator[nn.
             raise ModelError("a scorer changed the model's weights in place; this is a bug in whatmatters")
 
 
+class Tally:
+    """Counts the calls of hook functions, so a feature can check that every hook it installed ran.
+
+    A library release that stops calling a module (a functional call instead of the submodule, a renamed
+    path) must give an error, not a result computed without the hook: ``tally.hook(name, fn)`` wraps
+    ``fn``; ``tally.missed()`` lists the names never called.
+    """
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {}
+
+    def hook(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        self.calls.setdefault(name, 0)
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return counted
+
+    def missed(self) -> list[str]:
+        return [name for name, n in self.calls.items() if n == 0]
+
+
 @contextmanager
 def hooks(*handles: Any) -> Iterator[None]:
     """Remove the given hook handles on exit."""

@@ -34,9 +34,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from whatmatters.core import hf
 from whatmatters.core.errors import InputError, MethodError, ModelError
 from whatmatters.core.importance import Importance
-from whatmatters.core.state import find_module, hooks, preserved
+from whatmatters.core.state import Tally, find_module, hooks, preserved
 from whatmatters.core.task import as_indices
 from whatmatters.lrp.rules import stabilize
 
@@ -208,21 +209,28 @@ def attached(
         raise MethodError(f"epsilon must be a number >= 0, got {epsilon!r}")
     p = parts(model)
     store: dict[str, Tensor] = {}
+    names = {m: n for n, m in model.named_modules()}
+    tally = Tally()
     handles = []
+
+    def on(modules: list[nn.Module], rule: Any, pre: bool = False) -> None:
+        for m in modules:
+            fn = tally.hook(names[m] or type(m).__name__, rule)
+            handles.append(m.register_forward_pre_hook(fn) if pre else m.register_forward_hook(fn))
 
     def leaf(_m: nn.Module, _i: tuple, out: Tensor) -> Tensor:
         store["embedding"] = out.detach().requires_grad_(True)
         return store["embedding"]
 
-    handles.append(p.embedding.register_forward_hook(leaf))
-    handles += [m.register_forward_hook(_identity_rule) for m in p.norms]
+    on([p.embedding], leaf)
+    on(p.norms, _identity_rule)
     if variant == "attnlrp":
-        handles += [m.register_forward_hook(_identity_rule) for m in p.activations]
-        handles += [m.register_forward_pre_hook(_scale_input(0.5)) for m in p.down]
+        on(p.activations, _identity_rule)
+        on(p.down, _scale_input(0.5), pre=True)
     else:
-        handles += [m.register_forward_hook(_constant) for m in p.activations]
+        on(p.activations, _constant)
     if epsilon > 0:
-        handles += [m.register_forward_hook(_epsilon_rule(float(epsilon))) for m in p.linears]
+        on(p.linears, _epsilon_rule(float(epsilon)))
 
     def keep(name: str) -> Any:
         def hook(_m: nn.Module, _i: tuple, out: Any) -> None:
@@ -235,12 +243,17 @@ def attached(
 
     handles += [m.register_forward_hook(keep(n)) for n, m in (capture or {}).items()]
     if variant == "attnlrp":
-        handles += [m.register_forward_hook(_scale_output(0.25)) for m in p.queries + p.keys]
-        handles += [m.register_forward_hook(_scale_output(0.5)) for m in p.values]
+        on(p.queries + p.keys, _scale_output(0.25))
+        on(p.values, _scale_output(0.5))
     else:
-        handles += [m.register_forward_hook(_constant) for m in p.queries + p.keys]
+        on(p.queries + p.keys, _constant)
     with hooks(*handles):
         yield store
+    missed = tally.missed()
+    if missed:  # a module the rules rely on was not called: the relevance would be silently wrong
+        raise hf.incompatible(
+            "AttnLRP", f"{len(missed)} rule hooks did not run in the forward pass, e.g. {', '.join(missed[:3])}"
+        )
 
 
 def _as_ids(target: Any) -> Tensor:

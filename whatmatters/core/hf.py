@@ -1,0 +1,144 @@
+"""Version adapters for Hugging Face transformers: the one place that knows how its releases differ.
+
+Features that hook into transformers' internals (KV-cache eviction, attention capture for token scores,
+LRP rules on decoder blocks, structured removal) reach the cache, its layers and the forward arguments
+only through these functions, and report a library change with :func:`incompatible` -- a
+:class:`~whatmatters.core.errors.ModelError` that names the version found and the versions tested.
+
+What differs between the tested releases:
+
+* the cache an attention layer receives has been the keyword ``past_key_value``, ``past_key_values``
+  and now ``cache``; model outputs carry it as ``past_key_values`` or ``cache``. It is found by type
+  (a ``transformers.Cache``), not by name (:func:`find_cache`);
+* a model's forward takes the cache as ``cache=`` (5.25; ``past_key_values=`` is deprecated there, to be
+  removed in 5.40) or ``past_key_values=``: :func:`cache_kwargs` passes it under the name the forward
+  declares.
+
+Releases before 5.13 differ in more than this (GPT-2 attention without ``scaling``, ViT's layer list,
+DeepSeek-V3 routing groups) and are not supported: ``pyproject.toml`` asks for ``transformers>=5.13``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from whatmatters.core.errors import ModelError
+
+# The transformers releases the test suite runs on (the oldest one pyproject.toml admits and the newest
+# one checked); named in every error about a library change.
+TESTED = ("5.13.0", "5.25.0")
+
+
+def version() -> str:
+    """The installed transformers version, or ``"not installed"``."""
+    try:
+        import transformers
+    except ImportError:
+        return "not installed"
+    return str(transformers.__version__)
+
+
+def incompatible(feature: str, what: str) -> ModelError:
+    """A ``ModelError`` for a transformers change that ``feature`` cannot handle (raise it)."""
+    return ModelError(
+        f"{feature}: {what}. This transformers release is not one whatmatters can hook: found transformers "
+        f"{version()}, tested with {TESTED[0]} to {TESTED[1]}. Install a tested release "
+        f"(pip install 'transformers>={TESTED[0]},<={TESTED[1]}') or report the version"
+    )
+
+
+def _cache_type() -> type:
+    from transformers.cache_utils import Cache
+
+    return Cache
+
+
+def find_cache(values: Mapping[str, Any] | Any) -> Any | None:
+    """The ``transformers.Cache`` among a call's keyword arguments or a model output (dict or tuple), else None."""
+    cache_type = _cache_type()
+    items = values.values() if isinstance(values, Mapping) else values if isinstance(values, (tuple, list)) else ()
+    return next((v for v in items if isinstance(v, cache_type)), None)
+
+
+def cache_kwargs(model: nn.Module, cache: Any) -> dict[str, Any]:
+    """``{name: cache}`` for calling ``model`` with a cache, under the name its forward declares."""
+    params = inspect.signature(model.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return {name: cache}
+    raise incompatible(type(model).__name__, "its forward takes neither cache= nor past_key_values=")
+
+
+def new_cache(model: nn.Module) -> Any:
+    """An empty ``DynamicCache`` for ``model``."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+def cache_layer(cache: Any, layer_idx: int, feature: str) -> Any:
+    """Layer ``layer_idx`` of a ``DynamicCache`` (its ``keys`` / ``values`` are ``(b, n_kv, len, d)``)."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise incompatible(feature, f"the {type(cache).__name__} has no per-layer .layers")
+    if layer_idx >= len(layers):
+        raise ModelError(f"{feature}: the cache has {len(layers)} layers, attention layer {layer_idx} has none")
+    layer = layers[layer_idx]
+    if type(layer) is not DynamicLayer:
+        raise ModelError(
+            f"{feature} supports DynamicCache layers only; layer {layer_idx} is a {type(layer).__name__} "
+            "(static, quantized, offloaded and sliding-window caches keep their own position bookkeeping). "
+            "Use the default cache: model.generate(...) without cache_implementation"
+        )
+    return layer
+
+
+def cache_length(cache: Any, layer_idx: int) -> int:
+    """Number of cached positions in one layer (0 when empty)."""
+    keys = getattr(cache.layers[layer_idx], "keys", None)
+    return 0 if keys is None or keys.numel() == 0 else int(keys.shape[-2])
+
+
+def tiny_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A one-sample input for a smoke forward pass: 4 token ids, or a zero image of the configured size."""
+    config = model.config
+    device = next(model.parameters()).device
+    if getattr(model, "main_input_name", "input_ids") == "pixel_values":
+        size = getattr(config, "image_size", 224)
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        channels = getattr(config, "num_channels", 3)
+        return {"pixel_values": torch.zeros(1, channels, *size, device=device, dtype=next(model.parameters()).dtype)}
+    vocab = int(getattr(config, "vocab_size", 8) or 8)
+    return {"input_ids": (torch.arange(4, device=device) % vocab)[None]}
+
+
+def output_shape(model: nn.Module, feature: str) -> tuple[int, ...]:
+    """Shape of the first output tensor of a smoke forward pass; a failing pass is reported as incompatible."""
+    try:
+        with torch.no_grad():
+            out = model(**tiny_inputs(model))
+    except Exception as e:  # the library changed what the model's modules read
+        raise incompatible(feature, f"the forward pass fails ({type(e).__name__}: {e})") from e
+    first = next(v for v in (out.values() if isinstance(out, Mapping) else out) if isinstance(v, torch.Tensor))
+    return tuple(first.shape)
+
+
+__all__ = [
+    "TESTED",
+    "cache_kwargs",
+    "cache_layer",
+    "cache_length",
+    "find_cache",
+    "incompatible",
+    "new_cache",
+    "output_shape",
+    "tiny_inputs",
+    "version",
+]
