@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import numbers
 import sys
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import torch
 
-from whatmatters.core.adapters import Model, TorchModel, _batches
+from whatmatters.core.adapters import Model, TorchModel, _batches, to_tensor, wrap
 from whatmatters.core.errors import InputError, ModelError, TargetError, WhatMattersError
 
 T = TypeVar("T")
@@ -44,6 +45,7 @@ class Task:
     seed: int = 0
     batch_size: int | None = None
     progress: bool | None = None
+    n_outputs: int | None = None  # the model's output count, found once by make_task
 
     @property
     def n(self) -> int:
@@ -52,6 +54,18 @@ class Task:
     @property
     def unit_shape(self) -> tuple[int, ...]:
         return tuple(self.inputs.shape[1:])
+
+    @property
+    def unit(self) -> str:
+        """What the inputs' elements are: ``feature``, ``pixel`` or ``token``."""
+        return infer_unit(self.inputs)
+
+    def with_target(self, target: Any) -> Task:
+        """This task for another target (``None`` keeps the task's); no model call when the output count is known."""
+        if target is None:
+            return self
+        tgt = resolve_target(target, self.model, self.inputs, n_outputs=self.n_outputs)
+        return replace(self, target=tgt)
 
     def generator(self, device: torch.device | str = "cpu") -> torch.Generator:
         return torch.Generator(device=device).manual_seed(self.seed)
@@ -117,9 +131,9 @@ def as_indices(target: Any, error: type[WhatMattersError] = TargetError) -> torc
     return t.to(torch.long)
 
 
-def resolve_target(target: Any, model: Model, inputs: torch.Tensor) -> torch.Tensor:
+def resolve_target(target: Any, model: Model, inputs: torch.Tensor, *, n_outputs: int | None = None) -> torch.Tensor:
     """One output index per sample: given, or the predicted class (argmax) when ``target`` is None."""
-    n_out = probe(model, inputs)
+    n_out = probe(model, inputs) if n_outputs is None else n_outputs
     n = inputs.shape[0]
     if target is None:
         if n_out == 1:
@@ -163,9 +177,70 @@ def infer_unit(inputs: torch.Tensor) -> str:
     )
 
 
+def check_units(inputs: torch.Tensor, method: tuple[str, Sequence[str]] | None) -> None:
+    """The inputs have a unit (and, given ``(name, units)``, one that the method scores)."""
+    unit = infer_unit(inputs)
+    if method is not None and unit not in method[1]:
+        from whatmatters.core.errors import MethodError
+
+        name, units = method
+        raise MethodError(f"{name} scores {', '.join(units)}, not {unit}s (data of shape {tuple(inputs.shape)})")
+
+
 def check_params(method_name: str, given: dict[str, Any], accepted: Sequence[str]) -> None:
     unknown = sorted(set(given) - set(accepted))
     if unknown:
         from whatmatters.core.errors import MethodError
 
         raise MethodError(f"{method_name} got unknown parameter(s) {unknown}; it accepts {sorted(accepted) or 'none'}")
+
+
+def _check_int(value: Any, name: str, *, positive: bool) -> int | None:
+    if value is None and positive:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or (positive and value < 1):
+        what = "a positive int (rows per model call)" if positive else "an int"
+        raise InputError(f"{name} must be {what}, got {value!r}")
+    return int(value)
+
+
+def make_task(
+    model: Any,
+    data: Any,
+    target: Any = None,
+    *,
+    y: Any = None,
+    background: Any = None,
+    feature_names: Sequence[str] | None = None,
+    seed: Any = 0,
+    batch_size: Any = None,
+    progress: bool | None = None,
+    method: tuple[str, Sequence[str]] | None = None,
+) -> Task:
+    """The one place where a request's inputs are checked, converted and its target resolved.
+
+    ``explain``, every metric and ``benchmark`` build their :class:`Task` here (or receive one built
+    here): the data becomes a tensor (pandas columns become ``names``), the model an adapter, ``y`` and
+    ``background`` are checked against the data, and the target is resolved once (``None``: the predicted
+    class, one full prediction; given: one probe row for the output count). ``method``, a pair
+    ``(name, units)``, refuses data of units the method does not score before the model is called.
+    """
+    seed = _check_int(seed, "seed", positive=False)
+    batch_size = _check_int(batch_size, "batch_size", positive=True)
+    inputs, names = to_tensor(data, "data")
+    names = list(feature_names) if feature_names is not None else names
+    adapted = wrap(model, batch_size=batch_size)
+    if not isinstance(adapted, TorchModel) and not inputs.is_floating_point():
+        inputs = inputs.to(torch.float64)  # integer columns of a scikit-learn / NumPy model are features, not tokens
+    check_units(inputs, method)  # refused before the model sees the data
+    if names is not None and (inputs.ndim != 2 or len(names) != inputs.shape[1]):
+        raise InputError(f"{len(names)} feature names for data of shape {tuple(inputs.shape)}")
+    bg = to_tensor(background, "background")[0] if background is not None else None
+    if bg is not None and bg.shape[1:] != inputs.shape[1:]:
+        raise InputError(f"background has samples of shape {tuple(bg.shape[1:])}, data {tuple(inputs.shape[1:])}")
+    labels = to_tensor(y, "y")[0] if y is not None else None
+    if labels is not None and len(labels) != len(inputs):
+        raise InputError(f"y has {len(labels)} labels for {len(inputs)} samples")
+    n_out = probe(adapted, inputs)
+    tgt = resolve_target(target, adapted, inputs, n_outputs=n_out)
+    return Task(adapted, inputs, tgt, bg, labels, names, seed, batch_size, progress, n_out)

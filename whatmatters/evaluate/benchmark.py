@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from whatmatters.core.adapters import TorchModel, to_tensor, wrap
+from whatmatters.core.adapters import TorchModel
 from whatmatters.core.errors import InputError, MethodError
 from whatmatters.core.importance import Importance
 from whatmatters.core.registry import get_method
 from whatmatters.core.state import require_eval
-from whatmatters.core.task import check_params, infer_unit, resolve_target
+from whatmatters.core.task import Task, check_params, make_task
 from whatmatters.evaluate.agreement import _ranks
 from whatmatters.evaluate.ground_truth import relevant_mask
 from whatmatters.evaluate.metrics import CATEGORIES, Metric, get_metric
@@ -229,25 +229,18 @@ def _agreement(importances: dict[str, Importance], labels: list[str]) -> pd.Data
     return frame
 
 
-def _check_context(
+def _make_task(
     model: Any, data: Any, *, y: Any, target: Any, relevant: Any, background: Any, seed: Any, batch_size: int | None
-) -> tuple[torch.Tensor, list[str] | None, str]:
-    """Validate the arguments shared by ``benchmark`` and ``compare``; returns ``(inputs, names, unit)``."""
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
-        raise InputError(f"seed must be an integer, got {seed!r}")
-    inputs, names = to_tensor(data, "data")
-    unit = infer_unit(inputs)
-    adapted = wrap(model, batch_size=batch_size)
-    if isinstance(adapted, TorchModel):
-        require_eval(adapted.module)
-    resolve_target(target, adapted, inputs)  # raises on a bad target or a model that rejects the data
-    if y is not None and len(to_tensor(y, "y")[0]) != len(inputs):
-        raise InputError(f"y has {len(to_tensor(y, 'y')[0])} labels for {len(inputs)} samples")
-    if background is not None and tuple(to_tensor(background, "background")[0].shape[1:]) != tuple(inputs.shape[1:]):
-        raise InputError("background samples must have the same shape as the data's samples")
+) -> Task:
+    """The task shared by every method and metric of ``benchmark`` and ``compare``: built, checked and its
+    target resolved once."""
+    module = model.module if isinstance(model, TorchModel) else model
+    if isinstance(module, torch.nn.Module):
+        require_eval(module)
+    task = make_task(model, data, target, y=y, background=background, seed=seed, batch_size=batch_size, progress=False)
     if relevant is not None:
-        _check_relevant(relevant, inputs, names)
-    return inputs, names, unit
+        _check_relevant(relevant, task.inputs, task.names)
+    return task
 
 
 def _metric_specs(metrics: Any, unit: str, relevant: Any) -> tuple[list[tuple[str, dict[str, Any]]], list[Metric]]:
@@ -399,26 +392,16 @@ def benchmark(
         check_params(info.name, all_params, info.defaults)
         merged.append((name, all_params))
     method_labels = _labels(merged, "methods")
-    inputs, names, unit = _check_context(
+    task = _make_task(
         model, data, y=y, target=target, relevant=relevant, background=background, seed=seed, batch_size=batch_size
     )
+    inputs, names, unit = task.inputs, task.names, task.unit
     specs, entries = _metric_specs(metrics, unit, relevant)
 
     def explained(name: str, params: dict[str, Any]) -> Callable[[], tuple[Importance, float]]:
         def run() -> tuple[Importance, float]:
             start = time.perf_counter()
-            imp = explain(
-                model,
-                data,
-                name,
-                target,
-                y=y,
-                background=background,
-                seed=seed,
-                batch_size=batch_size,
-                progress=False,
-                **params,
-            )
+            imp = explain(model, task, name, **params)
             return imp, time.perf_counter() - start
 
         return run
@@ -427,7 +410,7 @@ def benchmark(
     ref_label = _add_reference(jobs, reference, inputs, names, unit, seed)
     context = {"target": target, "background": background, "y": y, "seed": seed, "batch_size": batch_size}
     context.update(progress=False, relevant=relevant)
-    return _run(model, data, jobs, method_labels, specs, entries, context, progress, "benchmark", ref_label)
+    return _run(model, task, jobs, method_labels, specs, entries, context, progress, "benchmark", ref_label)
 
 
 def compare(
@@ -453,16 +436,17 @@ def compare(
         raise InputError("importances must be a non-empty dict {label: Importance}")
     if bad := [str(k) for k, v in importances.items() if not isinstance(v, Importance)]:
         raise InputError(f"importances {bad} are not Importance objects")
-    inputs, names, unit = _check_context(
+    task = _make_task(
         model, data, y=y, target=target, relevant=relevant, background=background, seed=seed, batch_size=batch_size
     )
+    inputs, names, unit = task.inputs, task.names, task.unit
     specs, entries = _metric_specs(metrics, unit, relevant)
     labels = [str(k) for k in importances]
     jobs = {label: (lambda imp=imp: (imp, imp.seconds)) for label, imp in zip(labels, importances.values())}
     ref_label = _add_reference(jobs, reference, inputs, names, unit, seed)
     context = {"target": target, "background": background, "y": y, "seed": seed, "batch_size": batch_size}
     context.update(progress=False, relevant=relevant)
-    return _run(model, data, jobs, labels, specs, entries, context, progress, "compare", ref_label)
+    return _run(model, task, jobs, labels, specs, entries, context, progress, "compare", ref_label)
 
 
 def _add_reference(

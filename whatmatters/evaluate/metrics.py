@@ -27,12 +27,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from whatmatters.core.adapters import TorchModel, to_tensor, wrap
+from whatmatters.core.adapters import TorchModel, to_tensor
 from whatmatters.core.errors import InputError, MethodError
 from whatmatters.core.importance import UNITS, Importance
 from whatmatters.core.registry import Registry
 from whatmatters.core.state import preserved, require_eval
-from whatmatters.core.task import Task, check_params, resolve_target
+from whatmatters.core.task import Task, check_params, make_task
 
 CATEGORIES = ("faithfulness", "localization", "robustness", "agreement", "randomization")
 
@@ -271,20 +271,21 @@ def metric_task(
     The target defaults to the importance's own target (the output that was explained), then to the
     predicted class. A torch model is checked to be in eval mode and left exactly as it was.
     """
-    inputs, names = to_tensor(data, "data")
-    unit_axes(importance, tuple(inputs.shape[1:]))
-    flat_scores(importance, len(inputs))
-    adapted = wrap(model, batch_size=batch_size)
-    bg = to_tensor(background, "background")[0] if background is not None else None
-    if bg is not None and bg.shape[1:] != inputs.shape[1:]:
-        raise InputError(f"background has samples of shape {tuple(bg.shape[1:])}, data {tuple(inputs.shape[1:])}")
-    labels = to_tensor(y, "y")[0] if y is not None else None
     if target is None:
         target = importance.target
+    given = data if isinstance(data, Task) else None
+    inputs = given.inputs if given is not None else to_tensor(data, "data")[0]
+    unit_axes(importance, tuple(inputs.shape[1:]))
+    flat_scores(importance, len(inputs))
+    module = model.module if isinstance(model, TorchModel) else model
     guard = nullcontext()
-    if isinstance(adapted, TorchModel):
-        require_eval(adapted.module, allow_train_mode)
-        guard = preserved(adapted.module)
+    if isinstance(module, torch.nn.Module):
+        require_eval(module, allow_train_mode)
+        guard = preserved(module)
     with guard:
-        tgt = resolve_target(target, adapted, inputs)
-        yield Task(adapted, inputs, tgt, bg, labels, names, seed, batch_size, progress)
+        if given is not None:  # built once by the caller (benchmark): no re-check, no second prediction
+            yield given.with_target(target)
+            return
+        yield make_task(
+            model, data, target, y=y, background=background, seed=seed, batch_size=batch_size, progress=progress
+        )

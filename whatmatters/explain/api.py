@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import numbers
 import time
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 
-from whatmatters.core.adapters import TorchModel, to_tensor, wrap
-from whatmatters.core.errors import InputError, MethodError, ModelError
+from whatmatters.core.adapters import TorchModel
+from whatmatters.core.errors import MethodError, ModelError
 from whatmatters.core.importance import Importance
 from whatmatters.core.registry import get_method
 from whatmatters.core.state import preserved, require_eval
-from whatmatters.core.task import Task, check_params, infer_unit, resolve_target
+from whatmatters.core.task import Task, check_params, check_units, make_task
 
 
 def explain(
@@ -36,7 +36,8 @@ def explain(
     Args:
         model: a torch ``nn.Module``, a scikit-learn estimator, or a callable on arrays.
         data: samples to explain, shape ``(n, features)`` or ``(n, C, H, W)``; a pandas
-            DataFrame's columns become the unit names.
+            DataFrame's columns become the unit names. A :class:`~whatmatters.core.task.Task` from
+            ``make_task`` is used as it is (its data, background, labels and target).
         method: a name from ``whatmatters.methods()``.
         target: output index to explain (int or one per sample); default: the predicted class
             (or the only output of a regressor).
@@ -52,68 +53,48 @@ def explain(
     """
     if not isinstance(method, str):
         raise MethodError(f"method must be a method name (str), got {method!r}; whatmatters.methods() lists them")
-    if batch_size is not None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-            raise InputError(f"batch_size must be a positive int (rows per model call), got {batch_size!r}")
-        batch_size = int(batch_size)
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise InputError(f"seed must be an int, got {seed!r}")
-    seed = int(seed)
     info = get_method(method)
     if info.verb != "explain":
-        raise MethodError(f"{method!r} is a {info.verb} method; use whatmatters.{info.verb}(...) for it")
+        hint = "whatmatters.compress.score(model, method, data=...)" if info.verb == "compress" else info.verb
+        raise MethodError(f"{method!r} is a {info.verb} method, not an explain method; use {hint} for it")
     check_params(info.name, params, info.defaults)
-    inputs, names = to_tensor(data, "data")
-    names = feature_names or names
-    adapted = wrap(model, batch_size=batch_size)
-    if not isinstance(adapted, TorchModel) and not inputs.is_floating_point():
-        inputs = inputs.to(torch.float64)  # integer columns of a scikit-learn / NumPy model are features, not tokens
-    if info.needs in ("gradients", "module") and not isinstance(adapted, TorchModel):
+    module = model.module if isinstance(model, TorchModel) else model  # an adapter is accepted too
+    is_torch = isinstance(module, torch.nn.Module)
+    if info.needs in ("gradients", "module") and not is_torch:
         raise ModelError(
             f"{info.name} needs gradients, so it needs a PyTorch nn.Module; for a {type(model).__name__} "
             f"use a model-agnostic method: {', '.join(m for m in _agnostic())}"
         )
-    unit = infer_unit(inputs)
-    if unit not in info.units:
-        raise MethodError(
-            f"{info.name} scores {', '.join(info.units)}, not {unit}s (data of shape {tuple(inputs.shape)})"
-        )
-    if names is not None and (inputs.ndim != 2 or len(names) != inputs.shape[1]):
-        raise MethodError(f"{len(names)} feature names for data of shape {tuple(inputs.shape)}")
-    bg = to_tensor(background, "background")[0] if background is not None else None
-    if bg is not None and bg.shape[1:] != inputs.shape[1:]:
-        raise MethodError(f"background has samples of shape {tuple(bg.shape[1:])}, data {tuple(inputs.shape[1:])}")
-    labels = to_tensor(y, "y")[0] if y is not None else None
-    if labels is not None and len(labels) != len(inputs):
-        raise MethodError(f"y has {len(labels)} labels for {len(inputs)} samples")
-
-    def run() -> Any:
-        tgt = resolve_target(target, adapted, inputs)
-        task = Task(adapted, inputs, tgt, bg, labels, names, seed, batch_size, progress)
+    if is_torch:
+        require_eval(module, allow_train_mode)
+    guard = preserved(module) if is_torch else nullcontext()
+    with guard:
+        if isinstance(data, Task):  # built once by the caller (benchmark): no re-check, no second prediction
+            task = data.with_target(target)
+        else:
+            task = make_task(
+                model, data, target, y=y, background=background, feature_names=feature_names,
+                seed=seed, batch_size=batch_size, progress=progress, method=(info.name, info.units),
+            )  # fmt: skip
+        check_units(task.inputs, (info.name, info.units))
         start = time.perf_counter()
         out = info.fn(task, **params)
-        return tgt, out, time.perf_counter() - start
-
-    if isinstance(adapted, TorchModel):
-        require_eval(adapted.module, allow_train_mode)
-        with preserved(adapted.module):
-            tgt, out, seconds = run()
-    else:
-        tgt, out, seconds = run()
+        seconds = time.perf_counter() - start
     values, extra = out if isinstance(out, tuple) else (out, {})
+    names = task.names
     if "unit_names" in extra:  # a scorer of its own units (e.g. feature groups) names them
         extra = dict(extra)
         names = list(extra.pop("unit_names"))
-    unique = tgt.unique()
+    unique = task.target.unique()
     return Importance(
         values=values,
-        unit=unit,
-        names=names if inputs.ndim == 2 else None,
+        unit=task.unit,
+        names=names if task.inputs.ndim == 2 else None,
         per_sample=info.per_sample,
         method=info.name,
         params={**info.defaults, **params},
-        target=int(unique[0]) if len(unique) == 1 else tgt.tolist(),
-        seed=seed,
+        target=int(unique[0]) if len(unique) == 1 else task.target.tolist(),
+        seed=task.seed,
         seconds=seconds,
         extra=extra,
     )
