@@ -210,7 +210,7 @@ class Importance:
         ``k`` most important units, by absolute score, that both share; ``k`` defaults to 10 % of
         the units). Per-sample scores are compared sample by sample and averaged.
         """
-        from whatmatters.evaluate.agreement import rank_agreement
+        from whatmatters.core.ranks import rank_agreement
 
         return rank_agreement(self, other, k=k)
 

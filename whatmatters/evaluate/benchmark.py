@@ -16,10 +16,10 @@ import torch
 from whatmatters.core.adapters import TorchModel
 from whatmatters.core.errors import InputError, MethodError
 from whatmatters.core.importance import Importance
+from whatmatters.core.ranks import ranks
 from whatmatters.core.registry import get_method
 from whatmatters.core.state import require_eval
 from whatmatters.core.task import Task, check_params, make_task
-from whatmatters.evaluate.agreement import _ranks
 from whatmatters.evaluate.ground_truth import relevant_mask
 from whatmatters.evaluate.metrics import CATEGORIES, Metric, get_metric
 from whatmatters.evaluate.metrics import metrics as metric_names
@@ -221,10 +221,10 @@ def _agreement(importances: dict[str, Importance], labels: list[str]) -> pd.Data
     if len(shapes) > 1:  # e.g. per-pixel vs per-channel scores: not comparable unit by unit
         return frame
     rows = torch.stack([importances[label].aggregate()._flat()[0].detach().to("cpu", torch.float64) for label in done])
-    ranks = _ranks(rows.abs())
-    ranks = ranks - ranks.mean(1, keepdim=True)
-    norm = ranks.norm(dim=1, keepdim=True)
-    corr = (ranks @ ranks.T) / (norm * norm.T)  # constant scores: 0 / 0 = NaN, correctly undefined
+    r = ranks(rows.abs())
+    r = r - r.mean(1, keepdim=True)
+    norm = r.norm(dim=1, keepdim=True)
+    corr = (r @ r.T) / (norm * norm.T)  # constant scores: 0 / 0 = NaN, correctly undefined
     frame.loc[done, done] = corr.numpy()
     return frame
 

@@ -1,0 +1,83 @@
+"""The package's rooms by dependency: no import cycle, and core imports nothing above it."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "whatmatters"
+ABOVE_CORE = ("explain", "compress", "tune", "curate", "evaluate", "lrp", "vision", "cli", "demo", "select", "models")
+
+
+def _module(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+FILES = {_module(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def _imports(path: Path, *, top_level: bool) -> set[str]:
+    """Modules of whatmatters that ``path`` imports (at import time only when ``top_level``).
+
+    ``from package import submodule`` depends on the submodule, not on the package's ``__init__``.
+    """
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if top_level else list(ast.walk(tree))
+    found = set()
+    for node in nodes:
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("whatmatters"):
+            subs = {f"{node.module}.{a.name}" for a in node.names} & set(FILES)
+            found.update(subs)
+            if len(subs) < len(node.names):
+                found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("whatmatters"))
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    return {m: {i for i in _imports(p, top_level=True) if i in FILES and i != m} for m, p in FILES.items()}
+
+
+def test_no_import_cycle():
+    graph = _graph()
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for dep in sorted(graph[m]):
+            if state.get(dep) == 1:
+                raise AssertionError("import cycle: " + " -> ".join([*path[path.index(dep) :], dep]))
+            if dep not in state:
+                visit(dep, [*path, dep])
+        state[m] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+
+
+def test_core_imports_nothing_above_it():
+    bad = {}
+    for path in (PACKAGE / "core").glob("*.py"):
+        above = sorted(
+            i for i in _imports(path, top_level=False) if i.split(".")[1:2] and i.split(".")[1] in ABOVE_CORE
+        )
+        if above:
+            bad[path.name] = above
+    assert not bad, f"core imports modules above it: {bad}"
+
+
+def test_the_checks_can_fail(tmp_path):
+    cyclic = tmp_path / "a.py"
+    cyclic.write_text(
+        "from whatmatters.explain import api, explain\nimport whatmatters.compress\n\n"
+        "def f():\n    import whatmatters.tune\n"
+    )
+    assert _imports(cyclic, top_level=True) == {
+        "whatmatters.explain",
+        "whatmatters.explain.api",
+        "whatmatters.compress",
+    }
+    assert "whatmatters.tune" in _imports(cyclic, top_level=False)
