@@ -32,19 +32,35 @@ class Method:
     @property
     def defaults(self) -> dict[str, Any]:
         """Keyword parameters the method accepts, with their defaults."""
-        sig = inspect.signature(self.fn)
-        return {
-            name: p.default
-            for name, p in sig.parameters.items()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty
-        }
+        return keyword_defaults(self.fn)
+
+    @property
+    def header(self) -> str:
+        return f"{self.name} ({self.verb}, family {self.family}, units {', '.join(self.units)}, needs {self.needs})"
+
+
+def keyword_defaults(fn: Callable[..., Any], skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A function's keyword-only parameters with defaults (less ``skip``): an entry's parameters."""
+    return {
+        name: p.default
+        for name, p in inspect.signature(fn).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty and name not in skip
+    }
 
 
 @dataclass
 class Registry:
+    """Entries by name (scorers, metrics, KV policies, ...): add, get with "did you mean", list, describe.
+
+    ``packages`` are imported on first use, so that every module in them registers its entries. An entry
+    has ``name``, ``aliases``, ``fn`` (its documentation), ``defaults`` (its parameters) and ``header``.
+    """
+
     kind: str
+    packages: tuple[str, ...] = ()
     entries: dict[str, Any] = field(default_factory=dict)
     alias_of: dict[str, str] = field(default_factory=dict)
+    _loaded: bool = False
 
     def add(self, entry: Any) -> None:
         for key in (entry.name, *getattr(entry, "aliases", ())):
@@ -54,19 +70,47 @@ class Registry:
         for alias in getattr(entry, "aliases", ()):
             self.alias_of[alias] = entry.name
 
+    def load(self) -> None:
+        """Import every module of ``packages`` (once)."""
+        if self._loaded:
+            return
+        from whatmatters.core.discover import import_submodules
+
+        for package in self.packages:
+            import_submodules(package)
+        self._loaded = True
+
     def get(self, name: str) -> Any:
-        key = self.alias_of.get(name, name)
+        self.load()
+        key = self.alias_of.get(name, name) if isinstance(name, str) else name
         if key not in self.entries:
             known = sorted([*self.entries, *self.alias_of])
-            close = difflib.get_close_matches(name, known, n=3)
+            close = difflib.get_close_matches(str(name), known, n=3)
             hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
             raise MethodError(
                 f"unknown {self.kind} {name!r}.{hint} whatmatters.{self.kind}s() lists the available ones."
             )
         return self.entries[key]
 
+    def names(self, unit: str | None = None, **attributes: Any) -> list[str]:
+        """Sorted names of the entries for ``unit`` (in their ``units``) whose attributes equal the given ones."""
+        self.load()
+        return sorted(
+            e.name
+            for e in self.entries.values()
+            if (unit is None or unit in e.units)
+            and all(value is None or getattr(e, key) == value for key, value in attributes.items())
+        )
 
-SCORERS = Registry("method")
+    def describe(self, name: str) -> str:
+        """An entry's header line, its parameters with their defaults, and its documentation."""
+        e = self.get(name)
+        params = ", ".join(f"{k}={v!r}" for k, v in e.defaults.items()) or "none"
+        return f"{e.header}\nparameters: {params}\n\n{inspect.getdoc(e.fn) or ''}"
+
+
+VERB_PACKAGES = ("explain", "compress", "tune", "curate")
+SCORERS = Registry("method", tuple(f"whatmatters.{verb}" for verb in VERB_PACKAGES))
 
 
 def scorer(
@@ -94,44 +138,15 @@ def scorer(
     return register
 
 
-VERB_PACKAGES = ("explain", "compress", "tune", "curate")
-_loaded = False
-
-
-def _load_all() -> None:
-    """Import every module that registers scorers (once)."""
-    global _loaded
-    if _loaded:
-        return
-    from whatmatters.core.discover import import_submodules
-
-    for verb in VERB_PACKAGES:
-        import_submodules(f"whatmatters.{verb}")
-    _loaded = True
-
-
 def methods(unit: str | None = None, verb: str | None = None, family: str | None = None) -> list[str]:
     """Names of the registered methods, optionally those for one unit, verb or family."""
-    _load_all()
-    return sorted(
-        m.name
-        for m in SCORERS.entries.values()
-        if (unit is None or unit in m.units)
-        and (verb is None or m.verb == verb)
-        and (family is None or m.family == family)
-    )
+    return SCORERS.names(unit, verb=verb, family=family)
 
 
 def get_method(name: str) -> Method:
-    _load_all()
     return SCORERS.get(name)
 
 
 def describe(name: str) -> str:
     """A method's documentation, units, family and default parameters."""
-    m = get_method(name)
-    params = ", ".join(f"{k}={v!r}" for k, v in m.defaults.items()) or "none"
-    return (
-        f"{m.name} ({m.verb}, family {m.family}, units {', '.join(m.units)}, needs {m.needs})\n"
-        f"parameters: {params}\n\n{inspect.getdoc(m.fn) or ''}"
-    )
+    return SCORERS.describe(name)

@@ -30,7 +30,7 @@ import torch
 from whatmatters.core.adapters import TorchModel, to_tensor
 from whatmatters.core.errors import InputError, MethodError
 from whatmatters.core.importance import UNITS, Importance
-from whatmatters.core.registry import Registry
+from whatmatters.core.registry import Registry, keyword_defaults
 from whatmatters.core.state import preserved, require_eval
 from whatmatters.core.task import Task, check_params, make_task
 
@@ -108,14 +108,13 @@ class Metric:
     @property
     def defaults(self) -> dict[str, Any]:
         """The metric's own parameters with their defaults (context arguments left out)."""
-        sig = inspect.signature(self.fn)
-        return {
-            n: p.default
-            for n, p in sig.parameters.items()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY
-            and p.default is not inspect.Parameter.empty
-            and n not in CONTEXT
-        }
+        return keyword_defaults(self.fn, skip=CONTEXT)
+
+    @property
+    def header(self) -> str:
+        direction = "higher" if self.higher_is_better else "lower"
+        needs = f", needs {self.needs}" if self.needs else ""
+        return f"{self.name} ({self.category}, {direction} is better, units {', '.join(self.units)}{needs})"
 
     def __call__(self, model: Any, data: Any, importance: Importance, **kwargs: Any) -> MetricResult:
         check_params(self.name, kwargs, self.accepted)
@@ -134,8 +133,7 @@ class Metric:
         return MetricResult(self.name, scores, self.category, self.higher_is_better, dict(curves), params, seconds)
 
 
-METRICS = Registry("metric")
-_loaded = False
+METRICS = Registry("metric", ("whatmatters.evaluate",))
 
 
 def metric(
@@ -175,41 +173,18 @@ def metric(
     return register
 
 
-def _load_all() -> None:
-    """Import every module of ``whatmatters.evaluate`` (once), so their metrics are registered."""
-    global _loaded
-    if not _loaded:
-        from whatmatters.core.discover import import_submodules
-
-        import_submodules("whatmatters.evaluate")
-        _loaded = True
-
-
 def metrics(unit: str | None = None, category: str | None = None) -> list[str]:
     """Names of the registered metrics, optionally those for one input unit or category."""
-    _load_all()
-    return sorted(
-        m.name
-        for m in METRICS.entries.values()
-        if (unit is None or unit in m.units) and (category is None or m.category == category)
-    )
+    return METRICS.names(unit, category=category)
 
 
 def get_metric(name: str) -> Metric:
-    _load_all()
     return METRICS.get(name)
 
 
 def describe_metric(name: str) -> str:
     """A metric's documentation, category, direction and default parameters."""
-    m = get_metric(name)
-    params = ", ".join(f"{k}={v!r}" for k, v in m.defaults.items()) or "none"
-    direction = "higher" if m.higher_is_better else "lower"
-    needs = f", needs {m.needs}" if m.needs else ""
-    return (
-        f"{m.name} ({m.category}, {direction} is better, units {', '.join(m.units)}{needs})\n"
-        f"parameters: {params}\n\n{inspect.getdoc(m.fn) or ''}"
-    )
+    return METRICS.describe(name)
 
 
 def measure(model: Any, data: Any, importance: Importance, metric: str, **kwargs: Any) -> MetricResult:
