@@ -53,10 +53,9 @@ up with the evicted cache), caches other than ``DynamicCache`` layers, sliding-w
 
 from __future__ import annotations
 
-import inspect
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -68,15 +67,11 @@ from torch import nn
 from whatmatters.core import hf
 from whatmatters.core.errors import InputError, MethodError, ModelError
 from whatmatters.core.importance import Importance
+from whatmatters.core.registry import Registry, keyword_defaults
 from whatmatters.core.state import hooks, preserved
 
 if TYPE_CHECKING:
     from whatmatters.compress.api import WeightTask
-
-# Filled by the registered policy scorers at the end of this module: their keyword-only parameters (less
-# ``compression_ratio``) with their defaults are the policies' parameters -- one source of truth.
-POLICY_PARAMS: dict[str, dict[str, Any]] = {}
-_ALIASES: dict[str, str] = {}
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -200,11 +195,11 @@ def _pin(scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return torch.where(keep, top + 1, scores)
 
 
-def _score_knorm(call: _Call, p: dict[str, Any]) -> torch.Tensor:
+def _score_knorm(call: _Call, p: dict[str, Any], budget: int, state: _LayerState) -> torch.Tensor:
     return -call.keys.float().norm(dim=-1)
 
 
-def _score_sink_recent(call: _Call, p: dict[str, Any], budget: int) -> torch.Tensor:
+def _score_sink_recent(call: _Call, p: dict[str, Any], budget: int, state: _LayerState) -> torch.Tensor:
     k_len = call.keys.shape[2]
     n_sink = min(int(p["n_sink"]), budget)
     idx = torch.arange(k_len, device=call.keys.device)
@@ -218,7 +213,7 @@ def _window_votes(call: _Call, window: int) -> torch.Tensor:
     return call.attention(window).mean(dim=-2)
 
 
-def _score_snapkv(call: _Call, p: dict[str, Any]) -> torch.Tensor:
+def _score_snapkv(call: _Call, p: dict[str, Any], budget: int, state: _LayerState) -> torch.Tensor:
     k_len = call.keys.shape[2]
     window = _window(p["window_size"], k_len)
     votes = _window_votes(call, window)[..., : k_len - window]
@@ -240,7 +235,7 @@ def _accumulated(call: _Call) -> torch.Tensor:
     return call.attention().sum(dim=(2, 3))
 
 
-def _score_ems(call: _Call, p: dict[str, Any]) -> torch.Tensor:
+def _score_ems(call: _Call, p: dict[str, Any], budget: int, state: _LayerState) -> torch.Tensor:
     k_len = call.keys.shape[2]
     q_len = call.hidden.shape[1]
     window = _window(p["window_size"], k_len)
@@ -269,13 +264,36 @@ def _important_counts(call: _Call, last: int) -> torch.Tensor:
     return (att > (1.0 / visible)[:, None]).sum(dim=2, dtype=torch.int16)
 
 
-def _score_scissorhands(hist: torch.Tensor, p: dict[str, Any], n_keep: int) -> torch.Tensor:
+def _score_scissorhands(call: _Call, p: dict[str, Any], n_keep: int, state: _LayerState) -> torch.Tensor:
     """Counts of "important" occurrences over the history window, ties broken towards recent positions;
     the ``recent_window`` most recent positions are kept."""
+    hist = state.hist
     k_len = hist.shape[-1]
     counts = hist.sum(dim=2, dtype=torch.float32)
     scores = counts + torch.arange(k_len, device=hist.device, dtype=torch.float32) / (2 * k_len)
     return _recent_keep(scores, min(int(p["recent_window"]), n_keep))
+
+
+def _score_heavy_hitter(call: _Call, p: dict[str, Any], budget: int, state: _LayerState) -> torch.Tensor:
+    acc = state.acc if state.acc is not None else _accumulated(call)
+    return _recent_keep(acc, int(budget * float(p["recent_ratio"])))
+
+
+def _start_heavy_hitter(state: _LayerState, call: _Call, p: dict[str, Any]) -> None:
+    state.acc = _accumulated(call)
+
+
+def _decode_heavy_hitter(state: _LayerState, call: _Call, p: dict[str, Any], q_len: int) -> None:
+    state.acc = F.pad(state.acc, (0, q_len)) + _accumulated(call)
+
+
+def _start_scissorhands(state: _LayerState, call: _Call, p: dict[str, Any]) -> None:
+    state.hist = _important_counts(call, _window(p["history_window"], call.keys.shape[2] + 1))
+
+
+def _decode_scissorhands(state: _LayerState, call: _Call, p: dict[str, Any], q_len: int) -> None:
+    rows = torch.cat([F.pad(state.hist, (0, q_len)), _important_counts(call, q_len)], dim=2)
+    state.hist = rows[:, :, -int(p["history_window"]) :]
 
 
 def _chunk_keep(budget: int, p: dict[str, Any]) -> int:
@@ -285,23 +303,12 @@ def _chunk_keep(budget: int, p: dict[str, Any]) -> int:
 
 def _policy_name(policy: Any) -> str:
     """The canonical policy name (aliases resolved); an unknown name lists the KV methods."""
-    name = _ALIASES.get(policy, policy) if isinstance(policy, str) else policy
-    if name in POLICY_PARAMS:
-        return name
-    import difflib
-
-    known = sorted([*POLICY_PARAMS, *_ALIASES])
-    close = difflib.get_close_matches(str(policy), known, n=2)
-    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-    raise MethodError(
-        f"unknown KV eviction policy {policy!r}.{hint} Choose one of {', '.join(POLICY_PARAMS)} "
-        "(whatmatters.methods(unit='kv') lists them; whatmatters.describe(name) shows their parameters)"
-    )
+    return KV_POLICIES.get(policy).name
 
 
 def _validate(policy: str, params: dict[str, Any]) -> dict[str, Any]:
     policy = _policy_name(policy)
-    allowed = POLICY_PARAMS[policy]
+    allowed = KV_POLICIES.get(policy).defaults
     unknown = sorted(set(params) - set(allowed))
     if unknown:
         raise MethodError(
@@ -414,6 +421,7 @@ class _Hook:
         layer = hf.cache_layer(cache, self.idx, "kv_eviction")
         keys, values = layer.keys, layer.values
         h, p = self.h, self.h.params
+        pol = KV_POLICIES.get(h.policy)
         state = h._layers.get(self.idx)
         prefill = keys.shape[2] == q_len
         if prefill or state is None or state.cache() is not cache:
@@ -423,15 +431,13 @@ class _Hook:
             state = _LayerState(weakref.ref(cache), budget, pos, seen)
             h._layers[self.idx] = state
             call = _Call(self.arch, module, hidden, kwargs, keys, values)
-            if h.policy == "scissorhands":
-                state.hist = _important_counts(call, _window(p["history_window"], keys.shape[2] + 1))
+            if pol.start is not None:
+                pol.start(state, call, p)
             if h.record:
-                state.scores = self._scores(call, budget)
+                state.scores = pol.score(call, p, budget, state)
                 return output
-            if h.policy == "heavy_hitter":
-                state.acc = _accumulated(call)
             if budget < keys.shape[2]:
-                self._evict(layer, state, self._scores(call, budget), budget)
+                self._evict(layer, state, pol.score(call, p, budget, state), budget)
             return output
         # a later call on the same cache (decoding or a continuation chunk)
         new_pos = torch.arange(state.seen, state.seen + q_len, device=keys.device).expand(*keys.shape[:2], -1)
@@ -440,35 +446,16 @@ class _Hook:
         if h.record or not p.get("decoding", False):
             return output
         call = _Call(self.arch, module, hidden, kwargs, keys, values)
-        if h.policy == "heavy_hitter":
-            state.acc = F.pad(state.acc, (0, q_len)) + _accumulated(call)
-        if h.policy == "scissorhands":
-            rows = torch.cat([F.pad(state.hist, (0, q_len)), _important_counts(call, q_len)], dim=2)
-            state.hist = rows[:, :, -int(p["history_window"]) :]
+        if pol.decode is not None:
+            pol.decode(state, call, p, q_len)
         if keys.shape[2] > state.budget:
-            n_keep = _chunk_keep(state.budget, p) if h.policy == "scissorhands" else state.budget
-            self._evict(layer, state, self._scores(call, n_keep), n_keep)
+            n_keep = pol.n_keep(state.budget, p)
+            self._evict(layer, state, pol.score(call, p, n_keep, state), n_keep)
         return output
-
-    def _scores(self, call: _Call, budget: int) -> torch.Tensor:
-        h, p = self.h, self.h.params
-        if h.policy == "knorm":
-            return _score_knorm(call, p)
-        if h.policy == "sink_recent":
-            return _score_sink_recent(call, p, budget)
-        if h.policy == "snapkv":
-            return _score_snapkv(call, p)
-        if h.policy == "ems":
-            return _score_ems(call, p)
-        state = h._layers[self.idx]
-        if h.policy == "scissorhands":
-            return _score_scissorhands(state.hist, p, budget)
-        acc = state.acc if state.acc is not None else _accumulated(call)
-        return _recent_keep(acc, int(budget * float(p["recent_ratio"])))
 
     def _evict(self, layer: Any, state: _LayerState, scores: torch.Tensor, n_keep: int) -> None:
         keys, values = layer.keys, layer.values
-        if self.h.policy == "ems" and self.h.params["merge"]:
+        if KV_POLICIES.get(self.h.policy).merge and self.h.params["merge"]:
             order = scores.argsort(dim=-1, descending=True, stable=True)
             order = torch.cat([order[..., :n_keep].sort(-1).values, order[..., n_keep:]], dim=-1)
             new_k, new_v = _merge(keys, values, scores, order, n_keep)
@@ -677,17 +664,51 @@ def _kv_scorer(task: WeightTask, policy: str, compression_ratio: float, params: 
     }
 
 
-_POLICY_FNS: dict[str, Any] = {}
+def _keep_budget(budget: int, p: dict[str, Any]) -> int:
+    return budget
 
 
-def _policy(name: str, aliases: tuple[str, ...] = ()):
-    """Register a KV policy as a compress scorer of unit ``kv``; its signature defines its parameters."""
+@dataclass(frozen=True)
+class Policy:
+    """A KV eviction policy: its registered scorer (parameters, documentation) and its behaviour.
+
+    ``score(call, params, n_keep, state)`` scores the cached positions of one layer, ``(b, n_kv, k_len)``;
+    ``start`` / ``decode`` keep per-layer state at the prefill / while decoding; ``n_keep(budget, params)``
+    is how many entries an eviction while decoding keeps; ``merge``: evicted values may be merged.
+    """
+
+    name: str
+    fn: Callable[..., Any]
+    score: Callable[..., torch.Tensor]
+    aliases: tuple[str, ...] = ()
+    start: Callable[..., None] | None = None
+    decode: Callable[..., None] | None = None
+    n_keep: Callable[[int, dict[str, Any]], int] = _keep_budget
+    merge: bool = False
+    units: tuple[str, ...] = ("kv",)
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return keyword_defaults(self.fn, skip=("compression_ratio",))
+
+    @property
+    def header(self) -> str:
+        return f"{self.name} (KV eviction policy)"
+
+
+KV_POLICIES = Registry(
+    "KV eviction policy",
+    listing="whatmatters.methods(unit='kv') lists them; whatmatters.describe(name) shows their parameters",
+    show_names=True,
+)
+
+
+def _policy(name: str, score: Callable[..., torch.Tensor], aliases: tuple[str, ...] = (), **behaviour: Any):
+    """Register a KV policy as a compress scorer of unit ``kv`` and as a policy entry with its behaviour."""
     from whatmatters.core.registry import scorer
 
     def register(fn):
-        _POLICY_FNS[name] = fn
-        for alias in aliases:
-            _ALIASES[alias] = name
+        KV_POLICIES.add(Policy(name, fn, score, aliases, **behaviour))
         return scorer(
             name, verb="compress", units="kv", family="kv_cache", needs="module", per_sample=True, aliases=aliases
         )(fn)
@@ -695,7 +716,7 @@ def _policy(name: str, aliases: tuple[str, ...] = ()):
     return register
 
 
-@_policy("heavy_hitter", aliases=("h2o",))
+@_policy("heavy_hitter", _score_heavy_hitter, ("h2o",), start=_start_heavy_hitter, decode=_decode_heavy_hitter)
 def heavy_hitter(task: WeightTask, *, recent_ratio: float = 0.5, decoding: bool = True, compression_ratio: float = 0.5):
     """H2O (Zhang et al., 2023): accumulated attention (sum over every query so far) plus a recent window.
 
@@ -706,7 +727,7 @@ def heavy_hitter(task: WeightTask, *, recent_ratio: float = 0.5, decoding: bool 
     return _kv_scorer(task, "heavy_hitter", compression_ratio, {"recent_ratio": recent_ratio, "decoding": decoding})
 
 
-@_policy("snapkv")
+@_policy("snapkv", _score_snapkv)
 def snapkv(
     task: WeightTask,
     *,
@@ -725,7 +746,7 @@ def snapkv(
     return _kv_scorer(task, "snapkv", compression_ratio, params)
 
 
-@_policy("sink_recent", aliases=("streaming_llm",))
+@_policy("sink_recent", _score_sink_recent, ("streaming_llm",))
 def sink_recent(task: WeightTask, *, n_sink: int = 4, decoding: bool = True, compression_ratio: float = 0.5):
     """StreamingLLM (Xiao et al., 2024): the first ``n_sink`` positions and the most recent ones.
 
@@ -735,7 +756,7 @@ def sink_recent(task: WeightTask, *, n_sink: int = 4, decoding: bool = True, com
     return _kv_scorer(task, "sink_recent", compression_ratio, {"n_sink": n_sink, "decoding": decoding})
 
 
-@_policy("ems")
+@_policy("ems", _score_ems, merge=True)
 def ems(
     task: WeightTask, *, window_size: int = 32, alpha: float = 0.5, merge: bool = True, compression_ratio: float = 0.5
 ):
@@ -749,13 +770,19 @@ def ems(
     return _kv_scorer(task, "ems", compression_ratio, {"window_size": window_size, "alpha": alpha, "merge": merge})
 
 
-@_policy("knorm")
+@_policy("knorm", _score_knorm)
 def knorm(task: WeightTask, *, compression_ratio: float = 0.5):
     """Key norm (kvpress's KnormPress): keys with the smallest L2 norm are kept (score = -||k||)."""
     return _kv_scorer(task, "knorm", compression_ratio, {})
 
 
-@_policy("scissorhands")
+@_policy(
+    "scissorhands",
+    _score_scissorhands,
+    start=_start_scissorhands,
+    decode=_decode_scissorhands,
+    n_keep=_chunk_keep,
+)
 def scissorhands(
     task: WeightTask,
     *,
@@ -789,16 +816,7 @@ def scissorhands(
     return _kv_scorer(task, "scissorhands", compression_ratio, params)
 
 
-def _policy_defaults(fn: Any) -> dict[str, Any]:
-    sig = inspect.signature(fn)
-    return {
-        k: v.default
-        for k, v in sig.parameters.items()
-        if v.kind is inspect.Parameter.KEYWORD_ONLY and k != "compression_ratio"
-    }
-
-
-POLICY_PARAMS.update({name: _policy_defaults(fn) for name, fn in _POLICY_FNS.items()})
+POLICY_PARAMS: dict[str, dict[str, Any]] = {name: entry.defaults for name, entry in KV_POLICIES.entries.items()}
 POLICIES = tuple(POLICY_PARAMS)
 
 __all__ = ["POLICIES", "POLICY_PARAMS", "KVEviction", "evict_scores", "kv_eviction"]

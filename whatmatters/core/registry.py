@@ -58,6 +58,8 @@ class Registry:
 
     kind: str
     packages: tuple[str, ...] = ()
+    listing: str = ""  # how a user lists the entries (default: whatmatters.<kind>s())
+    show_names: bool = False  # unknown names: list every entry in the error (small registries)
     entries: dict[str, Any] = field(default_factory=dict)
     alias_of: dict[str, str] = field(default_factory=dict)
     _loaded: bool = False
@@ -87,9 +89,9 @@ class Registry:
             known = sorted([*self.entries, *self.alias_of])
             close = difflib.get_close_matches(str(name), known, n=3)
             hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-            raise MethodError(
-                f"unknown {self.kind} {name!r}.{hint} whatmatters.{self.kind}s() lists the available ones."
-            )
+            choose = f" Choose one of {', '.join(self.entries)}." if self.show_names else ""
+            listing = self.listing or f"whatmatters.{self.kind}s() lists the available ones"
+            raise MethodError(f"unknown {self.kind} {name!r}.{hint}{choose} {listing}.")
         return self.entries[key]
 
     def names(self, unit: str | None = None, **attributes: Any) -> list[str]:
