@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,7 @@ from torch import nn
 
 from whatmatters.compress.calibrate import Batch, _call
 from whatmatters.core.errors import InputError, ModelError
+from whatmatters.core.fractions import kept_share
 from whatmatters.core.importance import Importance
 from whatmatters.core.registry import scorer
 from whatmatters.core.state import hooks, parameter_device_dtype, preserved
@@ -268,11 +270,12 @@ def expert_output_norm(task: Any, *, weighted_by_frequency: bool = False) -> tup
 
 # ----------------------------------------------------------------- removal
 def _kept(values: torch.Tensor, keep: int | float, n_experts: int, top_k: int) -> torch.Tensor:
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+    if isinstance(keep, numbers.Integral) and not isinstance(keep, bool):
+        count = int(keep)
+    elif isinstance(keep, numbers.Real) and not isinstance(keep, bool):
+        count = round(kept_share(keep, "keep", of="experts") * n_experts)
+    else:
         raise InputError(f"keep must be a number of experts (int) or a fraction in (0, 1], got {keep!r}")
-    count = keep if isinstance(keep, int) else round(keep * n_experts)
-    if isinstance(keep, float) and not 0 < keep <= 1:
-        raise InputError(f"keep as a fraction must be in (0, 1], got {keep}")
     if not top_k <= count <= n_experts:
         raise InputError(
             f"keep={keep!r} leaves {count} experts per layer; it must be between top_k={top_k} (experts used per "

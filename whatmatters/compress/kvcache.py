@@ -66,6 +66,7 @@ from torch import nn
 
 from whatmatters.core import hf
 from whatmatters.core.errors import InputError, MethodError, ModelError
+from whatmatters.core.fractions import removed_share
 from whatmatters.core.importance import Importance
 from whatmatters.core.registry import Registry, keyword_defaults
 from whatmatters.core.state import hooks, preserved
@@ -337,14 +338,7 @@ def _validate(policy: str, params: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_ratio(compression_ratio: Any) -> float:
-    if isinstance(compression_ratio, bool) or not isinstance(compression_ratio, (int, float)):
-        raise InputError(f"compression_ratio must be a number in [0, 1), got {compression_ratio!r}")
-    if not 0 <= compression_ratio < 1:
-        raise InputError(
-            f"compression_ratio must be in [0, 1) (the fraction of cached positions removed; 0.75 keeps 25 %), "
-            f"got {compression_ratio}"
-        )
-    return float(compression_ratio)
+    return removed_share(compression_ratio, "compression_ratio", of="cached positions", example="0.5")
 
 
 # --------------------------------------------------------------------------------------------- state

@@ -27,6 +27,7 @@ from whatmatters.compress.calibrate import is_transposed, weight_matrix
 from whatmatters.compress.structured import Block, blocks
 from whatmatters.core import hf
 from whatmatters.core.errors import InputError, ModelError
+from whatmatters.core.fractions import removed_share
 from whatmatters.core.importance import Importance
 
 STRUCTURE_KEY = "whatmatters_structure"
@@ -254,13 +255,8 @@ def _reshape_to(model: nn.Module, layers: list[dict[str, Any]]) -> None:
 
 # -------------------------------------------------------------- selection
 def check_amount(amount: Any, example: str = "removes a quarter of the heads / neurons / layers") -> float:
-    """``amount`` as a float in [0, 1); ``InputError`` naming the fix otherwise."""
-    if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0 <= float(amount) < 1:
-        raise InputError(
-            f"amount must be the fraction of units to remove, a number in [0, 1), got {amount!r} "
-            f"(e.g. amount=0.25 {example})"
-        )
-    return float(amount)
+    """``amount`` as a float in [0, 1) (:func:`whatmatters.core.fractions.removed_share`)."""
+    return removed_share(amount, "amount", example=f"0.25 {example}")
 
 
 FLAP_METHODS = ("flap_head", "flap_neuron")

@@ -18,13 +18,13 @@ position, stably), so the achieved sparsity is exact even for quantized weights 
 from __future__ import annotations
 
 import math
-import numbers
 import re
 from collections.abc import Mapping
 
 import torch
 
 from whatmatters.core.errors import InputError
+from whatmatters.core.fractions import removed_share
 
 PATTERNS = ("unstructured", "N:M")
 ALLOCATIONS = ("uniform", "global", "proportional")
@@ -32,9 +32,8 @@ GROUPS = ("row", "layer")
 
 
 def check_sparsity(sparsity: object) -> float:
-    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) or not 0 <= float(sparsity) < 1:
-        raise InputError(f"sparsity must be a number in [0, 1) (the fraction of weights set to zero), got {sparsity!r}")
-    return float(sparsity)
+    """``sparsity`` (the share of weights set to zero) as a float in [0, 1)."""
+    return removed_share(sparsity, "sparsity", of="weights (set to zero)", example="0.5")
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:

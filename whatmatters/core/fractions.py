@@ -1,0 +1,43 @@
+"""One fraction vocabulary for actions: ``amount``, ``sparsity``, ``compression_ratio`` = share removed;
+``keep`` = share kept.
+
+Every action validates its fraction here: a real number (Python or NumPy scalar, never a bool or NaN),
+removed shares in ``[0, 1)`` and kept shares in ``(0, 1]``; the error names the argument, what it means and
+an example.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+from whatmatters.core.errors import InputError
+
+
+def _real(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(float(value)):
+        return None
+    return float(value)
+
+
+def removed_share(value: Any, name: str = "amount", *, of: str = "units", example: str = "") -> float:
+    """``value`` as the share of ``of`` removed, a float in ``[0, 1)``; ``InputError`` naming the fix otherwise."""
+    share = _real(value)
+    if share is None or not 0 <= share < 1:
+        hint = f" (e.g. {name}={example})" if example else ""
+        raise InputError(
+            f"{name} must be a number in [0, 1) (the fraction of {of} removed; 0.75 keeps 25 %), got {value!r}{hint}"
+        )
+    return share
+
+
+def kept_share(value: Any, name: str = "keep", *, of: str = "units") -> float:
+    """``value`` as the share of ``of`` kept, a float in ``(0, 1]``."""
+    share = _real(value)
+    if share is None or not 0 < share <= 1:
+        raise InputError(f"{name} as a fraction must be in (0, 1] (the share of {of} kept), got {value!r}")
+    return share
+
+
+__all__ = ["kept_share", "removed_share"]
