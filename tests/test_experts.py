@@ -234,7 +234,7 @@ def test_other_architectures(kind):
     torch.testing.assert_close(total, seen["out"], rtol=1e-4, atol=1e-6)
     norms = score(model, "expert_output_norm", data=data).values
     assert norms.shape == (2, 4) and bool(((norms > 0) == (freq.values > 0)).all())
-    pruned = prune_experts(model, freq, keep=3)
+    pruned, _ = prune_experts(model, freq, keep=3)
     assert [b.n_experts for b in moe_blocks(pruned)] == [3, 3] and torch.isfinite(logits_of(pruned, data)).all()
 
 
@@ -269,14 +269,15 @@ def test_prune_unrouted_experts_keeps_outputs():
     freq = score(model, "expert_frequency", data=data)
     assert ((freq.values > 0).sum(1) <= 4).all()  # 2 tokens x top-2: at most 4 experts used per layer
     before = snapshot(model)
-    pruned = prune_experts(model, freq, keep=4)
+    pruned, report = prune_experts(model, freq, keep=4)
+    assert report.n_removed == 4 * len(moe_blocks(pruned)) and report.parameter_ratio < 1
     assert pruned is not model and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert model.config.num_local_experts == 8 and pruned.config.num_local_experts == 4
     for b in moe_blocks(pruned):
         assert b.router.weight.shape == (4, 32) and b.experts.gate_up_proj.shape[0] == 4 and b.experts.num_experts == 4
     torch.testing.assert_close(logits_of(pruned, data), logits_of(model, data), rtol=1e-5, atol=1e-6)
     # removing routed experts changes the outputs, and the pruned model still runs on other data
-    worst = prune_experts(model, Importance(-freq.values, unit="expert", per_sample=False), keep=4)
+    worst, _ = prune_experts(model, Importance(-freq.values, unit="expert", per_sample=False), keep=4)
     assert not torch.allclose(logits_of(worst, data), logits_of(model, data), atol=1e-4)
     other = {"input_ids": torch.randint(0, 60, (2, 6)), "attention_mask": torch.ones(2, 6, dtype=torch.long)}
     assert torch.isfinite(logits_of(pruned, other)).all()
@@ -286,7 +287,7 @@ def test_prune_unrouted_experts_keeps_outputs():
 def test_prune_fraction_and_qwen(models):
     model = models["qwen2_moe"]
     imp = score(model, "expert_router_mass", data=padded())
-    pruned = prune_experts(model, imp, keep=0.5)
+    pruned, _ = prune_experts(model, imp, keep=0.5)
     assert pruned.config.num_experts == 2 and moe_blocks(model)[0].n_experts == 4
     kept = imp.values.argsort(dim=1, descending=True)[:, :2].sort(dim=1).values
     for b_old, b_new, rows in zip(moe_blocks(model), moe_blocks(pruned), kept):

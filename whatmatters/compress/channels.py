@@ -34,7 +34,7 @@ import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -53,6 +53,7 @@ from whatmatters.compress.channel_graph import (
 )
 from whatmatters.compress.remove import RemovalCounts, as_parameter, check_amount, n_parameters, standardize_rows
 from whatmatters.compress.structured import _batches, _loss, _progress
+from whatmatters.core.actions import Compressed
 from whatmatters.core.errors import InputError, ModelError
 from whatmatters.core.importance import Importance
 from whatmatters.core.registry import scorer
@@ -205,11 +206,7 @@ class ChannelReport(RemovalCounts):
         )
 
 
-class ChannelPruned(NamedTuple):
-    """``prune_channels``' result (unpack as ``model, report``)."""
-
-    model: nn.Module
-    report: ChannelReport
+ChannelPruned = Compressed  # the result: (model, ChannelReport)
 
 
 def _layers_of(importance: Any) -> tuple[list[str], list[int]]:

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from whatmatters.compress.calibrate import Batch, _call
+from whatmatters.core.actions import Compressed, RemovalCounts, n_parameters
 from whatmatters.core.errors import InputError, ModelError
 from whatmatters.core.fractions import kept_share
 from whatmatters.core.importance import Importance
@@ -287,8 +288,21 @@ def _kept(values: torch.Tensor, keep: int | float, n_experts: int, top_k: int) -
     return order.sort(dim=1).values
 
 
-def prune_experts(model: nn.Module, importance: Importance, keep: int | float = 0.5) -> nn.Module:
+@dataclass
+class ExpertReport(RemovalCounts):
+    """What ``prune_experts`` removed: expert indices per MoE layer (original numbering) and the size change."""
+
+    method: str
+    keep: int
+    removed: dict[str, list[int]]
+    n_parameters_before: int
+    n_parameters_after: int
+
+
+def prune_experts(model: nn.Module, importance: Importance, keep: int | float = 0.5) -> Compressed:
     """A NEW model keeping the ``keep`` most important experts of every MoE layer (same count per layer).
+
+    Returns ``(model, report)`` (:class:`~whatmatters.core.actions.Compressed`, an :class:`ExpertReport`).
 
     ``importance``: an expert score of this model (``unit="expert"``, values ``(n_moe_layers, n_experts)``).
     ``keep``: experts per layer (int) or a fraction of them (float), at least the router's ``top_k``.
@@ -335,7 +349,9 @@ def prune_experts(model: nn.Module, importance: Importance, keep: int | float = 
             for key in _CONFIG_KEYS:
                 if getattr(cfg, key, None) == n_experts:
                     setattr(cfg, key, len(kept[0]))
-    return new
+    removed = {b.name: sorted(set(range(n_experts)) - set(rows.tolist())) for b, rows in zip(blks, kept)}
+    report = ExpertReport(importance.method, len(kept[0]), removed, n_parameters(model), n_parameters(new))
+    return Compressed(new, report)
 
 
 def _text_config(config: Any) -> Any:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,6 +19,7 @@ from torch import nn
 from whatmatters.compress.api import ModelImportance, score
 from whatmatters.compress.calibrate import is_prunable, select_layers, weight_matrix
 from whatmatters.compress.sparsity import masks as make_masks
+from whatmatters.core.actions import Compressed
 from whatmatters.core.errors import InputError, ModelError
 from whatmatters.core.state import find_module
 
@@ -65,11 +66,7 @@ class PruneReport:
         )
 
 
-class Pruned(NamedTuple):
-    """``prune``'s result: the pruned model and its :class:`PruneReport` (unpack as ``model, report``)."""
-
-    model: nn.Module
-    report: PruneReport
+Pruned = Compressed  # the result: (model, PruneReport)
 
 
 def prune(

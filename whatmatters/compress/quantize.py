@@ -30,12 +30,13 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
 
 from whatmatters.compress.calibrate import HEAD_PATTERN, _call, _conv1d_type, as_batches, match_layers
+from whatmatters.core.actions import Compressed
 from whatmatters.core.errors import InputError, MethodError, ModelError
 from whatmatters.core.importance import Importance
 from whatmatters.core.state import hooks, preserved
@@ -319,11 +320,7 @@ class QuantizeReport:
         )
 
 
-class Quantized(NamedTuple):
-    """``quantize``'s result: the fake-quantized model and its :class:`QuantizeReport`."""
-
-    model: nn.Module
-    report: QuantizeReport
+Quantized = Compressed  # the result: (model, QuantizeReport)
 
 
 def quantize(

@@ -18,7 +18,7 @@ import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,27 +26,12 @@ from torch import nn
 from whatmatters.compress.calibrate import is_transposed, weight_matrix
 from whatmatters.compress.structured import Block, blocks
 from whatmatters.core import hf
+from whatmatters.core.actions import Compressed, RemovalCounts, n_parameters
 from whatmatters.core.errors import InputError, ModelError
 from whatmatters.core.fractions import removed_share
 from whatmatters.core.importance import Importance
 
 STRUCTURE_KEY = "whatmatters_structure"
-
-
-class RemovalCounts:
-    """``n_removed`` and ``parameter_ratio`` of a removal report with ``removed`` and parameter counts."""
-
-    removed: dict
-    n_parameters_before: int
-    n_parameters_after: int
-
-    @property
-    def n_removed(self) -> int:
-        return sum(len(v) for v in self.removed.values())
-
-    @property
-    def parameter_ratio(self) -> float:
-        return self.n_parameters_after / max(self.n_parameters_before, 1)
 
 
 @dataclass
@@ -73,16 +58,7 @@ class StructuredReport(RemovalCounts):
         )
 
 
-class StructuredPruned(NamedTuple):
-    """``prune_structured``'s result (unpack as ``model, report``)."""
-
-    model: nn.Module
-    report: StructuredReport
-
-
-def n_parameters(model: nn.Module) -> int:
-    """Number of distinct parameters (tied weights counted once)."""
-    return sum(p.numel() for p in model.parameters())
+StructuredPruned = Compressed  # prune_structured's result: (model, StructuredReport)
 
 
 # ------------------------------------------------------------------ slicing
