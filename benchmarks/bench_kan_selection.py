@@ -107,7 +107,7 @@ def run(seeds: int, models: list[str]) -> dict:
 
     from whatmatters import Importance
     from whatmatters.explain import kan
-    from whatmatters.select import score_features, select_features
+    from whatmatters.explain.select import score_features, select_features
 
     results: dict = {"protocol": {}, "datasets": {}}
     for dname, (X, y, kind) in datasets().items():

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from whatmatters.lrp import lrp
+from whatmatters.explain._lrp import lrp
 from whatmatters.vision.nets import ShapesCNN
 
 HERE = Path(__file__).resolve().parent

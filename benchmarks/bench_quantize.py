@@ -10,7 +10,7 @@
 * SmolLM2-135M-Instruct: the same allocation rule applied weight-only to every Linear layer of the
   decoder (210 layers; ``lm_head`` is tied to the embeddings and stays float), held-out perplexity on
   Python documentation windows (as ``bench_sparsity.py``). LRP relevance is AttnLRP through the Llama
-  (``whatmatters.lrp.lm``: identity rule on RMSNorm and SiLU, uniform rule on the gate x up product and
+  (``whatmatters.explain.lrp.lm_lrp``: identity rule on RMSNorm and SiLU, uniform rule on the gate x up product and
   the attention matrix products, softmax gradient) for the predicted next token at the last position of
   each calibration window (``lrp``) or for the logits of the actual next tokens at every position
   (``lrp_next``, teacher forcing, as the loss of the other scores); gradient x activation
@@ -157,7 +157,10 @@ def bench_lm(args: argparse.Namespace) -> dict[str, Any]:
         "dense_perplexity": round(dense, 3),
         "float_mb": round(sum(p.numel() for p in model.parameters()) * 4 / 1e6, 2),
         "score_seconds": score_s,
-        "relevance": "AttnLRP (whatmatters.lrp.lm); lrp: predicted token at the last position, lrp_next: all positions",
+        "relevance": (
+            "AttnLRP (whatmatters.explain.lrp.lm_lrp); lrp: predicted token at the last position, "
+            "lrp_next: all positions"
+        ),
         "results": rows,
     }
 

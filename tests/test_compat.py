@@ -21,7 +21,7 @@ from whatmatters.compress.kvcache import evict_scores, kv_eviction
 from whatmatters.compress.tokens import attention_received
 from whatmatters.core import hf
 from whatmatters.core.errors import ModelError
-from whatmatters.lrp.lm import token_relevance
+from whatmatters.explain._lrp.lm import token_relevance
 
 VOCAB = 97
 

@@ -9,7 +9,7 @@ import torch
 import whatmatters as wm
 from whatmatters.explain import kan
 from whatmatters.explain._kan_net import bspline_basis, fit_kan, uniform_knots
-from whatmatters.select import score_features
+from whatmatters.explain.select import score_features
 
 KAN_METHODS = ["kan_l1", "kan_l2", "kan_si", "kan_ko"]
 FAST = {"steps": 120}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parent.parent / "whatmatters"
 ABOVE_CORE = ("explain", "compress", "tune", "curate", "evaluate", "lrp", "vision", "cli", "demo", "select", "models")
 
@@ -81,3 +83,36 @@ def test_the_checks_can_fail(tmp_path):
         "whatmatters.compress",
     }
     assert "whatmatters.tune" in _imports(cyclic, top_level=False)
+
+
+MOVED = [
+    ("whatmatters.lrp", "whatmatters.explain._lrp", "token_relevance"),
+    ("whatmatters.lrp.lm", "whatmatters.explain._lrp.lm", "lm_lrp"),
+    ("whatmatters.lrp.rules", "whatmatters.explain._lrp.rules", "RULES"),
+    ("whatmatters.select", "whatmatters.explain.select", "select_features"),
+    ("whatmatters.demo", "whatmatters.cli.demo", "run_demo"),
+]
+
+
+@pytest.mark.parametrize(("old", "new", "name"), MOVED)
+def test_old_import_paths_work_with_a_deprecation_warning(old, new, name, monkeypatch):
+    import importlib
+    import sys
+
+    for key in [k for k in sys.modules if k == old or k.startswith(old + ".") or k == old.rsplit(".", 1)[0]]:
+        if key.startswith(("whatmatters.lrp", "whatmatters.select", "whatmatters.demo")):
+            monkeypatch.delitem(sys.modules, key)
+    with pytest.warns(DeprecationWarning, match=r"moved to whatmatters\.(explain|cli)"):
+        module = importlib.import_module(old)
+    assert getattr(module, name) is getattr(importlib.import_module(new), name)
+
+
+def test_new_paths_import_without_warnings():
+    import subprocess
+    import sys
+
+    code = (
+        "import whatmatters as wm; wm.methods(); wm.metrics(); import whatmatters.cli, whatmatters.explain.lrp, "
+        "whatmatters.explain.select; wm.layer_relevance; wm.select_features"
+    )
+    subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", code], check=True)

@@ -11,10 +11,10 @@ from helpers import benchmark_script
 from torch import nn
 
 import whatmatters as wm
-import whatmatters.lrp
-import whatmatters.lrp.rules
+import whatmatters.explain._lrp
+import whatmatters.explain._lrp.rules
 from whatmatters.core.errors import MethodError
-from whatmatters.lrp import Rule, layer_relevance, lrp, merge_batchnorm
+from whatmatters.explain._lrp import Rule, layer_relevance, lrp, merge_batchnorm
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "lrp"

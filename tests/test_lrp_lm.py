@@ -1,4 +1,4 @@
-"""AttnLRP / CP-LRP for Llama-family language models (whatmatters.lrp.lm) on tiny random models."""
+"""AttnLRP / CP-LRP for Llama-family language models (whatmatters.explain._lrp.lm) on tiny random models."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import whatmatters as wm
-from whatmatters.lrp import lm
-from whatmatters.lrp.layers import layer_relevance
-from whatmatters.lrp.rules import stabilize
+from whatmatters.explain._lrp import lm
+from whatmatters.explain._lrp.layers import layer_relevance
+from whatmatters.explain._lrp.rules import stabilize
 
 pytest.importorskip("transformers")
 torch.set_num_threads(1)

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import whatmatters as wm
-from whatmatters.select import Selection, select_features
+from whatmatters.explain.select import Selection, select_features
 
 NAMES = [f"f{i}" for i in range(10)]
 SCORES = torch.tensor([0.5, -3.0, 0.1, 2.0, 0.0, 1.0, -0.2, 0.7, 0.3, 0.05], dtype=torch.float64)
@@ -139,7 +139,7 @@ def test_keeps_the_top_k(values, data):
 
 
 def test_end_to_end_with_kan(cancer):
-    from whatmatters.select import score_features
+    from whatmatters.explain.select import score_features
 
     X, y, _ = cancer
     imp = score_features(X.iloc[:200, :10], y.iloc[:200], "kan_l2", steps=60)

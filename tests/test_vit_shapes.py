@@ -8,7 +8,7 @@ from torch import nn
 
 import whatmatters as wm
 from whatmatters.core.errors import InputError
-from whatmatters.lrp import lrp
+from whatmatters.explain._lrp import lrp
 from whatmatters.vision import nets, shapes
 
 torch.set_num_threads(1)

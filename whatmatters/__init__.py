@@ -25,9 +25,9 @@ _LAZY = {
     "write_report": "whatmatters.report.html",
     "dhondt_seats": "whatmatters.explain.dhondt",
     "Actionability": "whatmatters.explain.recourse",
-    "layer_relevance": "whatmatters.lrp",
-    "select_features": "whatmatters.select",
-    "score_features": "whatmatters.select",
+    "layer_relevance": "whatmatters.explain.lrp",
+    "select_features": "whatmatters.explain.select",
+    "score_features": "whatmatters.explain.select",
 }
 
 

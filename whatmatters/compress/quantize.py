@@ -488,7 +488,7 @@ def layer_scores(
     at the layer's output, ``lrp.layers.layer_relevance`` with ``|R|`` summed, mean over ``data``; with
     ``attention="gradient"`` (default) the attention softmax passes the gradient, so relevance reaches the
     query and key projections, which the conservative rule (``attention="constant"``) leaves at zero; for
-    Llama-family causal LMs and token-id ``data`` this is AttnLRP, resp. CP-LRP, of ``whatmatters.lrp.lm``
+    Llama-family causal LMs and token-id ``data`` this is AttnLRP, resp. CP-LRP, of ``whatmatters.explain.lrp.lm_lrp``
     for the predicted next token at the last position, or with ``target="next"`` for the actual next tokens
     at every position),
     ``"gradient_activation"``
@@ -515,8 +515,8 @@ def layer_scores(
         values = lay.values.float()
         names = list(lay.names)
     elif method == "lrp":
-        from whatmatters.lrp import lm
-        from whatmatters.lrp.layers import layer_relevance
+        from whatmatters.explain._lrp import lm
+        from whatmatters.explain._lrp.layers import layer_relevance
 
         if not isinstance(data, torch.Tensor):
             raise InputError("lrp layer scores need data= an input tensor (n, ...)")
@@ -552,7 +552,7 @@ def layer_scores(
 
 
 def _softmax_gradient_rule() -> type:
-    from whatmatters.lrp.rules import Rule
+    from whatmatters.explain._lrp.rules import Rule
 
     class SoftmaxGradient(Rule):
         """The softmax's own gradient (Jacobian-vector product) instead of treating it as a constant."""

@@ -6,7 +6,7 @@ Networks" (arXiv:2509.23366; code github.com/AngeClementAkazan/Feature-Selection
 ``h_o(x) = sum_j phi_oj(x_j) + b_o``, so each input ``j`` owns the edge functions ``phi_oj``.
 
 They explain the *data* (which inputs a KAN fitted to ``y`` relies on), not a given model: call
-``whatmatters.select.score_features(X, y, "kan_l2")``, or ``whatmatters.explain(model, X,
+``whatmatters.explain.select.score_features(X, y, "kan_l2")``, or ``whatmatters.explain(model, X,
 "kan_l2", y=y)``, which ignores ``model``. One fit serves all four: fitted networks are cached by
 data, labels, seed and fit parameters (:func:`shared_fit`); :func:`fit_kan` and
 :func:`kan_importance` are the building blocks.
@@ -167,7 +167,7 @@ def kan_importance(
 def _run(task: Task, kind: Kind, fit_params: dict[str, Any], center: bool = True) -> tuple[torch.Tensor, dict]:
     if task.y is None:
         raise InputError(
-            f"kan_{kind} fits its own KAN to the labels: pass y, as in whatmatters.select.score_features(X, y, "
+            f"kan_{kind} fits its own KAN to the labels: pass y, as in whatmatters.explain.select.score_features(X, y, "
             f"'kan_{kind}') or whatmatters.explain(model, X, 'kan_{kind}', y=y)"
         )
     if task.inputs.ndim != 2:

@@ -1,4 +1,8 @@
-"""Layer-wise relevance propagation scorers (the machinery is in :mod:`whatmatters.lrp`).
+"""Layer-wise relevance propagation: the ``lrp`` scorers and the public LRP API.
+
+``whatmatters.explain.lrp`` is where users import LRP from: ``lrp`` (relevance of any torch model with a
+rule composite), ``layer_relevance``, AttnLRP for Llama-family LMs (``lm_lrp``, ``token_relevance``),
+composites, rules and canonizers. The machinery lives in :mod:`whatmatters.explain._lrp`.
 
 Relevance of the target logit is propagated back to the input with a rule composite. Images
 ``(n, C, H, W)`` give pixel maps ``(n, H, W)`` (relevance summed over channels, so the map still sums
@@ -14,11 +18,25 @@ import torch
 from whatmatters.core.adapters import _batches
 from whatmatters.core.registry import scorer
 from whatmatters.core.task import Task, progress_bar
+from whatmatters.explain._lrp import (
+    COMPOSITES,
+    RULES,
+    Composite,
+    LMRelevance,
+    Rule,
+    attached,
+    constant_softmax,
+    get_composite,
+    layer_relevance,
+    lm_lrp,
+    lrp,
+    merge_batchnorm,
+    register_composite,
+    token_relevance,
+)
 
 
 def _run(task: Task, composite: str, canonize: bool, params: dict[str, Any]) -> tuple[torch.Tensor, dict]:
-    from whatmatters.lrp.core import lrp
-
     model = task.torch_model
     size = task.batch_size or 64
     chunks = _batches(task.n, size)
@@ -63,3 +81,23 @@ def lrp_scorer(
 def lrp_epsilon(task: Task, *, epsilon: float = 1e-6, canonize: bool = True) -> tuple[torch.Tensor, dict]:
     """LRP-epsilon on every Linear and Conv layer (``epsilon=0``: LRP-0)."""
     return _run(task, "epsilon", canonize, {"epsilon": epsilon})
+
+
+__all__ = [
+    "COMPOSITES",
+    "RULES",
+    "Composite",
+    "LMRelevance",
+    "Rule",
+    "attached",
+    "constant_softmax",
+    "get_composite",
+    "layer_relevance",
+    "lm_lrp",
+    "lrp",
+    "lrp_epsilon",
+    "lrp_scorer",
+    "merge_batchnorm",
+    "register_composite",
+    "token_relevance",
+]

@@ -8,7 +8,7 @@ import itertools
 import torch
 from torch import nn
 
-from whatmatters.lrp.composites import BATCHNORM, CONV, LINEAR
+from whatmatters.explain._lrp.composites import BATCHNORM, CONV, LINEAR
 
 
 def _merge(layer: nn.Module, bn: nn.Module) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from whatmatters.core.errors import MethodError
-from whatmatters.lrp.rules import (
+from whatmatters.explain._lrp.rules import (
     AlphaBeta,
     Constant,
     Epsilon,
@@ -117,7 +117,8 @@ class Composite:
             elif any(True for _ in module.parameters(recurse=False)):
                 raise MethodError(
                     f"LRP has no rule for layer {name!r} ({type(module).__name__}), which has parameters. "
-                    f"Give it one with rules={{{name!r}: 'epsilon'}} (any name of whatmatters.lrp.RULES or a Rule), "
+                    f"Give it one with rules={{{name!r}: 'epsilon'}} "
+                    "(any name of whatmatters.explain.lrp.RULES or a Rule), "
                     "or replace the layer by standard Linear/Conv/norm modules"
                 )
             # other parameter-free leaves (reshapes, custom glue) pass the plain gradient

@@ -465,7 +465,7 @@ def demo_cmd(
     quick: bool = typer.Option(False, "--quick", help="Fewer samples and methods (a few seconds)."),
 ) -> None:
     """Train a small model on scikit-learn's breast cancer data, score it with several methods, write a report."""
-    from whatmatters.demo import run_demo
+    from whatmatters.cli.demo import run_demo
 
     console = _console()
     result = run_demo(out, quick=quick, console=console)

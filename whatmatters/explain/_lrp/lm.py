@@ -39,7 +39,7 @@ from whatmatters.core.errors import InputError, MethodError, ModelError
 from whatmatters.core.importance import Importance
 from whatmatters.core.state import Tally, find_module, hooks, preserved
 from whatmatters.core.task import as_indices
-from whatmatters.lrp.rules import stabilize
+from whatmatters.explain._lrp.rules import stabilize
 
 Tensor = torch.Tensor
 

@@ -12,9 +12,9 @@ from torch import nn
 from whatmatters.core.errors import InputError
 from whatmatters.core.importance import Importance
 from whatmatters.core.task import as_indices
-from whatmatters.lrp import lm
-from whatmatters.lrp.composites import CONV, LINEAR, Composite
-from whatmatters.lrp.core import lrp
+from whatmatters.explain._lrp import lm
+from whatmatters.explain._lrp.composites import CONV, LINEAR, Composite
+from whatmatters.explain._lrp.core import lrp
 
 
 def layer_relevance(
@@ -38,7 +38,7 @@ def layer_relevance(
     class). Values have shape ``(n, len(layers))``; the model is not changed.
 
     Hugging Face causal LMs (Llama, Mistral, Qwen2, Qwen3) with integer token-id ``inputs`` go to
-    :func:`whatmatters.lrp.lm.layer_relevance` (AttnLRP; ``target`` is the next-token id at the last
+    :func:`whatmatters.explain._lrp.lm.layer_relevance` (AttnLRP; ``target`` is the next-token id at the last
     position; ``composite`` and ``canonize`` do not apply there, ``variant`` and ``epsilon`` do).
     """
     if isinstance(inputs, torch.Tensor) and not inputs.is_floating_point() and lm.is_language_model(model):

@@ -12,9 +12,9 @@ from torch import nn
 from whatmatters.core.errors import InputError, MethodError, ModelError
 from whatmatters.core.state import hooks, preserved
 from whatmatters.core.task import as_indices
-from whatmatters.lrp.canonizers import merge_batchnorm
-from whatmatters.lrp.composites import Composite, get_composite
-from whatmatters.lrp.rules import RULES, Rule, stabilize
+from whatmatters.explain._lrp.canonizers import merge_batchnorm
+from whatmatters.explain._lrp.composites import Composite, get_composite
+from whatmatters.explain._lrp.rules import RULES, Rule, stabilize
 
 Tensor = torch.Tensor
 
