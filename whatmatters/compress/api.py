@@ -330,20 +330,7 @@ def score(
         return out
     if isinstance(out, Mapping):
         return _model_importance(out, task, info.name, all_params, seconds, seed)
-    values, extra = out if isinstance(out, tuple) else (out, {})
-    extra = dict(extra)
-    names = extra.pop("names", None)
-    return Importance(
-        values=values,
-        unit=info.units[0],
-        names=names,
-        per_sample=info.per_sample,
-        method=info.name,
-        params=all_params,
-        seed=seed,
-        seconds=seconds,
-        extra=extra,
-    )
+    return info.to_importance(out, unit=info.units[0], params=params, seed=seed, seconds=seconds)
 
 
 def _model_importance(

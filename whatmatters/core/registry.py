@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from whatmatters.core.errors import MethodError
+from whatmatters.core.importance import Importance
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,39 @@ class Method:
     @property
     def header(self) -> str:
         return f"{self.name} ({self.verb}, family {self.family}, units {', '.join(self.units)}, needs {self.needs})"
+
+    def to_importance(
+        self,
+        out: Any,
+        *,
+        unit: str,
+        names: Any = None,
+        params: dict[str, Any],
+        seed: int,
+        seconds: float,
+        target: Any = None,
+    ) -> Importance:
+        """The one builder of a scorer's result: ``out`` is ``values`` or ``(values, extra)``.
+
+        ``extra["names"]``, when a scorer names its own units (feature groups, blocks, channels), replaces
+        ``names``; the parameters recorded are the method's defaults updated with ``params``.
+        """
+        values, extra = out if isinstance(out, tuple) else (out, {})
+        extra = dict(extra)
+        if "names" in extra:
+            names = list(extra.pop("names"))
+        return Importance(
+            values=values,
+            unit=unit,
+            names=names,
+            per_sample=self.per_sample,
+            method=self.name,
+            params={**self.defaults, **params},
+            target=target,
+            seed=seed,
+            seconds=seconds,
+            extra=extra,
+        )
 
 
 def keyword_defaults(fn: Callable[..., Any], skip: tuple[str, ...] = ()) -> dict[str, Any]:

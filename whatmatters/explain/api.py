@@ -80,23 +80,15 @@ def explain(
         start = time.perf_counter()
         out = info.fn(task, **params)
         seconds = time.perf_counter() - start
-    values, extra = out if isinstance(out, tuple) else (out, {})
-    names = task.names
-    if "unit_names" in extra:  # a scorer of its own units (e.g. feature groups) names them
-        extra = dict(extra)
-        names = list(extra.pop("unit_names"))
     unique = task.target.unique()
-    return Importance(
-        values=values,
+    return info.to_importance(
+        out,
         unit=task.unit,
-        names=names if task.inputs.ndim == 2 else None,
-        per_sample=info.per_sample,
-        method=info.name,
-        params={**info.defaults, **params},
-        target=int(unique[0]) if len(unique) == 1 else task.target.tolist(),
+        names=task.names if task.inputs.ndim == 2 else None,
+        params=params,
         seed=task.seed,
         seconds=seconds,
-        extra=extra,
+        target=int(unique[0]) if len(unique) == 1 else task.target.tolist(),
     )
 
 

@@ -347,5 +347,5 @@ def dhondt(
     result = dhondt_seats(source, seats, threshold, groups, exclude=exclude, how=how)
     extra = {**result.extra, "base_params": source.params}
     if groups:
-        extra["unit_names"] = list(result.names or ())
+        extra["names"] = list(result.names or ())
     return result.values, extra

@@ -73,19 +73,7 @@ def score_features(
     start = time.perf_counter()
     out = info.fn(task, **params)
     seconds = time.perf_counter() - start
-    values, extra = out if isinstance(out, tuple) else (out, {})
-    return Importance(
-        values=values,
-        unit="feature",
-        names=names,
-        per_sample=info.per_sample,
-        method=info.name,
-        params={**info.defaults, **params},
-        target=None,
-        seed=seed,
-        seconds=seconds,
-        extra=extra,
-    )
+    return info.to_importance(out, unit="feature", names=names, params=params, seed=seed, seconds=seconds)
 
 
 @dataclass(frozen=True)
