@@ -116,3 +116,19 @@ def test_new_paths_import_without_warnings():
         "whatmatters.explain.select; wm.layer_relevance; wm.select_features"
     )
     subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", code], check=True)
+
+
+def test_no_package_imports_another_packages_private_names():
+    """What two packages share is public (inside core when it is shared widely); tests may reach in."""
+    bad = []
+    for module, path in FILES.items():
+        package = module.split(".")[1] if module.count(".") else ""
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("whatmatters.")):
+                continue
+            other = node.module.split(".")[1]
+            private = [a.name for a in node.names if a.name.startswith("_") and a.name != "__version__"]
+            hidden = any(part.startswith("_") for part in node.module.split(".")[2:])
+            if other != package and (private or hidden) and not module.startswith(("whatmatters.lrp", "whatmatters._")):
+                bad.append(f"{module}: from {node.module} import {', '.join(a.name for a in node.names)}")
+    assert not bad, "\n".join(bad)

@@ -46,7 +46,7 @@ from whatmatters.compress.calibrate import (
     weight_matrix,
 )
 from whatmatters.core.errors import InputError, MethodError, ModelError
-from whatmatters.core.importance import Importance, _jsonable, read_parquet, write_parquet
+from whatmatters.core.importance import Importance, jsonable, read_parquet, write_parquet
 from whatmatters.core.registry import get_method
 from whatmatters.core.state import preserved
 from whatmatters.core.task import check_params
@@ -236,7 +236,7 @@ class ModelImportance(Mapping[str, Importance]):
         table = pa.table({"layer": pa.array(list(self._layers)), "values": values})
         meta = {
             "method": self.method,
-            "params": _jsonable(self.params),
+            "params": jsonable(self.params),
             "seconds": None if math.isnan(self.seconds) else self.seconds,
             "version": __version__,
             "layers": [imp.metadata() for imp in self._layers.values()],

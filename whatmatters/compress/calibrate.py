@@ -34,14 +34,14 @@ LossFn = Callable[[Any, Any, Any], torch.Tensor]
 
 
 # ------------------------------------------------------------------ layers
-def _conv1d_type() -> type | None:
+def conv1d_type() -> type | None:
     """transformers' ``Conv1D`` when transformers is already imported (it never is imported for this)."""
     module = sys.modules.get("transformers.pytorch_utils")
     return getattr(module, "Conv1D", None)
 
 
 def is_prunable(module: nn.Module) -> bool:
-    conv1d = _conv1d_type()
+    conv1d = conv1d_type()
     return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
 
 
@@ -373,7 +373,7 @@ def default_loss(model: nn.Module, output: Any, batch: Batch) -> torch.Tensor:
 
 
 # ------------------------------------------------------------- calibration
-def _call(model: nn.Module, batch: Batch) -> Any:
+def call_model(model: nn.Module, batch: Batch) -> Any:
     kwargs = dict(batch.kwargs)
     if getattr(getattr(model, "config", None), "use_cache", None) is not None:
         params = inspect.signature(model.forward).parameters
@@ -460,13 +460,13 @@ class Calibration:
                     for r in reducers.values():
                         r.mask = batch.mask
                     with torch.no_grad():
-                        _call(model, batch)
+                        call_model(model, batch)
                     continue
                 for part in batch.split(step):
                     for r in reducers.values():
                         r.mask = part.mask
                     with torch.enable_grad():
-                        output = _call(model, part)
+                        output = call_model(model, part)
                         loss = self.loss(output, part.kwargs or part.args[0], part.labels) if self.loss else None
                         loss = default_loss(model, output, part) if loss is None else loss
                         if not torch.is_tensor(loss) or loss.numel() != 1:

@@ -52,7 +52,7 @@ from whatmatters.compress.channel_graph import (
     shape_query,
 )
 from whatmatters.compress.remove import RemovalCounts, as_parameter, check_amount, n_parameters, standardize_rows
-from whatmatters.compress.structured import _batches, _loss, _progress
+from whatmatters.compress.structured import calibration_batches, calibration_loss, calibration_progress
 from whatmatters.core.actions import Compressed
 from whatmatters.core.errors import InputError, ModelError
 from whatmatters.core.importance import Importance
@@ -141,7 +141,7 @@ def channel_taylor(task: WeightTask) -> tuple[torch.Tensor, dict]:
     mean, so gradients are multiplied by the batch size).
     """
     model = task.model
-    batches = _batches(task, "gradients")
+    batches = calibration_batches(task, "gradients")
     for b in batches:
         if b.kwargs or not b.args:
             raise InputError(
@@ -157,13 +157,13 @@ def channel_taylor(task: WeightTask) -> tuple[torch.Tensor, dict]:
     for p in model.parameters():
         p.requires_grad_(False)  # restored by score()'s preserved()
     model.eval()
-    for batch in progress_bar(batches, len(batches), "channel gradients", _progress(task)):
+    for batch in progress_bar(batches, len(batches), "channel gradients", calibration_progress(task)):
         batch = batch.to(device)
         b = batch.size
         masks = [torch.ones(b, deps[n].channels, device=device, requires_grad=True) for n in names]
         with torch.enable_grad():
             output = _Masked(gm, points, masks).run(*batch.args)
-            grads = torch.autograd.grad(_loss(task, output, batch), masks, allow_unused=True)
+            grads = torch.autograd.grad(calibration_loss(task, output, batch), masks, allow_unused=True)
         for total, g in zip(totals, grads):
             if g is not None:
                 total += (g.detach().double() * b).abs().sum(0)

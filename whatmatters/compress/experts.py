@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from whatmatters.compress.calibrate import Batch, _call
+from whatmatters.compress.calibrate import Batch, call_model
 from whatmatters.core.actions import Compressed, RemovalCounts, n_parameters
 from whatmatters.core.errors import InputError, ModelError
 from whatmatters.core.fractions import kept_share
@@ -201,7 +201,7 @@ def expert_statistics(
             for batch in progress_bar(batches, len(batches), "routing", progress):
                 batch = batch.to(device)
                 state["mask"] = batch.mask
-                _call(model, batch)
+                call_model(model, batch)
     if not bool((tokens > 0).all()):
         missing = [b.name for b, t in zip(blks, tokens.tolist()) if t == 0]
         raise InputError(

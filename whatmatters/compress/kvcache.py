@@ -77,7 +77,7 @@ if TYPE_CHECKING:
 
 # --------------------------------------------------------------------------------------------- model
 @dataclass
-class _Arch:
+class AttentionLayout:
     """Where the attention modules are and how to recompute their queries."""
 
     kind: str  # "rope" (Llama, Qwen2, Mistral, Qwen3, ...) or "gpt2"
@@ -87,7 +87,7 @@ class _Arch:
     head_dim: int
 
 
-def _arch(model: nn.Module) -> _Arch:
+def attention_layout(model: nn.Module) -> AttentionLayout:
     config = getattr(model, "config", None)
     if config is None:
         raise ModelError("kv_eviction needs a Hugging Face transformers model (it has no .config)")
@@ -101,11 +101,11 @@ def _arch(model: nn.Module) -> _Arch:
         attn = [lay.self_attn for lay in layers]
         n_heads = config.num_attention_heads
         n_kv = getattr(config, "num_key_value_heads", None) or n_heads
-        return _Arch("rope", attn, n_heads, n_kv, attn[0].head_dim)
+        return AttentionLayout("rope", attn, n_heads, n_kv, attn[0].head_dim)
     blocks = getattr(getattr(model, "transformer", None), "h", None)
     if blocks is not None and all(hasattr(getattr(b, "attn", None), "c_attn") for b in blocks):
         attn = [b.attn for b in blocks]
-        return _Arch("gpt2", attn, attn[0].num_heads, attn[0].num_heads, attn[0].head_dim)
+        return AttentionLayout("gpt2", attn, attn[0].num_heads, attn[0].num_heads, attn[0].head_dim)
     raise ModelError(
         f"kv_eviction does not support {type(model).__name__}: it needs a decoder-only transformers LM whose "
         "layers are model.model.layers[i].self_attn with q_proj (Llama, Qwen2, Qwen3, Mistral, ...) or "
@@ -113,7 +113,9 @@ def _arch(model: nn.Module) -> _Arch:
     )
 
 
-def _queries(arch: _Arch, module: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+def rotated_queries(
+    arch: AttentionLayout, module: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]
+) -> torch.Tensor:
     """The queries the module used, ``(batch, n_heads, q_len, head_dim)``, rotated as the model rotates them."""
     b, q_len, _ = hidden.shape
     if arch.kind == "gpt2":
@@ -155,7 +157,7 @@ def _attention(q: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Ten
 class _Call:
     """One attention call: what a policy may use to score the cached positions of one layer."""
 
-    arch: _Arch
+    arch: AttentionLayout
     module: nn.Module
     hidden: torch.Tensor
     kwargs: dict[str, Any]
@@ -168,12 +170,12 @@ class _Call:
         if self._q is not None:
             return self._q if last is None else self._q[:, :, -last:]
         if last is None or last >= self.hidden.shape[1]:
-            self._q = _queries(self.arch, self.module, self.hidden, self.kwargs)
+            self._q = rotated_queries(self.arch, self.module, self.hidden, self.kwargs)
             return self._q
         kwargs = self.kwargs
         if kwargs.get("position_embeddings") is not None:  # only the last queries: slice their cos / sin too
             kwargs = {**kwargs, "position_embeddings": tuple(t[:, -last:] for t in kwargs["position_embeddings"])}
-        return _queries(self.arch, self.module, self.hidden[:, -last:].contiguous(), kwargs)
+        return rotated_queries(self.arch, self.module, self.hidden[:, -last:].contiguous(), kwargs)
 
     def attention(self, last: int | None = None) -> torch.Tensor:
         """Attention of this call's (last ``last``) queries over the cache, ``(b, n_kv, group, q, k_len)``."""
@@ -403,7 +405,7 @@ def _merge(
 class _Hook:
     """The forward hook of one attention layer."""
 
-    def __init__(self, handle: KVEviction, arch: _Arch, layer_idx: int) -> None:
+    def __init__(self, handle: KVEviction, arch: AttentionLayout, layer_idx: int) -> None:
         self.h, self.arch, self.idx = handle, arch, layer_idx
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
@@ -524,7 +526,7 @@ def _model_post_hook(handle: KVEviction, layers: list[int]):
 
 
 @contextmanager
-def _attached(model: nn.Module, arch: _Arch, handle: KVEviction) -> Iterator[None]:
+def _attached(model: nn.Module, arch: AttentionLayout, handle: KVEviction) -> Iterator[None]:
     """Install the attention hooks and the model's pre / post hooks; remove them on exit."""
     layers = [int(getattr(m, "layer_idx", i)) for i, m in enumerate(arch.modules)]
     handles = [
@@ -553,7 +555,7 @@ def kv_eviction(
     ratio = _check_ratio(compression_ratio)
     policy = _policy_name(policy)
     p = _validate(policy, params)
-    arch = _arch(model)
+    arch = attention_layout(model)
     handle = KVEviction(policy, ratio, p, len(arch.modules))
     with preserved(model):
         if ratio == 0:
@@ -571,7 +573,9 @@ def _check_ids(input_ids: Any) -> torch.Tensor:
     return input_ids
 
 
-def _record(model: nn.Module, arch: _Arch, input_ids: torch.Tensor, policy: str, ratio: float, p: dict[str, Any]):
+def _record(
+    model: nn.Module, arch: AttentionLayout, input_ids: torch.Tensor, policy: str, ratio: float, p: dict[str, Any]
+):
     """Prefill scores of every layer, ``(batch, n_layers, n_kv_heads, seq_len)`` float32, and the layer indices."""
     handle = KVEviction(policy, ratio, p, len(arch.modules), record=True)
     device = next(model.parameters()).device
@@ -602,7 +606,7 @@ def evict_scores(
     ratio = _check_ratio(compression_ratio)
     policy = _policy_name(policy)
     p = _validate(policy, params)
-    arch = _arch(model)
+    arch = attention_layout(model)
     start = time.perf_counter()
     values, layers = _record(model, arch, input_ids, policy, ratio, p)
     budget = max(1, int(input_ids.shape[1] * (1 - ratio)))
@@ -645,7 +649,7 @@ def _token_batches(task: WeightTask, method: str) -> list[torch.Tensor]:
 def _kv_scorer(task: WeightTask, policy: str, compression_ratio: float, params: dict[str, Any]):
     ratio = _check_ratio(compression_ratio)
     p = _validate(policy, params)
-    arch = _arch(task.model)
+    arch = attention_layout(task.model)
     values, layers = [], []
     for ids in _token_batches(task, policy):
         v, layers = _record(task.model, arch, _check_ids(ids), policy, ratio, p)

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from whatmatters.compress.calibrate import HEAD_PATTERN, _call, _conv1d_type, as_batches, match_layers
+from whatmatters.compress.calibrate import HEAD_PATTERN, as_batches, call_model, conv1d_type, match_layers
 from whatmatters.core.actions import Compressed
 from whatmatters.core.errors import InputError, MethodError, ModelError
 from whatmatters.core.importance import Importance
@@ -48,7 +48,7 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 # ------------------------------------------------------------------ layers
 def _is_quantizable(module: nn.Module) -> bool:
-    conv1d = _conv1d_type()
+    conv1d = conv1d_type()
     return isinstance(module, (nn.Linear, *_CONVS)) or (conv1d is not None and isinstance(module, conv1d))
 
 
@@ -432,7 +432,7 @@ def _calibrate(model: nn.Module, names: list[str], data: Any, clip: float, batch
         model.eval()
         for batch in batches:
             ranges.norm_out.clear()
-            _call(model, batch.to(device))
+            call_model(model, batch.to(device))
         ranges.norm_out.clear()
     return ranges
 
@@ -515,20 +515,19 @@ def layer_scores(
         values = lay.values.float()
         names = list(lay.names)
     elif method == "lrp":
-        from whatmatters.explain._lrp import lm
-        from whatmatters.explain._lrp.layers import layer_relevance
+        from whatmatters.explain.lrp import is_language_model, layer_relevance, lm_layer_relevance
 
         if not isinstance(data, torch.Tensor):
             raise InputError("lrp layer scores need data= an input tensor (n, ...)")
         attention = params.pop("attention", "gradient")
         if attention not in ("gradient", "constant"):
             raise MethodError(f"attention must be 'gradient' or 'constant', got {attention!r}")
-        if not data.is_floating_point() and lm.is_language_model(model):  # token ids: AttnLRP / CP-LRP
+        if not data.is_floating_point() and is_language_model(model):  # token ids: AttnLRP / CP-LRP
             variant = "attnlrp" if attention == "gradient" else "cp"
             lm_params = {k: params.pop(k) for k in ("epsilon",) if k in params}
             if params:
                 raise MethodError(f"lrp layer scores of a language model take epsilon= only, not {sorted(params)}")
-            rel = lm.layer_relevance(model, data, target, names, variant=variant, batch_size=batch_size, **lm_params)
+            rel = lm_layer_relevance(model, data, target, names, variant=variant, batch_size=batch_size, **lm_params)
             params = {"attention": attention, **lm_params}
         else:
             rules = dict(params.pop("rules", None) or {})
@@ -552,7 +551,7 @@ def layer_scores(
 
 
 def _softmax_gradient_rule() -> type:
-    from whatmatters.explain._lrp.rules import Rule
+    from whatmatters.explain.lrp import Rule
 
     class SoftmaxGradient(Rule):
         """The softmax's own gradient (Jacobian-vector product) instead of treating it as a constant."""
@@ -593,7 +592,7 @@ def _gradient_activation(model: nn.Module, chosen: dict[str, nn.Module], data: A
                 if emb is None:
                     raise ModelError("gradient_activation needs float inputs or a model with get_input_embeddings()")
                 handles.append(emb.register_forward_hook(lambda _m, _i, o: o.requires_grad_(True)))
-            loss = default_loss(model, _call(model, batch), batch)
+            loss = default_loss(model, call_model(model, batch), batch)
             order = sorted(outputs)
             grads = torch.autograd.grad(loss, [outputs[i] for i in order], allow_unused=True)
             for i, g in zip(order, grads):
@@ -636,5 +635,5 @@ def _block_influence(
     with preserved(model, weights=False), hooks(*handles), torch.no_grad():
         model.eval()
         for batch in as_batches(data, batch_size=batch_size):
-            _call(model, batch.to(device))
+            call_model(model, batch.to(device))
     return torch.tensor([sums[owner[n]] / max(counts[owner[n]], 1) for n in chosen])

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from whatmatters.compress.api import WeightTask
-from whatmatters.compress.calibrate import Batch, _call, default_loss, weight_matrix
+from whatmatters.compress.calibrate import Batch, call_model, default_loss, weight_matrix
 from whatmatters.core.errors import InputError, ModelError
 from whatmatters.core.layers import first_tensor
 from whatmatters.core.registry import scorer
@@ -133,11 +133,11 @@ def blocks(model: nn.Module) -> tuple[str, list[Block]]:
 
 
 # ------------------------------------------------------------ calibration
-def _batches(task: WeightTask, what: str) -> list[Batch]:
+def calibration_batches(task: WeightTask, what: str) -> list[Batch]:
     return task._cal(what).batches
 
 
-def _loss(task: WeightTask, output: Any, batch: Batch) -> torch.Tensor:
+def calibration_loss(task: WeightTask, output: Any, batch: Batch) -> torch.Tensor:
     fn = task.calibration.loss if task.calibration is not None else None
     loss = fn(output, batch.kwargs or batch.args[0], batch.labels) if fn else None
     loss = default_loss(task.model, output, batch) if loss is None else loss
@@ -146,7 +146,7 @@ def _loss(task: WeightTask, output: Any, batch: Batch) -> torch.Tensor:
     return loss
 
 
-def _progress(task: WeightTask) -> bool | None:
+def calibration_progress(task: WeightTask) -> bool | None:
     return task.calibration.progress if task.calibration is not None else None
 
 
@@ -155,13 +155,13 @@ def _forward_all(task: WeightTask, handles: list, state: dict, device: torch.dev
 
     ``state["mask"]`` holds the current batch's padding mask for the hooks.
     """
-    batches = _batches(task, what)
+    batches = calibration_batches(task, what)
     with hooks(*handles), torch.no_grad():
         task.model.eval()
-        for batch in progress_bar(batches, len(batches), what, _progress(task)):
+        for batch in progress_bar(batches, len(batches), what, calibration_progress(task)):
             batch = batch.to(device)
             state["mask"] = batch.mask
-            _call(task.model, batch)
+            call_model(task.model, batch)
 
 
 def _equal(values: list[int], what: str) -> int:
@@ -201,14 +201,14 @@ def _mask_gradients(task: WeightTask, targets: list[tuple[nn.Module, int, int]])
     for p in model.parameters():
         p.requires_grad_(False)  # restored by score()'s preserved()
     model.eval()
-    batches = _batches(task, "gradients")
-    for batch in progress_bar(batches, len(batches), "mask gradients", _progress(task)):
+    batches = calibration_batches(task, "gradients")
+    for batch in progress_bar(batches, len(batches), "mask gradients", calibration_progress(task)):
         batch = batch.to(device)
         b = batch.size
         masks = [torch.ones(b, n, device=device, requires_grad=True) for _, n, _ in targets]
         handles = [layer.register_forward_pre_hook(_mask_hook(m, g)) for (layer, _, g), m in zip(targets, masks)]
         with hooks(*handles), torch.enable_grad():
-            loss = _loss(task, _call(model, batch), batch)
+            loss = calibration_loss(task, call_model(model, batch), batch)
             grads = torch.autograd.grad(loss, masks, allow_unused=True)
         for i, g in enumerate(grads):
             if g is not None:
@@ -424,7 +424,7 @@ def _block_returns_tensor(model: nn.Module, block: nn.Module, batch: Batch) -> t
     seen: dict[str, Any] = {}
     handle = block.register_forward_hook(lambda _m, _a, out: seen.setdefault("out", out))
     with hooks(handle), torch.no_grad():
-        _call(model, batch)
+        call_model(model, batch)
     out = seen["out"]
     return isinstance(out, torch.Tensor), (() if isinstance(out, torch.Tensor) else tuple(None for _ in out[1:]))
 
@@ -436,21 +436,21 @@ def layer_skip_loss(task: WeightTask) -> tuple[torch.Tensor, dict]:
     model = task.model
     blks = blocks(model)[1]
     device, _ = parameter_device_dtype(model)
-    batches = [b.to(device) for b in _batches(task, "the skip loss")]
+    batches = [b.to(device) for b in calibration_batches(task, "the skip loss")]
     model.eval()
     is_tensor, rest = _block_returns_tensor(model, blks[0].module, batches[0])
 
     def mean_loss() -> float:
         total, n = 0.0, 0
         for batch in batches:
-            total += float(_loss(task, _call(model, batch), batch)) * batch.size
+            total += float(calibration_loss(task, call_model(model, batch), batch)) * batch.size
             n += batch.size
         return total / max(n, 1)
 
     losses = []
     with torch.no_grad():
         dense = mean_loss()
-        for b in progress_bar(blks, len(blks), "skipping blocks", _progress(task)):
+        for b in progress_bar(blks, len(blks), "skipping blocks", calibration_progress(task)):
             with skipped(b.module, returns_tensor=is_tensor, rest=rest):
                 losses.append(mean_loss() - dense)
     values = torch.tensor(losses, dtype=torch.float32)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from whatmatters.compress.kvcache import _Arch, _arch, _queries
+from whatmatters.compress.kvcache import AttentionLayout, attention_layout, rotated_queries
 from whatmatters.core import hf
 from whatmatters.core.errors import InputError, ModelError
 from whatmatters.core.registry import scorer
@@ -75,7 +75,7 @@ def received_attention(
     return out
 
 
-def _layer_indices(arch: _Arch, layers: Sequence[int] | None) -> list[int]:
+def _layer_indices(arch: AttentionLayout, layers: Sequence[int] | None) -> list[int]:
     n = len(arch.modules)
     if layers is None:
         return list(range(n))
@@ -105,7 +105,7 @@ def attention_received(
     query_block: int = 256,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Accumulated attention per token ``(b, seq_len)`` and the number of (non-padding) queries that see it."""
-    arch = _arch(model)
+    arch = attention_layout(model)
     _check_sliding(model)
     chosen = _layer_indices(arch, layers)
     device = next(model.parameters()).device
@@ -126,7 +126,7 @@ def attention_received(
         if keys.shape[2] != ids.shape[1]:
             what = f"layer {index[module]} cached {keys.shape[2]} keys for {ids.shape[1]} tokens"
             raise hf.incompatible(FEATURE, what)
-        q = _queries(arch, module, hidden, kwargs)
+        q = rotated_queries(arch, module, hidden, kwargs)
         total = total + received_attention(q, keys, float(module.scaling), mask, query_block=query_block)
         seen.append(index[module])
         if module is last:
@@ -196,7 +196,7 @@ def accumulated_attention(
         lengths += (mask.sum(-1) if mask is not None else torch.full((len(ids),), ids.shape[1])).tolist()
     width = max(r.shape[1] for r in rows)
     values = torch.cat([torch.nn.functional.pad(r, (0, width - r.shape[1])) for r in rows])
-    arch = _arch(task.model)
+    arch = attention_layout(task.model)
     return values, {
         "layers": _layer_indices(arch, attn_layers),
         "lengths": [int(n) for n in lengths],

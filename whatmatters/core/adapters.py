@@ -19,7 +19,7 @@ from whatmatters.core.errors import InputError, ModelError
 from whatmatters.core.state import parameter_device_dtype
 
 
-def _batches(n: int, size: int) -> list[slice]:
+def row_slices(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
@@ -65,7 +65,7 @@ class Model:
         size = batch_size or self.rows_per_call(x)
         if len(x) <= size:
             return _as_2d_outputs(self._predict_batch(x))
-        return torch.cat([_as_2d_outputs(self._predict_batch(x[s])) for s in _batches(len(x), size)])
+        return torch.cat([_as_2d_outputs(self._predict_batch(x[s])) for s in row_slices(len(x), size)])
 
     def n_outputs(self, example: torch.Tensor) -> int:
         if self._n_outputs is None:

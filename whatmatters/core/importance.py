@@ -41,12 +41,12 @@ def _as_tensor(values: Any) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """Parameters and extras as JSON: arrays become lists, unknown objects their repr."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, torch.Tensor):
         return value.detach().cpu().tolist()
     if isinstance(value, np.ndarray):
@@ -237,12 +237,12 @@ class Importance:
             "names": list(self.names) if self.names is not None else None,
             "per_sample": self.per_sample,
             "method": self.method,
-            "params": _jsonable(self.params),
-            "target": _jsonable(self.target),
+            "params": jsonable(self.params),
+            "target": jsonable(self.target),
             "seed": self.seed,
             "version": self.version,
             "seconds": None if math.isnan(self.seconds) else self.seconds,
-            "extra": _jsonable(self.extra),
+            "extra": jsonable(self.extra),
             "shape": list(self.values.shape),
             "dtype": str(self.values.dtype).removeprefix("torch."),
         }

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from whatmatters.core.adapters import Model, TorchModel, _batches, to_tensor, wrap
+from whatmatters.core.adapters import Model, TorchModel, row_slices, to_tensor, wrap
 from whatmatters.core.errors import InputError, ModelError, TargetError, WhatMattersError
 
 T = TypeVar("T")
@@ -89,7 +89,7 @@ class Task:
         flat = x.reshape(n * m, *x.shape[2:])
         rows = (self.target if target is None else target).to(torch.long).repeat_interleave(m)
         size = self.rows_per_call(flat)
-        chunks = _batches(len(flat), size)
+        chunks = row_slices(len(flat), size)
         outs = []
         for s in progress_bar(chunks, len(chunks), description, self.progress):
             out = self.model.predict(flat[s], batch_size=size)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from whatmatters.core.adapters import _batches
+from whatmatters.core.adapters import row_slices
 from whatmatters.core.errors import InputError
 from whatmatters.core.importance import Importance
 from whatmatters.core.task import Task, progress_bar
@@ -60,7 +60,7 @@ def resolve_baseline(task: Task, baseline: Baseline) -> torch.Tensor:
     return baseline_row(task, baseline).unsqueeze(0)
 
 
-def _order_ranks(key: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def order_ranks(key: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Rank of every unit (0 = highest ``key``) per row; ties broken at random (seeded), not by index."""
     perm = torch.rand(key.shape, generator=generator, dtype=torch.float64).argsort(dim=-1)
     order = perm.gather(-1, key.gather(-1, perm).argsort(dim=-1, descending=True, stable=True))
@@ -103,7 +103,7 @@ def perturbation_curves(
     d = scores.shape[1]
     base = resolve_baseline(task, baseline)
     gen = task.generator()
-    ranks = _order_ranks(scores.abs() if by_abs else scores, gen).unsqueeze(1)  # (n, 1, d)
+    ranks = order_ranks(scores.abs() if by_abs else scores, gen).unsqueeze(1)  # (n, 1, d)
     if n_random:
         ranks = torch.cat([ranks, torch.rand(n, int(n_random), d, generator=gen).argsort(-1)], dim=1)
     counts = step_counts(d, steps)
@@ -113,7 +113,7 @@ def perturbation_curves(
     # model batch at a time, so memory stays that of one batch however many steps and samples.
     total = n * r * m
     size = task.rows_per_call()
-    chunks = _batches(total, size)
+    chunks = row_slices(total, size)
     outputs = torch.empty(total, dtype=torch.float64)
     for rows in progress_bar(chunks, len(chunks), mode, task.progress):
         idx = torch.arange(rows.start, rows.stop)

@@ -30,11 +30,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from whatmatters.core.adapters import _batches
+from whatmatters.core.adapters import row_slices
 from whatmatters.core.errors import InputError
 from whatmatters.core.importance import Importance
 from whatmatters.core.task import Task, progress_bar
-from whatmatters.evaluate.faithfulness import _order_ranks
+from whatmatters.evaluate.faithfulness import order_ranks
 from whatmatters.evaluate.metrics import flat_scores, metric, metric_task
 
 DEFAULT_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -186,7 +186,7 @@ def road_curves(
     n, m = x.shape[0], len(frac)
     key = scores.abs() if by_abs else scores
     gen = task.generator()
-    ranks = _order_ranks(key if order == "morf" else -key, gen)  # (n, HW): 0 = removed first
+    ranks = order_ranks(key if order == "morf" else -key, gen)  # (n, HW): 0 = removed first
     counts = torch.from_numpy(removal_counts(h * w, frac))
     removed = ranks.unsqueeze(1) < counts.view(1, m, 1)  # (n, m, HW)
     images = x.reshape(n, -1, h, w)
@@ -199,7 +199,7 @@ def road_curves(
     labels = labels.reshape(-1).long().repeat_interleave(m)
     size = task.rows_per_call()
     values = torch.empty(n * m, dtype=torch.float64)
-    chunks = _batches(n * m, size)
+    chunks = row_slices(n * m, size)
     for rows in progress_bar(chunks, len(chunks), f"ROAD {order}", task.progress):
         out = task.model.predict(variants[rows], batch_size=size).to("cpu", torch.float64)
         lab = labels[rows].unsqueeze(1)

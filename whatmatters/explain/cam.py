@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from whatmatters.core.adapters import TorchModel, _batches
+from whatmatters.core.adapters import TorchModel, row_slices
 from whatmatters.core.errors import MethodError, ModelError
 from whatmatters.core.layers import Reshape, first_tensor, resolve_layer, to_spatial
 from whatmatters.core.registry import scorer
@@ -187,7 +187,7 @@ def class_activation_map(
     size = (int(task.inputs.shape[-2]), int(task.inputs.shape[-1]))
     name, module = resolve_layer(model.module, layer, model.forward, task.inputs[:1])
     size_b = task.rows_per_call()
-    chunks = _batches(task.n, size_b)
+    chunks = row_slices(task.n, size_b)
     maps: list[torch.Tensor] = []
     extra: dict[str, Any] = {"layer": name}
     full_graph = False
@@ -395,7 +395,7 @@ def _score_cam_map(b: CamBatch) -> tuple[torch.Tensor, dict[str, list[Any]]]:
             rows = dead.nonzero(as_tuple=True)
             scores[rows] = out[0, b.target[rows[0]].to(out.device)].to(scores.dtype).to(scores.device)
         live = (~dead).nonzero()
-        chunks = _batches(len(live), b.batch_size)
+        chunks = row_slices(len(live), b.batch_size)
         for s in progress_bar(chunks, len(chunks), "Score-CAM masked images", b.progress):
             i, c = live[s, 0], live[s, 1]
             up = F.interpolate(acts[i, c].unsqueeze(1), size=size, mode="bilinear", align_corners=True)

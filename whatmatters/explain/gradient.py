@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from whatmatters.core.adapters import _batches
+from whatmatters.core.adapters import row_slices
 from whatmatters.core.errors import MethodError, ModelError
 from whatmatters.core.registry import scorer
 from whatmatters.core.task import Task, progress_bar
@@ -66,7 +66,7 @@ def _gradient_map(
     model = task.torch_model
     rows = _rows_per_call(task, int(np.prod(task.unit_shape)))
     out = None
-    chunks = _batches(task.n, rows)
+    chunks = row_slices(task.n, rows)
     for s in progress_bar(chunks, len(chunks), description, task.progress):
         x = model.to_model(task.inputs[s])
         values = fn(x, input_gradients(task, x, task.target[s]))
@@ -131,7 +131,7 @@ def _target_outputs(task: Task, x: torch.Tensor, target: torch.Tensor, rows: int
     model = task.torch_model
     outs = []
     with torch.no_grad():
-        for s in _batches(len(x), rows):
+        for s in row_slices(len(x), rows):
             outs.append(task.forward_target(model.to_model(x[s]), target[s]))
     return torch.cat(outs)
 
@@ -176,7 +176,7 @@ def integrated_gradients(
         return model.to_model(base_all[s] if per_sample_base else base_all)
 
     if rows >= steps:  # whole paths of several samples per call
-        chunks = _batches(task.n, rows // steps)
+        chunks = row_slices(task.n, rows // steps)
         for s in progress_bar(chunks, len(chunks), "integrated gradients", task.progress):
             x, b = model.to_model(task.inputs[s]), base_of(s)
             m = x.shape[0]
@@ -184,7 +184,7 @@ def integrated_gradients(
             grads = input_gradients(task, points.flatten(0, 1), task.target[s].repeat_interleave(steps))
             total[s] = torch.einsum("ms...,s->m...", grads.view(m, steps, *shape), weights)
     else:  # one sample's path spans several calls
-        pieces = [(i, k) for i in range(task.n) for k in _batches(steps, rows)]
+        pieces = [(i, k) for i in range(task.n) for k in row_slices(steps, rows)]
         for i, k in progress_bar(pieces, len(pieces), "integrated gradients", task.progress):
             s = slice(i, i + 1)
             x, b = model.to_model(task.inputs[s]), base_of(s)
@@ -262,7 +262,7 @@ def smoothgrad(
 
     if rows >= n:  # several noise draws of every sample per call
         per = rows // n
-        groups = _batches(n_samples, per)
+        groups = row_slices(n_samples, per)
         for g in progress_bar(groups, len(groups), "smoothgrad", task.progress):
             noisy = (x_all.unsqueeze(0) + torch.stack([draw() for _ in range(g.stop - g.start)])).flatten(0, 1)
             grads = input_gradients(task, noisy, task.target.repeat(g.stop - g.start))
@@ -270,7 +270,7 @@ def smoothgrad(
     else:  # one draw spans several calls
         for _ in progress_bar(range(n_samples), n_samples, "smoothgrad", task.progress):
             noisy_all = x_all + draw()
-            for s in _batches(n, rows):
+            for s in row_slices(n, rows):
                 total[s] += combine(noisy_all[s], input_gradients(task, noisy_all[s], task.target[s]))
     extra = {"sigma": sigma64.squeeze(0).flatten().numpy() if task.inputs.ndim == 2 else sigma64.flatten().numpy()}
     return total / n_samples, extra

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from whatmatters.core.adapters import _batches
+from whatmatters.core.adapters import row_slices
 from whatmatters.core.registry import scorer
 from whatmatters.core.task import Task, progress_bar
 from whatmatters.explain._lrp import (
@@ -34,12 +34,14 @@ from whatmatters.explain._lrp import (
     register_composite,
     token_relevance,
 )
+from whatmatters.explain._lrp.lm import is_language_model
+from whatmatters.explain._lrp.lm import layer_relevance as lm_layer_relevance
 
 
 def _run(task: Task, composite: str, canonize: bool, params: dict[str, Any]) -> tuple[torch.Tensor, dict]:
     model = task.torch_model
     size = task.batch_size or 64
-    chunks = _batches(task.n, size)
+    chunks = row_slices(task.n, size)
     out = []
     for s in progress_bar(chunks, len(chunks), f"lrp {composite}", task.progress):
         rel, _ = lrp(
@@ -92,7 +94,9 @@ __all__ = [
     "attached",
     "constant_softmax",
     "get_composite",
+    "is_language_model",
     "layer_relevance",
+    "lm_layer_relevance",
     "lm_lrp",
     "lrp",
     "lrp_epsilon",

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from whatmatters.core.adapters import _batches
+from whatmatters.core.adapters import row_slices
 from whatmatters.core.errors import InputError, TargetError
 from whatmatters.core.registry import scorer
 from whatmatters.core.task import Task, progress_bar
@@ -244,7 +244,7 @@ def responsiveness(
     direction = torch.tensor([DIRECTIONS.index(c.direction) for c in rules], device=device)[:, None]
 
     size = task.rows_per_call()
-    current = torch.cat([task.model.predict(x[s], batch_size=size) for s in _batches(n, size)])
+    current = torch.cat([task.model.predict(x[s], batch_size=size) for s in row_slices(n, size)])
     reach = _predicate(desired, current.shape[1])
     at_target = reach(current).to(device)
 
@@ -253,7 +253,7 @@ def responsiveness(
     hits = torch.zeros(n, d, dtype=torch.float64, device=device)
     n_feasible = torch.zeros(n, d, dtype=torch.long, device=device)
     cand = grid.unsqueeze(0)  # (1, d, m)
-    blocks = _batches(n, max(1, _BLOCK_ELEMENTS // (d * grid.shape[1])))
+    blocks = row_slices(n, max(1, _BLOCK_ELEMENTS // (d * grid.shape[1])))
     for b in progress_bar(blocks, len(blocks), "responsiveness", task.progress):
         xb = x_dev[b]
         value = xb.unsqueeze(2)  # (block, d, 1)
@@ -263,7 +263,7 @@ def responsiveness(
         n_feasible[b] = feasible.sum(2)
         feasible &= ~at_target[b, None, None]
         person, feature, slot = feasible.nonzero(as_tuple=True)
-        for s in _batches(len(person), size):  # all single-feature changes, in full model batches
+        for s in row_slices(len(person), size):  # all single-feature changes, in full model batches
             rows = xb[person[s]].clone()
             rows[torch.arange(len(rows), device=device), feature[s]] = grid[feature[s], slot[s]]
             hit = reach(task.model.predict(rows, batch_size=size)).to(device, torch.float64)

@@ -37,7 +37,7 @@ _FIRST = 1e6  # first-order balance comes first: pairs only break ties
 # The value function
 
 
-def _background(task: Task, max_background: int) -> torch.Tensor:
+def background_rows(task: Task, max_background: int) -> torch.Tensor:
     """Background rows (the data when none is given), subsampled to ``max_background`` with the task's seed."""
     if max_background < 1:
         raise InputError(f"max_background must be a positive number of rows, got {max_background}")
@@ -56,7 +56,7 @@ def coalition_values(task: Task, masks: torch.Tensor, max_background: int = 100)
     coalition's value is the model's target output averaged over the background rows, with the
     features outside the coalition taken from the background row.
     """
-    bg = _background(task, max_background)
+    bg = background_rows(task, max_background)
     n, d, nb = task.n, task.unit_shape[0], len(bg)
     shared = masks.ndim == 2
     m = masks.shape[-2]
@@ -81,7 +81,7 @@ def coalition_values(task: Task, masks: torch.Tensor, max_background: int = 100)
 
 def _empty_and_full(task: Task, max_background: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``v(empty)`` (the background's mean output) and ``v(full) = f(x)`` per sample, in two model calls."""
-    bg = _background(task, max_background)
+    bg = background_rows(task, max_background)
     size = task.rows_per_call()
     target = task.target.to(torch.long)
     mean_bg = task.model.predict(bg, batch_size=size).double().mean(0).cpu()

@@ -10,7 +10,7 @@ import torch
 from whatmatters.core.errors import InputError, ModelError
 from whatmatters.core.registry import scorer
 from whatmatters.core.task import Task
-from whatmatters.explain.shapley import _background
+from whatmatters.explain.shapley import background_rows
 
 OUTPUTS = ("probability", "raw")
 
@@ -57,7 +57,7 @@ def tree_shap(task: Task, *, output: str = "probability", max_background: int = 
         )
     classifier = bool(getattr(task.model, "is_classifier", False))
     model_output = "probability" if classifier and output == "probability" else "raw"
-    background = _background(task, max_background).double().cpu().numpy()
+    background = background_rows(task, max_background).double().cpu().numpy()
     try:
         explainer = shap.TreeExplainer(
             estimator, data=background, feature_perturbation="interventional", model_output=model_output
