@@ -247,3 +247,16 @@ def test_fashion_vit_trains_and_caches(tmp_path):
     assert path != nets.cache_path("fashion_vit", epochs=3, cache=tmp_path)
     with pytest.raises(InputError, match="28"):
         nets.train_shapes("fashion_vit", size=32, n_train=8, epochs=1, n_test=0, max_steps=1)
+
+
+def test_layer_scores_are_registry_entries(vit, images):
+    from whatmatters.compress.layer_scoring import LAYER_SCORE_REGISTRY, LAYER_SCORES
+
+    assert LAYER_SCORES == ("magnitude", "fisher", "lrp", "gradient_activation", "block_influence")
+    assert "blocks=None" in LAYER_SCORE_REGISTRY.describe("block_influence")
+    mag = layer_scores(vit, "magnitude")
+    assert mag.unit == "layer" and mag.method == "magnitude" and len(mag.names) == len(mag.values)
+    with pytest.raises(MethodError, match=r"unknown layer score 'magnitud'.*Did you mean 'magnitude'.*Choose one of"):
+        layer_scores(vit, "magnitud")
+    with pytest.raises(MethodError, match="unknown parameter"):
+        layer_scores(vit, "magnitude", blocks="x")

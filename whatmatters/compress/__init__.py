@@ -15,8 +15,9 @@ from whatmatters.compress.calibrate import Calibration, calibrate, lm_windows
 from whatmatters.compress.channels import ChannelPruned, ChannelReport, channels_by_layer, prune_channels
 from whatmatters.compress.experts import prune_experts
 from whatmatters.compress.kvcache import evict_scores, kv_eviction
+from whatmatters.compress.layer_scoring import layer_scores
 from whatmatters.compress.prune import Pruned, PruneReport, measure, prune
-from whatmatters.compress.quantize import Quantized, QuantizeReport, allocate_bits, average_bits, layer_scores, quantize
+from whatmatters.compress.quantize import Quantized, QuantizeReport, allocate_bits, average_bits, quantize
 from whatmatters.compress.remove import StructuredPruned, StructuredReport, load_pruned, prune_structured
 
 __all__ = [

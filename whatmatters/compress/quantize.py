@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -37,7 +36,7 @@ from torch import nn
 
 from whatmatters.compress.calibrate import HEAD_PATTERN, as_batches, call_model, conv1d_type, match_layers
 from whatmatters.core.actions import Compressed
-from whatmatters.core.errors import InputError, MethodError, ModelError
+from whatmatters.core.errors import InputError, ModelError
 from whatmatters.core.importance import Importance
 from whatmatters.core.state import hooks, preserved
 
@@ -468,172 +467,8 @@ def _attach_activation_quantizers(
 
 
 # ------------------------------------------------------------ layer scores
-LAYER_SCORES = ("magnitude", "fisher", "lrp", "gradient_activation", "block_influence")
 
 
-def layer_scores(
-    model: nn.Module,
-    method: str,
-    data: Any = None,
-    layers: str | Sequence[str] | None = None,
-    *,
-    target: Any = None,
-    batch_size: int = 32,
-    **params: Any,
-) -> Importance:
-    """One score per layer (``Importance`` with ``unit="layer"``) for :func:`allocate_bits`.
-
-    Methods: ``"magnitude"`` (mean ``|W|``), ``"fisher"`` (mean empirical-Fisher saliency of the layer's
-    weights, ``compress.score(model, "fisher", data)``; Linear layers only), ``"lrp"`` (relevance arriving
-    at the layer's output, ``lrp.layers.layer_relevance`` with ``|R|`` summed, mean over ``data``; with
-    ``attention="gradient"`` (default) the attention softmax passes the gradient, so relevance reaches the
-    query and key projections, which the conservative rule (``attention="constant"``) leaves at zero; for
-    Llama-family causal LMs and token-id ``data`` this is AttnLRP, resp. CP-LRP, of ``whatmatters.explain.lrp.lm_lrp``
-    for the predicted next token at the last position, or with ``target="next"`` for the actual next tokens
-    at every position),
-    ``"gradient_activation"``
-    (mean over batches of ``sum |output * d loss / d output|``, the first-order relevance of the layer's
-    output, for models LRP does not support) and ``"block_influence"`` (``1 - cos(input, output)`` of the
-    residual block holding the layer, averaged over tokens: every layer of a block gets its block's score;
-    ``params["blocks"]`` is a regex naming the blocks, default ``r"(blocks|layers|layer|h)\\.\\d+$"``).
-    """
-    chosen = quantizable_layers(model, layers)
-    names = list(chosen)
-    if method == "magnitude":
-        values = torch.stack([m.weight.detach().abs().float().mean().cpu() for m in chosen.values()])
-    elif method == "fisher":
-        from whatmatters.compress.api import score
-
-        convs = [n for n, m in chosen.items() if isinstance(m, _CONVS)]
-        if convs:
-            raise InputError(
-                f"fisher layer scores cover Linear layers only, and {convs[0]} is a convolution; "
-                "select Linear layers with layers=r'regex'"
-            )
-        imp = score(model, "fisher", data, None, [f"^{re.escape(n)}$" for n in names], batch_size=batch_size, **params)
-        lay = imp.layer_importance("mean")
-        values = lay.values.float()
-        names = list(lay.names)
-    elif method == "lrp":
-        from whatmatters.explain.lrp import is_language_model, layer_relevance, lm_layer_relevance
-
-        if not isinstance(data, torch.Tensor):
-            raise InputError("lrp layer scores need data= an input tensor (n, ...)")
-        attention = params.pop("attention", "gradient")
-        if attention not in ("gradient", "constant"):
-            raise MethodError(f"attention must be 'gradient' or 'constant', got {attention!r}")
-        if not data.is_floating_point() and is_language_model(model):  # token ids: AttnLRP / CP-LRP
-            variant = "attnlrp" if attention == "gradient" else "cp"
-            lm_params = {k: params.pop(k) for k in ("epsilon",) if k in params}
-            if params:
-                raise MethodError(f"lrp layer scores of a language model take epsilon= only, not {sorted(params)}")
-            rel = lm_layer_relevance(model, data, target, names, variant=variant, batch_size=batch_size, **lm_params)
-            params = {"attention": attention, **lm_params}
-        else:
-            rules = dict(params.pop("rules", None) or {})
-            if attention == "gradient":  # relevance also flows through the attention weights to q and k
-                rules.update(
-                    {n: _softmax_gradient_rule()() for n, m in model.named_modules() if isinstance(m, nn.Softmax)}
-                )
-            rel = layer_relevance(model, data, target, names, batch_size=batch_size, rules=rules or None, **params)
-        values = rel.aggregate("mean").values
-    elif method == "gradient_activation":
-        values = _gradient_activation(model, chosen, data, batch_size)
-    elif method == "block_influence":
-        values = _block_influence(model, chosen, data, batch_size, params.pop("blocks", None))
-    else:
-        raise MethodError(f"unknown layer score {method!r}; choose one of {', '.join(LAYER_SCORES)}")
-    if method in ("magnitude", "gradient_activation", "block_influence") and params:
-        raise MethodError(f"{method} takes no parameters {sorted(params)}")
-    return Importance(
-        values=values.float().cpu(), unit="layer", names=tuple(names), per_sample=False, method=method, params=params
-    )
-
-
-def _softmax_gradient_rule() -> type:
-    from whatmatters.explain.lrp import Rule
-
-    class SoftmaxGradient(Rule):
-        """The softmax's own gradient (Jacobian-vector product) instead of treating it as a constant."""
-
-        def backward(self, module: nn.Module, x: torch.Tensor, z: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-            dim = module.dim if module.dim is not None else -1
-            return z * (g - (g * z).sum(dim, keepdim=True))
-
-    return SoftmaxGradient
-
-
-def _gradient_activation(model: nn.Module, chosen: dict[str, nn.Module], data: Any, batch_size: int) -> torch.Tensor:
-    from whatmatters.compress.calibrate import default_loss
-
-    batches = as_batches(data, batch_size=batch_size)
-    device = next(model.parameters()).device
-    names = list(chosen)
-    totals = torch.zeros(len(names), dtype=torch.float64)
-    outputs: dict[int, torch.Tensor] = {}
-
-    def keep(i: int, _m: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
-        outputs[i] = out
-
-    handles = [m.register_forward_hook(partial(keep, i)) for i, m in enumerate(chosen.values())]
-    with preserved(model, weights=False), hooks(*handles), torch.enable_grad():
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for batch in batches:
-            outputs.clear()
-            batch = batch.to(device)
-            inputs = batch.args[0] if batch.args and batch.args[0].is_floating_point() else None
-            if inputs is not None:
-                inputs = inputs.clone().requires_grad_(True)
-                batch.args = (inputs, *batch.args[1:])
-            else:  # token ids: gradients start at the embeddings, so outputs need grad through a hook
-                emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-                if emb is None:
-                    raise ModelError("gradient_activation needs float inputs or a model with get_input_embeddings()")
-                handles.append(emb.register_forward_hook(lambda _m, _i, o: o.requires_grad_(True)))
-            loss = default_loss(model, call_model(model, batch), batch)
-            order = sorted(outputs)
-            grads = torch.autograd.grad(loss, [outputs[i] for i in order], allow_unused=True)
-            for i, g in zip(order, grads):
-                if g is not None:
-                    totals[i] += float((outputs[i].detach() * g).abs().sum())
-            if inputs is None:
-                handles.pop().remove()
-    return totals / len(batches)
-
-
-def _block_influence(
-    model: nn.Module, chosen: dict[str, nn.Module], data: Any, batch_size: int, pattern: str | None
-) -> torch.Tensor:
-    regex = re.compile(pattern or r"(^|\.)(blocks|layers|layer|h)\.\d+$")
-    blocks = {n: m for n, m in model.named_modules() if n and regex.search(n)}
-    if not blocks:
-        raise InputError("block_influence found no residual blocks; name them with blocks=r'regex'")
-    owner = {}
-    for name in chosen:
-        parents = [b for b in blocks if name.startswith(b + ".")]
-        if not parents:
-            raise InputError(
-                f"layer {name} is in no block matched by the blocks pattern; select layers inside blocks "
-                "(layers=r'blocks') or name the blocks with blocks=r'regex'"
-            )
-        owner[name] = max(parents, key=len)
-    sums = dict.fromkeys(blocks, 0.0)
-    counts = dict.fromkeys(blocks, 0)
-
-    def measure(name: str, _m: nn.Module, inputs: tuple, out: Any) -> None:
-        x = inputs[0] if inputs else None
-        y = out[0] if isinstance(out, (tuple, list)) else out
-        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape:
-            cos = nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)
-            sums[name] += float((1 - cos).sum())
-            counts[name] += cos.numel()
-
-    handles = [m.register_forward_hook(partial(measure, n)) for n, m in blocks.items()]
-    device = next(model.parameters()).device
-    with preserved(model, weights=False), hooks(*handles), torch.no_grad():
-        model.eval()
-        for batch in as_batches(data, batch_size=batch_size):
-            call_model(model, batch.to(device))
-    return torch.tensor([sums[owner[n]] / max(counts[owner[n]], 1) for n in chosen])
+# Layer scores for allocate_bits live in compress/layer_scoring.py; imported here for old code paths.
+from whatmatters.compress.layer_scoring import LAYER_SCORES as LAYER_SCORES  # noqa: E402
+from whatmatters.compress.layer_scoring import layer_scores as layer_scores  # noqa: E402
