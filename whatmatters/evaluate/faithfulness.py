@@ -186,15 +186,9 @@ insertion_curve = _curve_fn(
 
 def _auc_metric(mode: str, doc: str) -> Callable[..., tuple[torch.Tensor, dict[str, Curve]]]:
     def auc_metric(
-        model: Any,
-        data: Any,
+        task: Task,
         importance: Importance,
         *,
-        target: Any = None,
-        background: Any = None,
-        seed: int = 0,
-        batch_size: int | None = None,
-        progress: bool | None = None,
         baseline: Baseline = "mean",
         steps: int = 50,
         by_abs: bool = False,
@@ -204,25 +198,15 @@ def _auc_metric(mode: str, doc: str) -> Callable[..., tuple[torch.Tensor, dict[s
     ) -> tuple[torch.Tensor, dict[str, Curve]]:
         if relative and n_random < 1:
             raise InputError("relative=True compares with random orders: n_random must be at least 1")
-        with metric_task(
-            model,
-            data,
+        fractions, outputs = perturbation_curves(
+            task,
             importance,
-            target=target,
-            background=background,
-            seed=seed,
-            batch_size=batch_size,
-            progress=progress,
-        ) as task:
-            fractions, outputs = perturbation_curves(
-                task,
-                importance,
-                mode=mode,
-                steps=steps,
-                baseline=baseline,
-                by_abs=by_abs,
-                n_random=n_random if relative else 0,
-            )
+            mode=mode,
+            steps=steps,
+            baseline=baseline,
+            by_abs=by_abs,
+            n_random=n_random if relative else 0,
+        )
         if normalize:
             outputs = _normalized(outputs, mode)
         areas = auc(fractions, outputs)

@@ -30,6 +30,7 @@ import torch
 
 from whatmatters.core.errors import InputError
 from whatmatters.core.importance import Importance
+from whatmatters.core.task import Task
 from whatmatters.evaluate.metrics import metric
 
 
@@ -185,15 +186,8 @@ def pointing_game(
     return _out((top & mask).sum(1).double() / top.sum(1), aggregated)
 
 
-def _names(importance: Importance, data: Any) -> Sequence[str] | None:
-    if importance.names is not None:
-        return importance.names
-    columns = getattr(data, "columns", None)
-    return [str(c) for c in columns] if columns is not None else None
-
-
-def _with_names(importance: Importance, data: Any) -> Importance:
-    names = _names(importance, data)
+def _with_names(importance: Importance, names: Sequence[str] | None) -> Importance:
+    """The importance named after the data's columns when it has no names of its own."""
     if importance.names is None and names is not None and importance.unit_shape == (len(names),):
         from dataclasses import replace
 
@@ -210,12 +204,10 @@ def _with_names(importance: Importance, data: Any) -> Importance:
     aliases=("precision_at_k",),
 )
 def _precision_metric(
-    model: Any,
-    data: Any,
+    task: Task,
     importance: Importance,
     *,
     relevant: Any,
-    target: Any = None,
     k: int | None = None,
     aggregate: bool | None = None,
     by_abs: bool = True,
@@ -225,21 +217,19 @@ def _precision_metric(
     Ranks by absolute score (``by_abs``); aggregates over samples when the ground truth is shared.
     A random order scores ``|relevant| / n_units`` on average.
     """
-    return precision_at_k(_with_names(importance, data), relevant, k, aggregate=aggregate, by_abs=by_abs)
+    return precision_at_k(_with_names(importance, task.names), relevant, k, aggregate=aggregate, by_abs=by_abs)
 
 
 def _localization_metric(score: Callable[..., torch.Tensor], doc: str) -> Callable[..., torch.Tensor]:
     def localization(
-        model: Any,
-        data: Any,
+        task: Task,
         importance: Importance,
         *,
         relevant: Any,
-        target: Any = None,
         aggregate: bool | None = None,
         by_abs: bool = True,
     ) -> torch.Tensor:
-        return score(_with_names(importance, data), relevant, aggregate=aggregate, by_abs=by_abs)
+        return score(_with_names(importance, task.names), relevant, aggregate=aggregate, by_abs=by_abs)
 
     localization.__name__ = localization.__qualname__ = f"_{score.__name__}_metric"
     localization.__doc__ = doc

@@ -1,13 +1,17 @@
 """Metrics registered by name: how good is an :class:`Importance` for this model and data?
 
-A metric is a function ``fn(model, data, importance, *, target=None, ..., **params)`` returning
+A metric is a function ``fn(task, importance, *, **params)`` of the :class:`Task` (built once by the
+wrapper from ``model``, ``data`` and the context ``target``, ``background``, ``y``, ``seed``,
+``batch_size``, ``progress``; or handed over by the benchmark) and the importance, returning
 per-sample scores (a tensor of shape ``(n,)``, or a 0-d tensor for an aggregated score) and,
 where it draws curves, ``(scores, {curve_name: (x, y)})`` with ``x`` of shape ``(m,)`` and ``y``
 of shape ``(n, m)``. ``@metric`` registers it with what a reader needs to know (category,
 direction) and makes every call return a :class:`MetricResult`::
 
     @metric("deletion_auc", category="faithfulness", higher_is_better=False)
-    def deletion_auc(model, data, importance, *, target=None, steps=50, baseline="mean"): ...
+    def deletion_auc(task, importance, *, steps=50, baseline="mean"): ...
+
+Calling the registered metric keeps the user's shape: ``deletion_auc(model, data, importance, target=...)``.
 
 Every module in ``whatmatters/evaluate/`` is imported on first use of the registry, so a new
 metric family is one new module.
@@ -39,6 +43,8 @@ CATEGORIES = ("faithfulness", "localization", "robustness", "agreement", "random
 # Keyword arguments describing the evaluation request rather than the metric: the benchmark passes
 # those a metric accepts, and they are not listed among the metric's parameters.
 CONTEXT = ("target", "background", "y", "seed", "batch_size", "progress", "relevant")
+# What the Metric wrapper turns into the task (metric_task) before it calls the metric function.
+TASK_CONTEXT = ("target", "background", "y", "seed", "batch_size", "progress", "allow_train_mode")
 
 Curve = tuple[torch.Tensor, torch.Tensor]
 
@@ -100,10 +106,20 @@ class Metric:
         return (inspect.getdoc(self.fn) or "").split("\n\n")[0].replace("\n", " ")
 
     @property
+    def takes_task(self) -> bool:
+        """``fn(task, importance, ...)``; a function of ``(model, data, importance, ...)`` (the earlier form,
+        still accepted) builds its task itself."""
+        positional = [
+            p for p in inspect.signature(self.fn).parameters.values() if p.kind is not inspect.Parameter.KEYWORD_ONLY
+        ]
+        return len(positional) == 2
+
+    @property
     def accepted(self) -> tuple[str, ...]:
-        """Every keyword argument the metric accepts (context and parameters)."""
+        """Every keyword argument the metric accepts: the task's context and the metric's parameters."""
         sig = inspect.signature(self.fn)
-        return tuple(n for n, p in sig.parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY)
+        own = tuple(n for n, p in sig.parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY)
+        return (*TASK_CONTEXT, *own) if self.takes_task else own
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -124,7 +140,12 @@ class Metric:
                 "wrap raw scores with whatmatters.Importance(values, per_sample=...)"
             )
         start = time.perf_counter()
-        out = self.fn(model, data, importance, **kwargs)
+        if self.takes_task:
+            context = {k: v for k, v in kwargs.items() if k in TASK_CONTEXT}
+            with metric_task(model, data, importance, **context) as task:
+                out = self.fn(task, importance, **{k: v for k, v in kwargs.items() if k not in TASK_CONTEXT})
+        else:
+            out = self.fn(model, data, importance, **kwargs)
         seconds = time.perf_counter() - start
         scores, curves = out if isinstance(out, tuple) else (out, {})
         if not isinstance(scores, torch.Tensor):

@@ -35,7 +35,7 @@ from whatmatters.core.errors import InputError
 from whatmatters.core.importance import Importance
 from whatmatters.core.task import Task, progress_bar
 from whatmatters.evaluate.faithfulness import order_ranks
-from whatmatters.evaluate.metrics import flat_scores, metric, metric_task
+from whatmatters.evaluate.metrics import flat_scores, metric
 
 DEFAULT_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 OUTPUTS = ("accuracy", "probability", "output")
@@ -223,37 +223,19 @@ def _road_metric(order: str, summary: str) -> Any:
     """The metric function of one ROAD order (both orders share the signature and the documentation)."""
 
     def fn(
-        model: Any,
-        data: Any,
+        task: Task,
         importance: Importance,
         *,
-        target: Any = None,
-        y: Any = None,
-        background: Any = None,
-        seed: int = 0,
-        batch_size: int | None = None,
-        progress: bool | None = None,
         fractions: Sequence[float] = DEFAULT_FRACTIONS,
         noise: float = 0.01,
         output: str = "accuracy",
         by_abs: bool = False,
     ) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-        with metric_task(
-            model,
-            data,
-            importance,
-            target=target,
-            y=y,
-            background=background,
-            seed=seed,
-            batch_size=batch_size,
-            progress=progress,
-        ) as task:
-            if task.y is not None and len(task.y.reshape(-1)) != task.n:
-                raise InputError(f"y has {len(task.y.reshape(-1))} labels for {task.n} images; give one per image")
-            fractions_, values = road_curves(
-                task, importance, order=order, fractions=fractions, noise=noise, output=output, by_abs=by_abs
-            )
+        if task.y is not None and len(task.y.reshape(-1)) != task.n:
+            raise InputError(f"y has {len(task.y.reshape(-1))} labels for {task.n} images; give one per image")
+        fractions_, values = road_curves(
+            task, importance, order=order, fractions=fractions, noise=noise, output=output, by_abs=by_abs
+        )
         return _area(fractions_, values), {order: (fractions_, values)}
 
     fn.__name__ = fn.__qualname__ = f"road_{order}"

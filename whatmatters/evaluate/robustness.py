@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import numbers
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -29,8 +30,9 @@ from whatmatters.core.errors import InputError, MethodError, ModelError
 from whatmatters.core.importance import Importance
 from whatmatters.core.registry import get_method
 from whatmatters.core.state import hooks
+from whatmatters.core.task import Task
 from whatmatters.evaluate.agreement import spearman
-from whatmatters.evaluate.metrics import flat_scores, metric, metric_task
+from whatmatters.evaluate.metrics import flat_scores, metric
 
 
 def _is_reference(importance: Importance) -> bool:
@@ -58,12 +60,24 @@ def _method_params(importance: Importance) -> tuple[str, dict[str, Any]]:
 
 
 def _explain_again(
-    model: Any, inputs: torch.Tensor, method: str, params: dict[str, Any], *, target: Any, background: Any, **kw: Any
+    task: Task, method: str, params: dict[str, Any], inputs: torch.Tensor | None = None, *, model: Any = None, **kw: Any
 ) -> Importance:
-    """The importance's method re-run on ``inputs`` (same parameters), without a progress bar."""
+    """The importance's method re-run (same parameters, target, background, seed, batch size) without a progress
+    bar, on ``inputs`` (default: the task's) and ``model`` (default: the task's)."""
     from whatmatters.explain import explain
 
-    return explain(model, inputs, method=method, target=target, background=background, progress=False, **kw, **params)
+    return explain(
+        task.model if model is None else model,
+        task.inputs if inputs is None else inputs,
+        method=method,
+        target=kw.pop("target", task.target),
+        background=task.background,
+        seed=task.seed,
+        batch_size=task.batch_size,
+        progress=False,
+        **kw,
+        **params,
+    )
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -74,14 +88,9 @@ def _positive_int(name: str, value: Any) -> int:
 
 @metric("max_sensitivity", category="robustness", higher_is_better=False, units="pixel")
 def max_sensitivity(
-    model: Any,
-    data: Any,
+    task: Task,
     importance: Importance,
     *,
-    target: Any = None,
-    background: Any = None,
-    seed: int = 0,
-    batch_size: int | None = None,
     n_samples: int = 10,
     radius: float = 0.02,
 ) -> torch.Tensor:
@@ -102,20 +111,18 @@ def max_sensitivity(
     if _is_reference(importance):
         return torch.full((flat_scores(importance).shape[0],), float("nan"), dtype=torch.float64)
     method, params = _method_params(importance)
-    with metric_task(model, data, importance, target=target, background=background, seed=seed) as task:
-        x = task.inputs
-        if not x.is_floating_point():
-            raise InputError(f"max_sensitivity perturbs the inputs, so they must be real-valued, not {x.dtype}")
-        n = x.shape[0]
-        scale = float(radius) * float(x.max() - x.min())
-        gen = task.generator()
-        noise = (torch.rand((n * n_samples, *x.shape[1:]), generator=gen, dtype=torch.float64) * 2 - 1) * scale
-        perturbed = x.repeat_interleave(n_samples, dim=0) + noise.to(x.device, x.dtype)
-        tgt = task.target.repeat_interleave(n_samples)
-        background = task.background if task.background is not None else x
-        again = _explain_again(
-            model, perturbed, method, params, target=tgt, background=background, seed=seed, batch_size=batch_size
-        )
+    x = task.inputs
+    if not x.is_floating_point():
+        raise InputError(f"max_sensitivity perturbs the inputs, so they must be real-valued, not {x.dtype}")
+    n = x.shape[0]
+    scale = float(radius) * float(x.max() - x.min())
+    gen = task.generator()
+    noise = (torch.rand((n * n_samples, *x.shape[1:]), generator=gen, dtype=torch.float64) * 2 - 1) * scale
+    perturbed = x.repeat_interleave(n_samples, dim=0) + noise.to(x.device, x.dtype)
+    background = task.background if task.background is not None else x
+    again = _explain_again(
+        replace(task, background=background), method, params, perturbed, target=task.target.repeat_interleave(n_samples)
+    )
     e = flat_scores(importance, n)  # (n, d)
     e2 = flat_scores(again, n * n_samples).reshape(n, n_samples, -1)
     return _relative_l2(e.unsqueeze(1), e2).amax(dim=1)  # (n, n_samples) -> (n,)
@@ -167,14 +174,7 @@ def _relative_l2(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 
 @metric("randomization", category="randomization", higher_is_better=False, units="pixel")
 def randomization(
-    model: Any,
-    data: Any,
-    importance: Importance,
-    *,
-    target: Any = None,
-    background: Any = None,
-    seed: int = 0,
-    batch_size: int | None = None,
+    task: Task, importance: Importance
 ) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """Cascading model-parameter randomization (Adebayo et al. 2018): similarity to the explanation of a random model.
 
@@ -186,20 +186,16 @@ def randomization(
     sanity check), lower is better. Curve ``"cascade"``: ``x = k`` (layers randomized, 1..L),
     ``y[:, k-1]`` the correlation after the ``k`` top layers (``cascade_layers(model)[:k]``).
     """
+    model = task.model.module if isinstance(task.model, TorchModel) else task.model
     if not isinstance(model, nn.Module):
         cascade_layers(model)  # raises the ModelError naming the problem
     if _is_reference(importance):
         return torch.full((flat_scores(importance).shape[0],), float("nan"), dtype=torch.float64), {}
     method, params = _method_params(importance)
-    with metric_task(model, data, importance, target=target, background=background, seed=seed) as task:
-        if not isinstance(task.model, TorchModel):
-            raise ModelError("randomization needs a PyTorch nn.Module")
-        x, tgt = task.inputs, task.target
-        bg = task.background
-        layers = cascade_layers(model)
-        if not layers:
-            raise ModelError("randomization found no layer with parameters in the model; there is nothing to randomize")
-    n = x.shape[0]
+    layers = cascade_layers(model)
+    if not layers:
+        raise ModelError("randomization found no layer with parameters in the model; there is nothing to randomize")
+    n = task.n
     original = flat_scores(importance, n)
     twin = copy.deepcopy(model)
     twin.eval()
@@ -207,10 +203,10 @@ def randomization(
     curve = torch.empty(n, len(layers), dtype=torch.float64)
     cuda = sorted({p.device.index or 0 for p in twin.parameters() if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(seed)
+        torch.manual_seed(task.seed)
         for k, name in enumerate(layers):
             _reinitialize(named[name])
-            again = _explain_again(twin, x, method, params, target=tgt, background=bg, seed=seed, batch_size=batch_size)
+            again = _explain_again(task, method, params, model=twin)
             curve[:, k] = _spearman_abs(original, flat_scores(again, n))
     steps = torch.arange(1, len(layers) + 1, dtype=torch.float64)
     return curve[:, -1].clone(), {"cascade": (steps, curve)}
@@ -293,14 +289,9 @@ def _distance(clean: torch.Tensor, noisy: torch.Tensor, distance: str) -> torch.
 
 @metric("gradient_noise", category="robustness", higher_is_better=False, units="pixel")
 def gradient_noise(
-    model: Any,
-    data: Any,
+    task: Task,
     importance: Importance,
     *,
-    target: Any = None,
-    background: Any = None,
-    seed: int = 0,
-    batch_size: int | None = None,
     sigma: float = 0.1,
     n_repeats: int = 3,
     at: str = "auto",
@@ -343,27 +334,25 @@ def gradient_noise(
     info = get_method(method)
     if at == "auto":
         at = "layer" if info.family == "cam" and "layer" in info.defaults else "input"
-    with metric_task(model, data, importance, target=target, background=background, seed=seed) as task:
-        if not isinstance(task.model, TorchModel):
-            raise ModelError("gradient_noise perturbs gradients inside the model: it needs a PyTorch nn.Module")
-        x, tgt, bg, module = task.inputs, task.target, task.background, task.model.module
-        if at == "layer":
-            if "layer" not in info.defaults:
-                raise InputError(f"{method!r} takes no target layer; use at='input'")
-            from whatmatters.core.layers import resolve_layer
+    if not isinstance(task.model, TorchModel):
+        raise ModelError("gradient_noise perturbs gradients inside the model: it needs a PyTorch nn.Module")
+    x, module = task.inputs, task.model.module
+    if at == "layer":
+        if "layer" not in info.defaults:
+            raise InputError(f"{method!r} takes no target layer; use at='input'")
+        from whatmatters.core.layers import resolve_layer
 
-            chosen = params.get("layer") or (importance.extra or {}).get("layer")
-            layer = resolve_layer(module, chosen, task.model.forward, task.model.to_model(x[:1]))[1]
-        kw = dict(target=tgt, background=bg, seed=seed, batch_size=batch_size)
-        n = x.shape[0]
-        clean = flat_scores(_explain_again(model, x, method, params, **kw), n)
-        curve = torch.empty(n, n_repeats, dtype=torch.float64)
-        noise = GradientNoise(sigma, seed)
-        for r in range(n_repeats):
-            handle = _noise_at_layer(layer, noise) if at == "layer" else _noise_at_input(module, noise)
-            with hooks(handle):
-                noisy = flat_scores(_explain_again(model, x, method, params, **kw), n)
-            curve[:, r] = _distance(clean, noisy, distance)
+        chosen = params.get("layer") or (importance.extra or {}).get("layer")
+        layer = resolve_layer(module, chosen, task.model.forward, task.model.to_model(x[:1]))[1]
+    n = x.shape[0]
+    clean = flat_scores(_explain_again(task, method, params), n)
+    curve = torch.empty(n, n_repeats, dtype=torch.float64)
+    noise = GradientNoise(sigma, task.seed)
+    for r in range(n_repeats):
+        handle = _noise_at_layer(layer, noise) if at == "layer" else _noise_at_input(module, noise)
+        with hooks(handle):
+            noisy = flat_scores(_explain_again(task, method, params), n)
+        curve[:, r] = _distance(clean, noisy, distance)
     if noise.calls == 0:  # no gradient went through the noisy point: the metric does not apply
         curve.fill_(float("nan"))
     steps = torch.arange(1, n_repeats + 1, dtype=torch.float64)
