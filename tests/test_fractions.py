@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from whatmatters.compress.kvcache import _check_ratio
+from whatmatters.compress.kvcache.policies import _check_ratio
 from whatmatters.compress.remove import check_amount
 from whatmatters.compress.sparsity import check_sparsity
 from whatmatters.core.errors import InputError

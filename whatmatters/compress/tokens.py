@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from whatmatters.compress.kvcache import AttentionLayout, attention_layout, rotated_queries
+from whatmatters.compress.kvcache.layout import AttentionLayout, attention_layout, rotated_queries
 from whatmatters.core import hf
 from whatmatters.core.errors import InputError, ModelError
 from whatmatters.core.registry import scorer
