@@ -67,9 +67,16 @@ def score_features(
     names = list(feature_names) if feature_names is not None else names
     if names is not None and len(names) != inputs.shape[1]:
         raise InputError(f"{len(names)} feature names for {inputs.shape[1]} columns")
-    target = torch.zeros(len(inputs), dtype=torch.long)
-    # ``needs="fit"`` methods read only inputs, labels, names and seed: they fit their own model.
-    task = Task(None, inputs, target, None, labels, names, seed, None, progress)  # type: ignore[arg-type]
+    # ``needs="fit"`` methods fit their own model: they read only inputs, labels, names and seed.
+    task = Task(
+        model=None,  # type: ignore[arg-type]
+        inputs=inputs,
+        target=torch.zeros(len(inputs), dtype=torch.long),
+        y=labels,
+        names=names,
+        seed=seed,
+        progress=progress,
+    )
     start = time.perf_counter()
     out = info.fn(task, **params)
     seconds = time.perf_counter() - start
