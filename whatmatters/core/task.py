@@ -5,13 +5,16 @@ from __future__ import annotations
 import numbers
 import sys
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import torch
+from torch import nn
 
 from whatmatters.core.adapters import Model, TorchModel, row_slices, to_tensor, wrap
-from whatmatters.core.errors import InputError, ModelError, TargetError, WhatMattersError
+from whatmatters.core.errors import InputError, MethodError, ModelError, TargetError, WhatMattersError
+from whatmatters.core.state import preserved, require_eval
 
 T = TypeVar("T")
 
@@ -181,8 +184,6 @@ def check_units(inputs: torch.Tensor, method: tuple[str, Sequence[str]] | None) 
     """The inputs have a unit (and, given ``(name, units)``, one that the method scores)."""
     unit = infer_unit(inputs)
     if method is not None and unit not in method[1]:
-        from whatmatters.core.errors import MethodError
-
         name, units = method
         raise MethodError(f"{name} scores {', '.join(units)}, not {unit}s (data of shape {tuple(inputs.shape)})")
 
@@ -190,9 +191,25 @@ def check_units(inputs: torch.Tensor, method: tuple[str, Sequence[str]] | None) 
 def check_params(method_name: str, given: dict[str, Any], accepted: Sequence[str]) -> None:
     unknown = sorted(set(given) - set(accepted))
     if unknown:
-        from whatmatters.core.errors import MethodError
-
         raise MethodError(f"{method_name} got unknown parameter(s) {unknown}; it accepts {sorted(accepted) or 'none'}")
+
+
+def torch_module(model: Any) -> nn.Module | None:
+    """The ``nn.Module`` behind ``model`` (a module or a torch adapter), or None for other models."""
+    module = model.module if isinstance(model, TorchModel) else model
+    return module if isinstance(module, nn.Module) else None
+
+
+@contextmanager
+def guarded(model: Any, allow_train_mode: bool = False) -> Iterator[None]:
+    """A torch model is refused in training mode and left exactly as it was; other models pass through."""
+    module = torch_module(model)
+    if module is None:
+        yield
+        return
+    require_eval(module, allow_train_mode)
+    with preserved(module):
+        yield
 
 
 def _check_int(value: Any, name: str, *, positive: bool) -> int | None:

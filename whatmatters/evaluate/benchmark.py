@@ -13,13 +13,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from whatmatters.core.adapters import TorchModel
 from whatmatters.core.errors import InputError, MethodError
 from whatmatters.core.importance import Importance
 from whatmatters.core.ranks import ranks
 from whatmatters.core.registry import get_method
 from whatmatters.core.state import require_eval
-from whatmatters.core.task import Task, check_params, make_task
+from whatmatters.core.task import Task, check_params, make_task, torch_module
 from whatmatters.evaluate.ground_truth import relevant_mask
 from whatmatters.evaluate.metrics import CATEGORIES, Metric, get_metric
 from whatmatters.evaluate.metrics import metrics as metric_names
@@ -234,8 +233,8 @@ def _make_task(
 ) -> Task:
     """The task shared by every method and metric of ``benchmark`` and ``compare``: built, checked and its
     target resolved once."""
-    module = model.module if isinstance(model, TorchModel) else model
-    if isinstance(module, torch.nn.Module):
+    module = torch_module(model)
+    if module is not None:
         require_eval(module)
     task = make_task(model, data, target, y=y, background=background, seed=seed, batch_size=batch_size, progress=False)
     if relevant is not None:

@@ -24,27 +24,26 @@ import inspect
 import math
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from whatmatters.core.adapters import TorchModel, to_tensor
+from whatmatters.core.adapters import to_tensor
 from whatmatters.core.errors import InputError, MethodError
 from whatmatters.core.importance import UNITS, Importance
 from whatmatters.core.registry import Registry, keyword_defaults
-from whatmatters.core.state import preserved, require_eval
-from whatmatters.core.task import Task, check_params, make_task
+from whatmatters.core.task import Task, check_params, guarded, make_task
 
 CATEGORIES = ("faithfulness", "localization", "robustness", "agreement", "randomization")
 
 # Keyword arguments describing the evaluation request rather than the metric: the benchmark passes
 # those a metric accepts, and they are not listed among the metric's parameters.
-CONTEXT = ("target", "background", "y", "seed", "batch_size", "progress", "relevant")
-# What the Metric wrapper turns into the task (metric_task) before it calls the metric function.
+# The first ones are what the Metric wrapper turns into the task (metric_task) before it calls the metric.
 TASK_CONTEXT = ("target", "background", "y", "seed", "batch_size", "progress", "allow_train_mode")
+CONTEXT = (*TASK_CONTEXT, "relevant")
 
 Curve = tuple[torch.Tensor, torch.Tensor]
 
@@ -273,12 +272,7 @@ def metric_task(
     inputs = given.inputs if given is not None else to_tensor(data, "data")[0]
     unit_axes(importance, tuple(inputs.shape[1:]))
     flat_scores(importance, len(inputs))
-    module = model.module if isinstance(model, TorchModel) else model
-    guard = nullcontext()
-    if isinstance(module, torch.nn.Module):
-        require_eval(module, allow_train_mode)
-        guard = preserved(module)
-    with guard:
+    with guarded(model, allow_train_mode):
         if given is not None:  # built once by the caller (benchmark): no re-check, no second prediction
             yield given.with_target(target)
             return

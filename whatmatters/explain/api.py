@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from typing import Any
 
-import torch
-
-from whatmatters.core.adapters import TorchModel
 from whatmatters.core.errors import MethodError, ModelError
 from whatmatters.core.importance import Importance
 from whatmatters.core.registry import get_method
-from whatmatters.core.state import preserved, require_eval
-from whatmatters.core.task import Task, check_params, check_units, make_task
+from whatmatters.core.task import Task, check_params, check_units, guarded, make_task, torch_module
 
 
 def explain(
@@ -58,25 +53,20 @@ def explain(
         hint = "whatmatters.compress.score(model, method, data=...)" if info.verb == "compress" else info.verb
         raise MethodError(f"{method!r} is a {info.verb} method, not an explain method; use {hint} for it")
     check_params(info.name, params, info.defaults)
-    module = model.module if isinstance(model, TorchModel) else model  # an adapter is accepted too
-    is_torch = isinstance(module, torch.nn.Module)
-    if info.needs in ("gradients", "module") and not is_torch:
+    if info.needs in ("gradients", "module") and torch_module(model) is None:
         raise ModelError(
             f"{info.name} needs gradients, so it needs a PyTorch nn.Module; for a {type(model).__name__} "
             f"use a model-agnostic method: {', '.join(m for m in _agnostic())}"
         )
-    if is_torch:
-        require_eval(module, allow_train_mode)
-    guard = preserved(module) if is_torch else nullcontext()
-    with guard:
+    with guarded(model, allow_train_mode):
         if isinstance(data, Task):  # built once by the caller (benchmark): no re-check, no second prediction
             task = data.with_target(target)
+            check_units(task.inputs, (info.name, info.units))
         else:
             task = make_task(
                 model, data, target, y=y, background=background, feature_names=feature_names,
                 seed=seed, batch_size=batch_size, progress=progress, method=(info.name, info.units),
             )  # fmt: skip
-        check_units(task.inputs, (info.name, info.units))
         start = time.perf_counter()
         out = info.fn(task, **params)
         seconds = time.perf_counter() - start
