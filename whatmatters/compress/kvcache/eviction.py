@@ -78,6 +78,7 @@ class _Hook:
 
     def __init__(self, handle: KVEviction, arch: AttentionLayout, layer_idx: int) -> None:
         self.h, self.arch, self.idx = handle, arch, layer_idx
+        self.policy = KV_POLICIES.get(handle.policy)  # resolved once, not on every attention call
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
         cache = hf.find_cache(kwargs)
@@ -88,7 +89,7 @@ class _Hook:
         layer = hf.cache_layer(cache, self.idx, "kv_eviction")
         keys, values = layer.keys, layer.values
         h, p = self.h, self.h.params
-        pol = KV_POLICIES.get(h.policy)
+        pol = self.policy
         state = h._layers.get(self.idx)
         prefill = keys.shape[2] == q_len
         if prefill or state is None or state.cache() is not cache:
@@ -122,7 +123,7 @@ class _Hook:
 
     def _evict(self, layer: Any, state: _LayerState, scores: torch.Tensor, n_keep: int) -> None:
         keys, values = layer.keys, layer.values
-        if KV_POLICIES.get(self.h.policy).merge and self.h.params["merge"]:
+        if self.policy.merge and self.h.params["merge"]:
             order = scores.argsort(dim=-1, descending=True, stable=True)
             order = torch.cat([order[..., :n_keep].sort(-1).values, order[..., n_keep:]], dim=-1)
             new_k, new_v = _merge(keys, values, scores, order, n_keep)
@@ -175,7 +176,9 @@ def _model_post_hook(handle: KVEviction, layers: list[int]):
     """
 
     def post_hook(_module: nn.Module, _args: tuple, kwargs: dict[str, Any], output: Any) -> None:
-        cache = hf.find_cache(kwargs) or hf.find_cache(output)
+        cache = hf.find_cache(kwargs)
+        if cache is None:  # (a Cache has a length, so never ``or``: an empty one would be falsy)
+            cache = hf.find_cache(output)
         if cache is None:
             if kwargs.get("use_cache"):
                 raise hf.incompatible("kv_eviction", "the forward pass ran with use_cache=True but no Cache was found")
