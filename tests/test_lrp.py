@@ -11,10 +11,9 @@ from helpers import benchmark_script
 from torch import nn
 
 import whatmatters as wm
-import whatmatters.explain._lrp
-import whatmatters.explain._lrp.rules
 from whatmatters.core.errors import MethodError
-from whatmatters.explain._lrp import Rule, layer_relevance, lrp, merge_batchnorm
+from whatmatters.explain._lrp import RULES, Rule, get_composite, layer_relevance, lrp, merge_batchnorm
+from whatmatters.explain._lrp.rules import ZBox
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "lrp"
@@ -212,8 +211,8 @@ def test_first_layer_and_conv_rules_conserve(rule):
         nn.Conv2d(2, 4, 3, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3, bias=False)
     ).double()  # fmt: skip
     x = torch.rand(3, 2, 6, 6, dtype=torch.float64)
-    comp = wm.lrp.get_composite("epsilon", epsilon=0.0, stabilizer=0.0)
-    first = wm.lrp.rules.ZBox(0.0, 1.0, 0.0) if rule == "zbox" else wm.lrp.RULES[rule](stabilizer=0.0)
+    comp = get_composite("epsilon", epsilon=0.0, stabilizer=0.0)
+    first = ZBox(0.0, 1.0, 0.0) if rule == "zbox" else RULES[rule](stabilizer=0.0)
     rules = {"0": first}
     rel, _ = lrp(model, x, 0, comp, rules=rules)
     out = model(x)[:, 0].detach()
