@@ -455,8 +455,9 @@ def prune_structured(
     original_bias = (blks[0].o.bias is not None, blks[0].down.bias is not None)
 
     before = n_parameters(model)
-    before_shape = hf.output_shape(model, "prune_structured") if hasattr(model, "config") else None
     pruned = model if inplace else copy.deepcopy(model)
+    # the smoke forward runs on the copy, so the user's model is never called
+    before_shape = hf.output_shape(pruned, "prune_structured") if hasattr(pruned, "config") else None
     _, new_blks = blocks(pruned)
     removed: dict[str, list[int]] = {}
     if unit == "layer":
