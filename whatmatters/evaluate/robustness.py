@@ -60,22 +60,27 @@ def _method_params(importance: Importance) -> tuple[str, dict[str, Any]]:
 
 
 def _explain_again(
-    task: Task, method: str, params: dict[str, Any], inputs: torch.Tensor | None = None, *, model: Any = None, **kw: Any
+    task: Task,
+    method: str,
+    params: dict[str, Any],
+    inputs: torch.Tensor | None = None,
+    *,
+    model: Any = None,
+    target: torch.Tensor | None = None,
 ) -> Importance:
     """The importance's method re-run (same parameters, target, background, seed, batch size) without a progress
-    bar, on ``inputs`` (default: the task's) and ``model`` (default: the task's)."""
+    bar, on ``inputs``, ``model`` and ``target`` (default: the task's)."""
     from whatmatters.explain import explain
 
     return explain(
         task.model if model is None else model,
         task.inputs if inputs is None else inputs,
         method=method,
-        target=kw.pop("target", task.target),
+        target=task.target if target is None else target,
         background=task.background,
         seed=task.seed,
         batch_size=task.batch_size,
         progress=False,
-        **kw,
         **params,
     )
 
