@@ -47,7 +47,7 @@ def call_overhead(runs: int) -> dict[str, float]:
 
 def kv_generate_overhead(runs: int, new_tokens: int) -> dict[str, float]:
     from whatmatters.compress import kv_eviction
-    from whatmatters.models import load_smollm2
+    from whatmatters.text.pretrained import load_smollm2
 
     model, tok = load_smollm2()
     ids = tok("The quick brown fox jumps over the lazy dog. " * 24, return_tensors="pt").input_ids

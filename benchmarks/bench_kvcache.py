@@ -169,7 +169,7 @@ def overhead(seq: int, n_new: int, window: int, repeats: int) -> list[dict[str, 
 
 
 def lm_quality(context: int, cont: int, n_windows: int, policies: tuple[str, ...]) -> list[dict[str, Any]]:
-    from whatmatters.models import load_smollm2, load_texts
+    from whatmatters.text.pretrained import load_smollm2, load_texts
 
     model, tok = load_smollm2()
     text = "\n\n".join(load_texts("python-docs"))
@@ -218,7 +218,7 @@ def lm_quality(context: int, cont: int, n_windows: int, policies: tuple[str, ...
 def token_importance(seq: int, repeats: int) -> list[dict[str, Any]]:
     """Accumulated attention per token: whatmatters (sdpa + hooks) vs eager attention with output_attentions."""
     from whatmatters.compress import score
-    from whatmatters.models import load_smollm2, load_texts
+    from whatmatters.text.pretrained import load_smollm2, load_texts
 
     model, tok = load_smollm2()
     eager, _ = load_smollm2()

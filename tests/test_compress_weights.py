@@ -9,7 +9,8 @@ from torch import nn
 
 import whatmatters as wm
 from whatmatters.compress import Calibration, ModelImportance, calibrate, lm_windows, score
-from whatmatters.compress.calibrate import Batch, default_loss, select_layers
+from whatmatters.compress.batches import Batch, default_loss
+from whatmatters.compress.linear import select_layers
 
 
 def mlp(seed: int = 0) -> nn.Module:

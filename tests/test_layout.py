@@ -8,7 +8,20 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "whatmatters"
-ABOVE_CORE = ("explain", "compress", "tune", "curate", "evaluate", "lrp", "vision", "cli", "demo", "select", "models")
+ABOVE_CORE = (
+    "explain",
+    "compress",
+    "tune",
+    "curate",
+    "evaluate",
+    "lrp",
+    "vision",
+    "cli",
+    "demo",
+    "select",
+    "models",
+    "text",
+)
 
 
 def _module(path: Path) -> str:
@@ -91,6 +104,7 @@ MOVED = [
     ("whatmatters.lrp.rules", "whatmatters.explain._lrp.rules", "RULES"),
     ("whatmatters.select", "whatmatters.explain.select", "select_features"),
     ("whatmatters.demo", "whatmatters.cli.demo", "run_demo"),
+    ("whatmatters.models", "whatmatters.text.pretrained", "load_smollm2"),
 ]
 
 
@@ -100,9 +114,9 @@ def test_old_import_paths_work_with_a_deprecation_warning(old, new, name, monkey
     import sys
 
     for key in [k for k in sys.modules if k == old or k.startswith(old + ".") or k == old.rsplit(".", 1)[0]]:
-        if key.startswith(("whatmatters.lrp", "whatmatters.select", "whatmatters.demo")):
+        if key.startswith(("whatmatters.lrp", "whatmatters.select", "whatmatters.demo", "whatmatters.models")):
             monkeypatch.delitem(sys.modules, key)
-    with pytest.warns(DeprecationWarning, match=r"moved to whatmatters\.(explain|cli)"):
+    with pytest.warns(DeprecationWarning, match=r"moved to whatmatters\.(explain|cli|text)"):
         module = importlib.import_module(old)
     assert getattr(module, name) is getattr(importlib.import_module(new), name)
 
@@ -116,7 +130,7 @@ def test_new_paths_import_without_warnings():
         "with warnings.catch_warnings(record=True) as seen:\n"
         "    warnings.simplefilter('always')\n"
         "    import whatmatters as wm; wm.methods(); wm.metrics()\n"
-        "    import whatmatters.cli, whatmatters.explain.lrp, whatmatters.explain.select\n"
+        "    import whatmatters.cli, whatmatters.explain.lrp, whatmatters.explain.select, whatmatters.text.pretrained\n"
         "    wm.layer_relevance, wm.select_features\n"
         "moved = [str(w.message) for w in seen if 'moved to' in str(w.message)]\n"
         "assert not moved, moved\n"

@@ -294,10 +294,10 @@ def test_quantize_layer_scores_lrp_on_a_language_model():
 
 
 def _smollm2():
-    from whatmatters import models
+    from whatmatters.text import pretrained as models
 
     if not (models.cache_root() / "smollm2-135m" / "config.json").exists():
-        pytest.skip("SmolLM2 cache missing (whatmatters.models.load_smollm2 converts it once)")
+        pytest.skip("SmolLM2 cache missing (whatmatters.text.pretrained.load_smollm2 converts it once)")
     return models.load_smollm2()
 
 

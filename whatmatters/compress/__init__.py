@@ -11,7 +11,8 @@ module in this package is imported on first use of the registry.
 """
 
 from whatmatters.compress.api import ModelImportance, score
-from whatmatters.compress.calibrate import Calibration, calibrate, lm_windows
+from whatmatters.compress.batches import lm_windows
+from whatmatters.compress.calibrate import Calibration, calibrate
 from whatmatters.compress.channels import ChannelPruned, ChannelReport, channels_by_layer, prune_channels
 from whatmatters.compress.experts import prune_experts
 from whatmatters.compress.kvcache import evict_scores, kv_eviction

@@ -35,16 +35,9 @@ import torch
 from torch import nn
 
 from whatmatters._version import __version__
-from whatmatters.compress.calibrate import (
-    ActivationStats,
-    Calibration,
-    GradientStats,
-    LossFn,
-    as_batches,
-    is_transposed,
-    select_layers,
-    weight_matrix,
-)
+from whatmatters.compress.batches import as_batches
+from whatmatters.compress.calibrate import ActivationStats, Calibration, GradientStats, LossFn
+from whatmatters.compress.linear import is_transposed, select_layers, weight_matrix
 from whatmatters.core.errors import InputError, MethodError, ModelError
 from whatmatters.core.importance import Importance, jsonable, read_parquet, write_parquet
 from whatmatters.core.registry import get_method
@@ -298,7 +291,7 @@ def score(
         layers: regular expression(s) selecting layers by name; default every ``nn.Linear`` /
             ``Conv1D`` except output heads. A pattern matching nothing raises an error.
         loss: ``loss(output, inputs, labels) -> scalar`` for gradient scores; default
-            :func:`~whatmatters.compress.calibrate.default_loss` (next-token loss for causal LMs).
+            :func:`~whatmatters.compress.batches.default_loss` (next-token loss for causal LMs).
         batch_size, max_length: rows per forward pass and token truncation for text data.
         grad_batch_size: rows per gradient for per-sample gradient squares (Fisher, gradient Wanda).
         **params: the method's own parameters (``whatmatters.describe(method)``).

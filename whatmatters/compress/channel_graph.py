@@ -19,7 +19,7 @@ from torch import fx, nn
 from torch.nn import functional as F
 
 from whatmatters.compress.api import LAYER_SELECTORS
-from whatmatters.compress.calibrate import match_layers
+from whatmatters.compress.linear import match_layers
 from whatmatters.core.errors import InputError, ModelError
 from whatmatters.core.state import preserved
 

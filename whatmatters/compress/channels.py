@@ -8,7 +8,7 @@ Scores (``whatmatters.compress.score(model, method, data=x)``), higher = keep:
 * ``channel_taylor``: ``E_x |sum_positions a(x) * dL(x)/da(x)|`` (Molchanov et al., 2017), ``a`` being the
   channel where it enters the next layer (after BatchNorm, activation and pooling), i.e. the first-order loss
   change when the channel is removed; loss: cross-entropy to the labels when given (``data=[(x, y)]`` or a
-  DataLoader of pairs), else to the predicted class (``compress.calibrate.default_loss``).
+  DataLoader of pairs), else to the predicted class (``compress.batches.default_loss``).
 
 Result shape: one :class:`~whatmatters.core.importance.Importance` with ``unit="channel"`` and values
 ``(total_channels,)``, the scored layers' output channels concatenated in model order and named
@@ -40,7 +40,7 @@ import torch
 from torch import fx, nn
 
 from whatmatters.compress.api import WeightTask
-from whatmatters.compress.calibrate import as_batches
+from whatmatters.compress.batches import as_batches
 from whatmatters.compress.channel_graph import (
     BATCHNORM,
     CONV,

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from whatmatters.compress.calibrate import Batch, call_model
+from whatmatters.compress.batches import Batch, call_model
 from whatmatters.core.actions import Compressed, RemovalCounts, n_parameters
 from whatmatters.core.errors import InputError, ModelError
 from whatmatters.core.fractions import kept_share

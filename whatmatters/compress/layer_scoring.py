@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from whatmatters.compress.calibrate import as_batches, call_model
+from whatmatters.compress.batches import as_batches, call_model
 from whatmatters.core.errors import InputError, MethodError, ModelError
 from whatmatters.core.importance import Importance
 from whatmatters.core.registry import Registry, keyword_defaults
@@ -196,7 +196,7 @@ def _softmax_gradient_rule() -> type:
 
 
 def _gradient_activation(model: nn.Module, chosen: dict[str, nn.Module], data: Any, batch_size: int) -> torch.Tensor:
-    from whatmatters.compress.calibrate import default_loss
+    from whatmatters.compress.batches import default_loss
 
     batches = as_batches(data, batch_size=batch_size)
     device = next(model.parameters()).device

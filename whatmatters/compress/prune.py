@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from whatmatters.compress.api import ModelImportance, score
-from whatmatters.compress.calibrate import is_prunable, select_layers, weight_matrix
+from whatmatters.compress.linear import is_prunable, select_layers, weight_matrix
 from whatmatters.compress.sparsity import masks as make_masks
 from whatmatters.core.actions import Compressed
 from whatmatters.core.errors import InputError, ModelError

@@ -34,7 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from whatmatters.compress.calibrate import HEAD_PATTERN, as_batches, call_model, conv1d_type, match_layers
+from whatmatters.compress.batches import as_batches, call_model
+from whatmatters.compress.linear import HEAD_PATTERN, conv1d_type, match_layers
 from whatmatters.core.actions import Compressed
 from whatmatters.core.errors import InputError, ModelError
 from whatmatters.core.importance import Importance

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from whatmatters.compress.calibrate import is_transposed, weight_matrix
+from whatmatters.compress.linear import is_transposed, weight_matrix
 from whatmatters.compress.structured import Block, blocks
 from whatmatters.core import hf
 from whatmatters.core.actions import Compressed, RemovalCounts, n_parameters

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from whatmatters.compress.api import WeightTask
-from whatmatters.compress.calibrate import Batch, call_model, default_loss, weight_matrix
+from whatmatters.compress.batches import Batch, call_model, default_loss
+from whatmatters.compress.linear import weight_matrix
 from whatmatters.core.errors import InputError, ModelError
 from whatmatters.core.layers import first_tensor
 from whatmatters.core.registry import scorer

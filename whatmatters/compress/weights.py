@@ -40,7 +40,7 @@ def taylor(task: WeightTask) -> dict[str, torch.Tensor]:
     """First-order Taylor importance ``|W_ij * dL/dW_ij|``: the loss change when the weight is zeroed.
 
     The gradient is the mean over calibration batches of the calibration loss gradient (next-token loss
-    for causal LMs; see ``calibrate.default_loss`` for other models), as LLM-Pruner's element-wise
+    for causal LMs; see ``batches.default_loss`` for other models), as LLM-Pruner's element-wise
     first-order score.
     """
     grads = task.gradients()
