@@ -133,6 +133,32 @@ def test_neuron_scores_match_direct_computation():
     )
 
 
+def test_block_influence_is_one_measurement_for_compress_score_and_allocate_bits_layer_scores():
+    from whatmatters.compress.layer_scoring import layer_scores
+
+    model, data = tiny("llama", layers=3)
+    per_block = score(model, "block_influence", data=data, batch_size=6)
+    per_layer = layer_scores(model, "block_influence", data, layers=r"layers\.\d+\.mlp\.down_proj")
+    assert list(per_layer.names) == [f"model.layers.{i}.mlp.down_proj" for i in range(3)]
+    torch.testing.assert_close(per_layer.values, per_block.values)
+
+
+def test_block_influence_refuses_blocks_that_change_shape():
+    from whatmatters.compress.layer_scoring import layer_scores
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Sequential(nn.Linear(4, 8)), nn.Sequential(nn.Linear(8, 2))])
+
+        def forward(self, x):
+            return self.layers[1](self.layers[0](x))
+
+    net = Net()
+    with pytest.raises(ModelError, match="residual blocks"):
+        layer_scores(net, "block_influence", torch.randn(6, 4), blocks=r"^layers\.\d+$")
+
+
 def test_layer_scores_match_hidden_states_and_manual_skipping():
     model, data = tiny("llama", layers=3)
     imp = score(model, "block_influence", data=data, batch_size=6)

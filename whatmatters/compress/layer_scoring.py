@@ -5,8 +5,8 @@ Each score is an entry of ``LAYER_SCORE_REGISTRY`` that *is* its behaviour (no d
 ``lrp`` (relevance arriving at each layer's output; AttnLRP / CP-LRP for Llama-family LMs on token ids),
 ``gradient_activation`` (``sum |output * d loss / d output|``) and ``block_influence`` (ShortGPT's
 ``1 - cos(input, output)`` of the residual block holding each layer, so every layer of a block gets its
-block's score; any model whose blocks a regex names, unlike the per-block ``block_influence`` scorer of
-``compress.score``, which reads transformer blocks and leaves padding out).
+block's score; the blocks are any modules a regex names, measured with the same hooks as the per-block
+``block_influence`` scorer of ``compress.score``, padding left out).
 """
 
 from __future__ import annotations
@@ -238,6 +238,8 @@ def _gradient_activation(model: nn.Module, chosen: dict[str, nn.Module], data: A
 def _block_influence(
     model: nn.Module, chosen: dict[str, nn.Module], data: Any, batch_size: int, pattern: str | None
 ) -> torch.Tensor:
+    from whatmatters.compress.structured import influence, influence_hooks
+
     regex = re.compile(pattern or r"(^|\.)(blocks|layers|layer|h)\.\d+$")
     blocks = {n: m for n, m in model.named_modules() if n and regex.search(n)}
     if not blocks:
@@ -251,24 +253,20 @@ def _block_influence(
                 "(layers=r'blocks') or name the blocks with blocks=r'regex'"
             )
         owner[name] = max(parents, key=len)
-    sums = dict.fromkeys(blocks, 0.0)
-    counts = dict.fromkeys(blocks, 0)
-
-    def measure(name: str, _m: nn.Module, inputs: tuple, out: Any) -> None:
-        x = inputs[0] if inputs else None
-        y = out[0] if isinstance(out, (tuple, list)) else out
-        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape:
-            cos = nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)
-            sums[name] += float((1 - cos).sum())
-            counts[name] += cos.numel()
-
-    handles = [m.register_forward_hook(partial(measure, n)) for n, m in blocks.items()]
+    used = list(dict.fromkeys(owner.values()))
     device = next(model.parameters()).device
+    sums = torch.zeros(len(used), dtype=torch.float64, device=device)
+    counts = torch.zeros_like(sums)
+    state: dict[str, Any] = {"mask": None}
+    handles = influence_hooks([blocks[n] for n in used], sums, counts, state)
     with preserved(model, weights=False), hooks(*handles), torch.no_grad():
         model.eval()
         for batch in as_batches(data, batch_size=batch_size):
-            call_model(model, batch.to(device))
-    return torch.tensor([sums[owner[n]] / max(counts[owner[n]], 1) for n in chosen])
+            batch = batch.to(device)
+            state["mask"] = batch.mask
+            call_model(model, batch)
+    per_block = influence(sums, counts, used).cpu()
+    return per_block[[used.index(owner[n]) for n in chosen]]
 
 
 LAYER_SCORES = tuple(LAYER_SCORE_REGISTRY.entries)

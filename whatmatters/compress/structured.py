@@ -362,15 +362,12 @@ def _hidden_in(args: tuple, kwargs: dict) -> torch.Tensor:
     return x
 
 
-@scorer("block_influence", verb="compress", units=("layer",), family="structured", needs="module", per_sample=False,
-        aliases=("shortgpt",))  # fmt: skip
-def block_influence(task: WeightTask) -> tuple[torch.Tensor, dict]:
-    """ShortGPT block influence: ``1 - cos(h_in, h_out)`` of each block, averaged over non-padding tokens."""
-    model = task.model
-    blks = blocks(model)[1]
-    device, _ = parameter_device_dtype(model)
-    sums = torch.zeros(len(blks), dtype=torch.float64, device=device)
-    state: dict[str, Any] = {"mask": None, "count": 0.0}
+def influence_hooks(modules: list[nn.Module], sums: torch.Tensor, counts: torch.Tensor, state: dict) -> list:
+    """Hooks adding block ``i``'s ShortGPT influence ``1 - cos(h_in, h_out)`` to ``sums[i]``.
+
+    ``counts[i]`` counts the tokens. Tokens where ``state["mask"]`` (the current batch's padding mask, or
+    None) is False are left out; a call whose output does not have its input's shape adds nothing.
+    """
     inputs: dict[int, torch.Tensor] = {}
 
     def pre(i: int) -> Callable:
@@ -381,22 +378,46 @@ def block_influence(task: WeightTask) -> tuple[torch.Tensor, dict]:
 
     def post(i: int) -> Callable:
         def hook(_m: nn.Module, _args: tuple, _kwargs: dict, out: Any) -> None:
-            h_out = first_tensor(out).detach().float()
-            cos = nn.functional.cosine_similarity(inputs.pop(i).float(), h_out, dim=-1)
-            mask = state["mask"]
+            h_in, h_out = inputs.pop(i), first_tensor(out).detach()
+            if h_in.shape != h_out.shape:
+                return
+            cos = nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=-1)
+            mask = state.get("mask")
             if mask is not None and cos.shape == mask.shape:
-                cos = cos[mask]
+                cos = cos[mask.to(cos.device)]
             sums[i] += (1 - cos.double()).sum()
-            if i == 0:
-                state["count"] += cos.numel()
+            counts[i] += cos.numel()
 
         return hook
 
-    handles = [b.module.register_forward_pre_hook(pre(i), with_kwargs=True) for i, b in enumerate(blks)]
-    handles += [b.module.register_forward_hook(post(i), with_kwargs=True) for i, b in enumerate(blks)]
+    handles = [m.register_forward_pre_hook(pre(i), with_kwargs=True) for i, m in enumerate(modules)]
+    return handles + [m.register_forward_hook(post(i), with_kwargs=True) for i, m in enumerate(modules)]
+
+
+def influence(sums: torch.Tensor, counts: torch.Tensor, names: list[str]) -> torch.Tensor:
+    """Mean influence per block; ``ModelError`` naming the blocks that never kept their input's shape."""
+    unseen = [n for n, c in zip(names, counts.tolist()) if c == 0]
+    if unseen:
+        raise ModelError(
+            f"block influence needs residual blocks whose output has their input's shape; {', '.join(unseen[:4])} "
+            "never returned one (or never ran); choose other blocks"
+        )
+    return (sums / counts).float()
+
+
+@scorer("block_influence", verb="compress", units=("layer",), family="structured", needs="module", per_sample=False,
+        aliases=("shortgpt",))  # fmt: skip
+def block_influence(task: WeightTask) -> tuple[torch.Tensor, dict]:
+    """ShortGPT block influence: ``1 - cos(h_in, h_out)`` of each block, averaged over non-padding tokens."""
+    blks = blocks(task.model)[1]
+    device, _ = parameter_device_dtype(task.model)
+    sums = torch.zeros(len(blks), dtype=torch.float64, device=device)
+    counts = torch.zeros_like(sums)
+    state: dict[str, Any] = {"mask": None}
+    handles = influence_hooks([b.module for b in blks], sums, counts, state)
     _forward_all(task, handles, state, device, "block influence")
-    values = (sums / max(state["count"], 1.0)).float()
-    return values, {"names": [b.name for b in blks], "layers": [b.name for b in blks]}
+    names = [b.name for b in blks]
+    return influence(sums, counts, names), {"names": names, "layers": names}
 
 
 @contextmanager
