@@ -46,7 +46,7 @@ def call_overhead(runs: int) -> dict[str, float]:
 
 
 def kv_generate_overhead(runs: int, new_tokens: int) -> dict[str, float]:
-    from whatmatters.compress import kv_eviction
+    from whatmatters.compress import evicting_kv
     from whatmatters.text.pretrained import load_smollm2
 
     model, tok = load_smollm2()
@@ -58,7 +58,7 @@ def kv_generate_overhead(runs: int, new_tokens: int) -> dict[str, float]:
 
     def evicting(policy: str):
         def run() -> torch.Tensor:
-            with kv_eviction(model, policy, 0.5):
+            with evicting_kv(model, policy, 0.5):
                 return generate()
 
         return run

@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from whatmatters.compress.kvcache import POLICIES, kv_eviction
+from whatmatters.compress.kvcache import POLICIES, evicting_kv
 from whatmatters.core import hf
 
 PARITY = {"snapkv": "SnapKVPress", "sink_recent": "StreamingLLMPress", "knorm": "KnormPress"}
@@ -98,7 +98,7 @@ def parity(seq: int, window: int) -> list[dict[str, Any]]:
                 with _press(policy, ratio, window)(model):
                     theirs, _ = _prefill(model, ids)
                 params = {"window_size": window} if policy == "snapkv" else {}
-                with kv_eviction(model, policy, ratio, **params) as h:
+                with evicting_kv(model, policy, ratio, **params) as h:
                     ours, _ = _prefill(model, ids)
                 fractions, worst_dist, same_len = [], 0.0, True
                 for i, layer in enumerate(theirs.layers):
@@ -152,7 +152,7 @@ def overhead(seq: int, n_new: int, window: int, repeats: int) -> list[dict[str, 
         for _ in range(repeats):  # interleaved, median of repeats (the machine is shared)
             t_base.append(_decode(model, ids, n_new, nullcontext())[0])
             t_kv.append(_decode(model, ids, n_new, _press(policy, 0.5, window)(model))[0])
-            t_wm.append(_decode(model, ids, n_new, kv_eviction(model, policy, 0.5, **params))[0])
+            t_wm.append(_decode(model, ids, n_new, evicting_kv(model, policy, 0.5, **params))[0])
         base, kv, wm = (statistics.median(t) for t in (t_base, t_kv, t_wm))
         rows.append(
             {
@@ -184,7 +184,7 @@ def lm_quality(context: int, cont: int, n_windows: int, policies: tuple[str, ...
     def run(policy: str | None, ratio: float) -> dict[str, float]:
         logps, t0 = [], time.perf_counter()
         for w in windows:  # one sequence at a time: decoding steps depend on the sequence's own cache
-            ctx = kv_eviction(model, policy, ratio) if policy else nullcontext()
+            ctx = evicting_kv(model, policy, ratio) if policy else nullcontext()
             with ctx, torch.no_grad():
                 cache = hf.new_cache(model)
                 model(w[None, :context], **hf.cache_kwargs(model, cache), use_cache=True)

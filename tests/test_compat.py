@@ -17,7 +17,7 @@ pytest.importorskip("transformers")
 from helpers import tiny_model
 
 import whatmatters as wm
-from whatmatters.compress.kvcache import evict_scores, kv_eviction
+from whatmatters.compress.kvcache import evict_scores, evicting_kv
 from whatmatters.compress.tokens import attention_received
 from whatmatters.core import hf
 from whatmatters.core.errors import ModelError
@@ -44,7 +44,7 @@ def _says_version(err: pytest.ExceptionInfo) -> None:
 
 def test_eviction_with_a_layer_it_cannot_hook_raises(ids):
     model = _truncated()
-    with pytest.raises(ModelError, match="never saw the model's cache") as err, kv_eviction(model, "snapkv", 0.5):
+    with pytest.raises(ModelError, match="never saw the model's cache") as err, evicting_kv(model, "snapkv", 0.5):
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False, pad_token_id=0)
     _says_version(err)
     with pytest.raises(ModelError, match="never saw"):
@@ -60,13 +60,13 @@ def test_eviction_refuses_a_cache_changed_after_the_hook(ids):
 
     handle = model.model.layers[0].register_forward_hook(grow, with_kwargs=True)
     try:
-        with pytest.raises(ModelError, match="holds 24 cached positions"), kv_eviction(model, "knorm", 0.5):
+        with pytest.raises(ModelError, match="holds 24 cached positions"), evicting_kv(model, "knorm", 0.5):
             model(ids, **hf.cache_kwargs(model, hf.new_cache(model)), use_cache=True)
     finally:
         handle.remove()
     # the check itself leaves a normal model alone and the cache at the budget
     cache = hf.new_cache(model)
-    with kv_eviction(model, "knorm", 0.5):
+    with evicting_kv(model, "knorm", 0.5):
         model(ids, **hf.cache_kwargs(model, cache), use_cache=True)
     assert hf.cache_length(cache, 0) == 12
 
@@ -75,7 +75,7 @@ def test_eviction_with_an_unknown_cache_argument_raises(ids, monkeypatch):
     model = tiny_model("llama", vocab=VOCAB, positions=None, seed=0)
     real = hf.find_cache
     monkeypatch.setattr(hf, "find_cache", lambda values: real(values) if "logits" in values else None)
-    with pytest.raises(ModelError, match="never saw"), kv_eviction(model, "snapkv", 0.5):
+    with pytest.raises(ModelError, match="never saw"), evicting_kv(model, "snapkv", 0.5):
         model(ids, **hf.cache_kwargs(model, hf.new_cache(model)), use_cache=True)
 
 

@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("transformers")
 from helpers import tiny_model
 
-from whatmatters.compress.kvcache import POLICIES, evict_scores, kv_eviction
+from whatmatters.compress.kvcache import POLICIES, evict_scores, evicting_kv
 from whatmatters.core import hf
 from whatmatters.core.errors import InputError, MethodError, ModelError
 
@@ -62,7 +62,7 @@ def _n_hooks(model):
 def test_generate_runs_and_prefill_cache_equals_budget(models, ids, name, policy):
     model = models[name]
     before, hooks_before = _state(model), _n_hooks(model)
-    with kv_eviction(model, policy, 0.5, **SMALL.get(policy, {})) as h:
+    with evicting_kv(model, policy, 0.5, **SMALL.get(policy, {})) as h:
         out = _generate(model, ids)
         cache = hf.new_cache(model)
         model(ids, **hf.cache_kwargs(model, cache), use_cache=True)
@@ -83,8 +83,19 @@ def test_ratio_zero_reproduces_generate_exactly(models, ids, name):
     model = models[name]
     ref = _generate(model, ids, n=6)
     for policy in POLICIES:
-        with kv_eviction(model, policy, 0.0):
+        with evicting_kv(model, policy, 0.0):
             assert torch.equal(_generate(model, ids, n=6), ref)
+
+
+def test_old_name_kv_eviction_warns_and_evicts_the_same(models, ids):
+    from whatmatters.compress import kv_eviction
+
+    model = models["llama"]
+    with evicting_kv(model, "knorm", 0.5):
+        new = _generate(model, ids, n=4)
+    with pytest.warns(DeprecationWarning, match="renamed evicting_kv"), kv_eviction(model, "knorm", 0.5):
+        old = _generate(model, ids, n=4)
+    assert torch.equal(old, new)
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
@@ -93,7 +104,7 @@ def test_evicted_next_token_logits_match_manual_cache(models, ids, name, policy)
     """Ground truth: the hooked forward equals a forward on a cache gathered by hand at the kept positions."""
     model = models[name]
     params = {"decoding": False} if policy in ("heavy_hitter", "scissorhands") else SMALL.get(policy, {})
-    with kv_eviction(model, policy, 0.5, **params) as h:
+    with evicting_kv(model, policy, 0.5, **params) as h:
         cache = hf.new_cache(model)
         model(ids, **hf.cache_kwargs(model, cache), use_cache=True)
         nxt = torch.randint(0, VOCAB, (2, 3), generator=torch.Generator().manual_seed(4))
@@ -135,7 +146,7 @@ def test_gqa_scores_aggregate_query_heads_per_kv_group(models, ids):
 
 
 def test_sink_recent_keeps_sinks_and_recent_window(models, ids):
-    with kv_eviction(models["llama"], "sink_recent", 0.75, n_sink=3) as h:
+    with evicting_kv(models["llama"], "sink_recent", 0.75, n_sink=3) as h:
         _generate(models["llama"], ids, n=5)
     budget = PROMPT // 4
     kept = h.kept_positions()[1][0, 0]
@@ -145,7 +156,7 @@ def test_sink_recent_keeps_sinks_and_recent_window(models, ids):
 
 
 def test_heavy_hitter_keeps_budget_while_decoding(models, ids):
-    with kv_eviction(models["qwen2"], "heavy_hitter", 0.5, recent_ratio=0.25) as h:
+    with evicting_kv(models["qwen2"], "heavy_hitter", 0.5, recent_ratio=0.25) as h:
         cache = hf.new_cache(models["qwen2"])
         models["qwen2"](ids, **hf.cache_kwargs(models["qwen2"], cache), use_cache=True)
         for t in range(3):
@@ -160,7 +171,7 @@ def test_ems_merges_values_into_kept_entries(models, ids):
     model = models["llama"]
     caches = {}
     for merge in (True, False):
-        with kv_eviction(model, "ems", 0.5, window_size=8, merge=merge) as h:
+        with evicting_kv(model, "ems", 0.5, window_size=8, merge=merge) as h:
             caches[merge] = hf.new_cache(model)
             model(ids, **hf.cache_kwargs(model, caches[merge]), use_cache=True)
     assert torch.equal(caches[True].layers[0].keys, caches[False].layers[0].keys)
@@ -170,7 +181,7 @@ def test_ems_merges_values_into_kept_entries(models, ids):
 
 @pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5, float("nan"), "0.5", True])
 def test_bad_ratio(models, ratio):
-    with pytest.raises(InputError, match="compression_ratio"), kv_eviction(models["llama"], "snapkv", ratio):
+    with pytest.raises(InputError, match="compression_ratio"), evicting_kv(models["llama"], "snapkv", ratio):
         pass
 
 
@@ -182,7 +193,7 @@ def test_bad_policy_and_params(models):
         (InputError, "recent_ratio must be", "heavy_hitter", {"recent_ratio": 2}),
     ]
     for error, match, policy, params in bad:
-        with pytest.raises(error, match=match), kv_eviction(models["llama"], policy, 0.5, **params):
+        with pytest.raises(error, match=match), evicting_kv(models["llama"], policy, 0.5, **params):
             pass
 
 
@@ -190,10 +201,10 @@ def test_unsupported_model():
     from transformers import BertConfig, BertForMaskedLM
 
     bert = BertForMaskedLM(BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2))
-    with pytest.raises(ModelError, match="does not support BertForMaskedLM"), kv_eviction(bert, "snapkv", 0.5):
+    with pytest.raises(ModelError, match="does not support BertForMaskedLM"), evicting_kv(bert, "snapkv", 0.5):
         pass
     model = torch.nn.Linear(2, 2)
-    with pytest.raises(ModelError, match="transformers model"), kv_eviction(model, "snapkv", 0.5):
+    with pytest.raises(ModelError, match="transformers model"), evicting_kv(model, "snapkv", 0.5):
         pass
 
 
@@ -202,7 +213,7 @@ def test_padded_batch_refused_and_hooks_removed_on_error(models, ids):
     hooks = _n_hooks(model)
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
-    with pytest.raises(InputError, match="padded"), kv_eviction(model, "snapkv", 0.5, window_size=8):
+    with pytest.raises(InputError, match="padded"), evicting_kv(model, "snapkv", 0.5, window_size=8):
         model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)
     assert _n_hooks(model) == hooks
 
@@ -219,7 +230,7 @@ def test_ratio_outside_unit_interval_property(models):
     @hypothesis.settings(max_examples=10, deadline=None, database=None)
     @hypothesis.given(st.one_of(st.floats(max_value=-1e-9), st.floats(min_value=1.0), st.just(float("nan"))))
     def check(ratio):
-        with pytest.raises(InputError, match="compression_ratio"), kv_eviction(models["llama"], "knorm", ratio):
+        with pytest.raises(InputError, match="compression_ratio"), evicting_kv(models["llama"], "knorm", ratio):
             pass
 
     check()

@@ -12,7 +12,7 @@ from helpers import tiny_model
 
 import whatmatters
 from whatmatters.compress import score
-from whatmatters.compress.kvcache import POLICIES, POLICY_PARAMS, evict_scores, kv_eviction
+from whatmatters.compress.kvcache import POLICIES, POLICY_PARAMS, evict_scores, evicting_kv
 from whatmatters.core import hf
 from whatmatters.core.errors import InputError, MethodError
 from whatmatters.core.registry import get_method
@@ -63,14 +63,14 @@ def test_score_returns_the_prefill_scores(ids, policy):
 
 def test_aliases_and_unknown_names(ids):
     model = _llama()
-    with kv_eviction(model, "h2o", 0.5) as h:
+    with evicting_kv(model, "h2o", 0.5) as h:
         model(ids, **hf.cache_kwargs(model, hf.new_cache(model)), use_cache=True)
     assert h.policy == "heavy_hitter" and set(h.budgets.values()) == {PROMPT // 2}
     assert torch.equal(evict_scores(model, ids, "streaming_llm").values, evict_scores(model, ids, "sink_recent").values)
     with pytest.raises(MethodError, match=r"unknown KV eviction policy 'scisorhands'.*'scissorhands'.*unit='kv'"):
         evict_scores(model, ids, "scisorhands")
     with pytest.raises(MethodError, match=r"unknown KV eviction policy 'wanda'.*snapkv"):
-        kv_eviction(model, "wanda").__enter__()
+        evicting_kv(model, "wanda").__enter__()
     with pytest.raises(MethodError, match=r"unknown parameter.*history_window"):
         score(model, "scissorhands", data=ids, window_size=3)
     with pytest.raises(MethodError, match="has no parameter"):
@@ -112,7 +112,7 @@ def test_scissorhands_counts_equal_explicit_eager_computation(ids, make):
 def test_scissorhands_keeps_recent_window_and_evicts_in_chunks(ids):
     model = _qwen2()
     budget = PROMPT // 2
-    with kv_eviction(model, "scissorhands", 0.5, recent_window=4, chunk_ratio=0.25, history_window=6) as h:
+    with evicting_kv(model, "scissorhands", 0.5, recent_window=4, chunk_ratio=0.25, history_window=6) as h:
         cache = hf.new_cache(model)
         model(ids, **hf.cache_kwargs(model, cache), use_cache=True)
         lengths = [cache.layers[0].keys.shape[2]]
@@ -131,7 +131,7 @@ def test_scissorhands_keeps_recent_window_and_evicts_in_chunks(ids):
 def test_scissorhands_evicted_logits_equal_manual_cache(ids):
     """Ground truth: the hooked forward equals a forward on a cache gathered by hand at the kept positions."""
     model = _llama()
-    with kv_eviction(model, "scissorhands", 0.5, decoding=False, history_window=8) as h:
+    with evicting_kv(model, "scissorhands", 0.5, decoding=False, history_window=8) as h:
         cache = hf.new_cache(model)
         model(ids, **hf.cache_kwargs(model, cache), use_cache=True)
         nxt = torch.randint(0, VOCAB, (2, 3), generator=torch.Generator().manual_seed(4))

@@ -68,3 +68,20 @@ def test_make_task_is_the_one_input_check():
         make_task(model, x, seed=1.5)
     with pytest.raises(wm.TargetError, match="out of range"):
         make_task(model, x, 7)
+
+
+def test_keywords_are_one_vocabulary_for_explain_and_compress_score():
+    import torch
+
+    from whatmatters import compress
+
+    model, x, _ = _data()
+    by_position = wm.explain(model, x, "ablation")
+    np.testing.assert_allclose(wm.explain(model, data=x, method="ablation").numpy(), by_position.numpy())
+    net = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    rows = torch.randn(8, 5)
+    a = compress.score(net, "wanda", rows)
+    b = compress.score(net, data=rows, method="wanda")
+    assert all(torch.equal(a[k].values, b[k].values) for k in a)
+    with pytest.raises(TypeError):  # options after data are keyword-only
+        compress.score(net, "wanda", rows, None)

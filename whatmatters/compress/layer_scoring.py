@@ -120,7 +120,8 @@ def _fisher(model: nn.Module, chosen: dict[str, nn.Module], data: Any, *, target
             f"fisher layer scores cover Linear layers only, and {convs[0]} is a convolution; "
             "select Linear layers with layers=r'regex'"
         )
-    imp = score(model, "fisher", data, None, [f"^{re.escape(n)}$" for n in chosen], batch_size=batch_size, **params)
+    layers = [f"^{re.escape(n)}$" for n in chosen]
+    imp = score(model, "fisher", data, layers=layers, batch_size=batch_size, **params)
     lay = imp.layer_importance("mean")
     return lay.values.float(), list(lay.names), params
 

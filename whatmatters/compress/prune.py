@@ -106,7 +106,7 @@ def prune(
     if not isinstance(model, nn.Module):
         raise ModelError(f"prune needs a PyTorch nn.Module, got {type(model).__name__}")
     if isinstance(importance, str):
-        importance = score(model, importance, data, tokenizer, layers, **score_kwargs)
+        importance = score(model, importance, data, tokenizer=tokenizer, layers=layers, **score_kwargs)
         if not isinstance(importance, ModelImportance):
             raise InputError(f"{importance.method} does not score weights; prune needs a weight score")
     elif not isinstance(importance, ModelImportance):

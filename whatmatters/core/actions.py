@@ -3,7 +3,7 @@
 ``prune``, ``prune_structured``, ``prune_channels``, ``prune_experts`` and ``quantize`` take
 ``(model, importance_or_method, fraction, ...)`` (fractions validated by :mod:`whatmatters.core.fractions`)
 and return a :class:`Compressed` pair; the input model is never changed unless asked (``inplace=True``).
-Context-manager actions (``kv_eviction``) yield a handle instead.
+Context-manager actions (``evicting_kv``) yield a handle instead.
 """
 
 from __future__ import annotations

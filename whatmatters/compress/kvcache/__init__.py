@@ -1,6 +1,6 @@
 """KV-cache eviction during ``generate`` for decoder-only Hugging Face models, driven by importance scores.
 
-``with kv_eviction(model, policy="snapkv", compression_ratio=0.5): model.generate(...)`` installs a
+``with evicting_kv(model, policy="snapkv", compression_ratio=0.5): model.generate(...)`` installs a
 forward hook on every self-attention module. When an attention layer has just filled an empty cache layer
 (the prefill), the hook scores every cached position per KV head and keeps the ``int(L * (1 -
 compression_ratio))`` best ones (the same budget rule as kvpress); policies that evict while decoding
@@ -57,7 +57,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from whatmatters.compress.kvcache.eviction import KVEviction, _check_ids, _record, evict_scores, kv_eviction
+from whatmatters.compress.kvcache.eviction import (
+    KVEviction,
+    _check_ids,
+    _record,
+    evict_scores,
+    evicting_kv,
+    kv_eviction,
+)
 from whatmatters.compress.kvcache.layout import AttentionLayout, attention_layout, rotated_queries
 from whatmatters.compress.kvcache.policies import (
     KV_POLICIES,
@@ -236,6 +243,7 @@ __all__ = [
     "Policy",
     "attention_layout",
     "evict_scores",
+    "evicting_kv",
     "kv_eviction",
     "rotated_queries",
 ]

@@ -1,11 +1,12 @@
-"""``kv_eviction`` and ``evict_scores``: the hooks that score and evict cache entries while the model runs."""
+"""``evicting_kv`` and ``evict_scores``: the hooks that score and evict cache entries while the model runs."""
 
 from __future__ import annotations
 
 import time
+import warnings
 import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +29,7 @@ from whatmatters.compress.kvcache.policies import KV_POLICIES, _Call, _check_rat
 
 @dataclass
 class KVEviction:
-    """Handle yielded by :func:`kv_eviction`: the policy and the state of the current sequence.
+    """Handle yielded by :func:`evicting_kv`: the policy and the state of the current sequence.
 
     ``kept_positions()`` gives, per layer, the original positions ``(batch, n_kv_heads, cache_len)`` of
     the entries now in the cache; ``budgets`` the per-layer budget fixed at the prefill.
@@ -86,7 +87,7 @@ class _Hook:
             return output
         hidden = args[0] if args else kwargs["hidden_states"]
         q_len = hidden.shape[1]
-        layer = hf.cache_layer(cache, self.idx, "kv_eviction")
+        layer = hf.cache_layer(cache, self.idx, "evicting_kv")
         keys, values = layer.keys, layer.values
         h, p = self.h, self.h.params
         pol = self.policy
@@ -147,7 +148,7 @@ def _model_pre_hook(handle: KVEviction, first_layer: int):
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.ndim == 2 and not bool(mask.bool().all()):
             raise InputError(
-                "kv_eviction does not support padded batches (the attention_mask has zeros): evicted caches no "
+                "evicting_kv does not support padded batches (the attention_mask has zeros): evicted caches no "
                 "longer line up with the padding mask. Generate the sequences one at a time or without padding"
             )
         cache = hf.find_cache(kwargs)
@@ -181,17 +182,17 @@ def _model_post_hook(handle: KVEviction, layers: list[int]):
             cache = hf.find_cache(output)
         if cache is None:
             if kwargs.get("use_cache"):
-                raise hf.incompatible("kv_eviction", "the forward pass ran with use_cache=True but no Cache was found")
+                raise hf.incompatible("evicting_kv", "the forward pass ran with use_cache=True but no Cache was found")
             return
         for idx in layers:
             state = handle._layers.get(idx)
             if state is None or state.cache() is not cache:
-                raise hf.incompatible("kv_eviction", f"the hook on attention layer {idx} never saw the model's cache")
+                raise hf.incompatible("evicting_kv", f"the hook on attention layer {idx} never saw the model's cache")
             length, expected = hf.cache_length(cache, idx), state.positions.shape[-1]
             evicts = not handle.record and (handle.params.get("decoding", False) or state.seen == expected)
             if length != expected or (evicts and length > state.budget):
                 raise hf.incompatible(
-                    "kv_eviction",
+                    "evicting_kv",
                     f"attention layer {idx} holds {length} cached positions after the forward pass; the eviction "
                     f"left {expected} (budget {state.budget})",
                 )
@@ -213,7 +214,7 @@ def _attached(model: nn.Module, arch: AttentionLayout, handle: KVEviction) -> It
 
 
 @contextmanager
-def kv_eviction(
+def evicting_kv(
     model: nn.Module, policy: str = "snapkv", compression_ratio: float = 0.5, **params: Any
 ) -> Iterator[KVEviction]:
     """Evict KV-cache entries by importance while the block runs ``model.generate`` (or forward calls).
@@ -237,6 +238,12 @@ def kv_eviction(
             return
         with _attached(model, arch, handle):
             yield handle
+
+
+def kv_eviction(model: nn.Module, *args: Any, **kwargs: Any) -> AbstractContextManager[KVEviction]:
+    """Deprecated name of :func:`evicting_kv` (a context manager, so named as one); removed in the next release."""
+    warnings.warn("kv_eviction was renamed evicting_kv; use `with evicting_kv(model, ...)`", DeprecationWarning, 2)
+    return evicting_kv(model, *args, **kwargs)
 
 
 def _check_ids(input_ids: Any) -> torch.Tensor:
@@ -273,7 +280,7 @@ def evict_scores(
     higher means kept first. Positions a policy always keeps (sinks, observation or recent window) score
     above every other position of their head. ``compression_ratio`` matters only to the policies whose
     scores depend on the budget (``sink_recent``, the recent windows of ``heavy_hitter`` and
-    ``scissorhands``); ``extra["budget"]`` is the number of positions :func:`kv_eviction` would keep per
+    ``scissorhands``); ``extra["budget"]`` is the number of positions :func:`evicting_kv` would keep per
     head. ``whatmatters.compress.score(model, policy, data=input_ids)`` returns the same values.
     """
     input_ids = _check_ids(input_ids)

@@ -29,9 +29,9 @@ class AttentionLayout:
 def attention_layout(model: nn.Module) -> AttentionLayout:
     config = getattr(model, "config", None)
     if config is None:
-        raise ModelError("kv_eviction needs a Hugging Face transformers model (it has no .config)")
+        raise ModelError("evicting_kv needs a Hugging Face transformers model (it has no .config)")
     if getattr(config, "is_encoder_decoder", False):
-        raise ModelError(f"kv_eviction supports decoder-only LMs; {type(model).__name__} is an encoder-decoder")
+        raise ModelError(f"evicting_kv supports decoder-only LMs; {type(model).__name__} is an encoder-decoder")
     base = getattr(model, "model", None)
     if base is not None and hasattr(base, "language_model"):
         base = base.language_model
@@ -46,7 +46,7 @@ def attention_layout(model: nn.Module) -> AttentionLayout:
         attn = [b.attn for b in blocks]
         return AttentionLayout("gpt2", attn, attn[0].num_heads, attn[0].num_heads, attn[0].head_dim)
     raise ModelError(
-        f"kv_eviction does not support {type(model).__name__}: it needs a decoder-only transformers LM whose "
+        f"evicting_kv does not support {type(model).__name__}: it needs a decoder-only transformers LM whose "
         "layers are model.model.layers[i].self_attn with q_proj (Llama, Qwen2, Qwen3, Mistral, ...) or "
         "model.transformer.h[i].attn with c_attn (GPT-2)"
     )
@@ -67,7 +67,7 @@ def rotated_queries(
     position_embeddings = kwargs.get("position_embeddings")
     if position_embeddings is None:
         raise ModelError(
-            f"{type(module).__name__} got no position_embeddings; kv_eviction needs the RoPE cos/sin the model "
+            f"{type(module).__name__} got no position_embeddings; evicting_kv needs the RoPE cos/sin the model "
             "passes to its attention layers (transformers >= 4.48)"
         )
     cos, sin = position_embeddings
