@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from whatmatters.core import hf
 from whatmatters.core.errors import InputError, ModelError
 
 
@@ -167,7 +168,11 @@ def lm_windows(
 
 
 def call_model(model: nn.Module, batch: Batch) -> Any:
+    """``model`` on one batch (``use_cache=False``); token ids are checked against the model's vocabulary."""
     kwargs = dict(batch.kwargs)
+    ids = kwargs.get("input_ids", batch.args[0] if batch.args else None)
+    if isinstance(ids, torch.Tensor) and hf.vocab_size(model) is not None:
+        hf.token_ids(ids, model)
     if getattr(getattr(model, "config", None), "use_cache", None) is not None:
         params = inspect.signature(model.forward).parameters
         if "use_cache" in params:

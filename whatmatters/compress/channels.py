@@ -55,6 +55,7 @@ from whatmatters.compress.remove import RemovalCounts, as_parameter, check_amoun
 from whatmatters.compress.structured import calibration_batches, calibration_loss, calibration_progress
 from whatmatters.core.actions import Compressed
 from whatmatters.core.errors import InputError, ModelError
+from whatmatters.core.fractions import units_removed
 from whatmatters.core.importance import Importance
 from whatmatters.core.registry import scorer
 from whatmatters.core.state import hooks, parameter_device_dtype, preserved
@@ -242,7 +243,7 @@ def plan(scores: dict[str, torch.Tensor], amount: float, allocation: str) -> dic
     if allocation == "uniform":
         out = {}
         for name, v in scores.items():
-            k = min(round(amount * len(v)), len(v) - 1)
+            k = min(units_removed(amount, len(v), "channels of a layer"), len(v) - 1)
             mask = torch.zeros(len(v), dtype=torch.bool)
             mask[torch.sort(v.double(), stable=True).indices[:k]] = True
             out[name] = mask
@@ -250,7 +251,7 @@ def plan(scores: dict[str, torch.Tensor], amount: float, allocation: str) -> dic
     names = list(scores)
     flat = torch.cat([scores[n].double() for n in names])
     counts = [len(scores[n]) for n in names]
-    k = min(round(amount * len(flat)), len(flat) - len(names))
+    k = min(units_removed(amount, len(flat), "channels"), len(flat) - len(names))
     starts = torch.tensor([0, *counts[:-1]]).cumsum(0)
     best = torch.stack([torch.sort(scores[n].double(), stable=True).indices[-1] for n in names]) + starts
     ranked = flat.clone()

@@ -9,6 +9,7 @@ which does shrink the parameter count, is a separate action.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -152,6 +153,13 @@ def prune(
                     "zeros": int((w == 0).sum()),
                 }
             )
+    if sum(r["pruned"] for r in rows) == 0 and any(t > 0 for t in targets.values()):
+        warnings.warn(
+            f"sparsity={sparsity} rounds to 0 weights in every {group if allocation != 'global' else 'layer'} "
+            "group, so nothing is pruned; raise sparsity",
+            UserWarning,
+            stacklevel=2,
+        )
     target = sparsity if sparsity is not None else next(iter(targets.values()))
     if pattern == "unstructured" and sparsity is None:
         target = 0.5

@@ -28,7 +28,7 @@ from whatmatters.compress.structured import Block, blocks
 from whatmatters.core import hf
 from whatmatters.core.actions import Compressed, RemovalCounts, n_parameters
 from whatmatters.core.errors import InputError, ModelError
-from whatmatters.core.fractions import removed_share
+from whatmatters.core.fractions import removed_share, units_removed
 from whatmatters.core.importance import Importance
 
 STRUCTURE_KEY = "whatmatters_structure"
@@ -36,7 +36,11 @@ STRUCTURE_KEY = "whatmatters_structure"
 
 @dataclass
 class StructuredReport(RemovalCounts):
-    """What ``prune_structured`` removed: unit indices per block (original numbering) and the size change."""
+    """What ``prune_structured`` removed and the size change.
+
+    ``removed``: the removed unit indices (original numbering) per block for heads and neurons; for layers,
+    the removed blocks' names (each with an empty list), so ``n_removed`` counts blocks.
+    """
 
     unit: str
     method: str
@@ -48,6 +52,10 @@ class StructuredReport(RemovalCounts):
     compensated: bool = False
     from_pretrained: bool = True
     standardized: bool = False
+
+    @property
+    def n_removed(self) -> int:
+        return len(self.removed) if self.unit == "layer" else super().n_removed
 
     def __repr__(self) -> str:
         return (
@@ -315,7 +323,7 @@ def plan_removal(
         )
     names = names or [str(i) for i in range(values.shape[0])]
     if unit == "layer":
-        k = round(amount * values.numel())
+        k = units_removed(amount, values.numel(), "blocks")
         if k >= values.numel():
             raise InputError(f"this removes all {values.numel()} blocks; lower amount")
         return _lowest_global(values.reshape(1, -1), k, "blocks").reshape(-1)
@@ -323,8 +331,8 @@ def plan_removal(
     if unit == "neuron":
         scores = standardize_rows(values) if standardize else values
         if allocation == "global":
-            return _lowest_global(scores, round(amount * values.numel()), "MLP neurons")
-        gone = _lowest_rows(scores, round(amount * n))
+            return _lowest_global(scores, units_removed(amount, values.numel(), "MLP neurons"), "MLP neurons")
+        gone = _lowest_rows(scores, units_removed(amount, n, "MLP neurons per block"))
         _too_many(names, gone, "MLP neurons")
         return gone
     n_kv = n if n_kv is None else n_kv
@@ -336,20 +344,21 @@ def plan_removal(
         groups = standardize_rows(groups) if standardize else groups
         what = "key/value groups" if g > 1 else "heads"
         if allocation == "global":
-            gone = _lowest_global(groups, round(amount * groups.numel()), what)
+            gone = _lowest_global(groups, units_removed(amount, groups.numel(), what), what)
         else:
-            gone = _lowest_rows(groups, round(amount * n_kv))
+            gone = _lowest_rows(groups, units_removed(amount, n_kv, f"{what} per block"))
             _too_many(names, gone, what)
         return gone.repeat_interleave(g, dim=1)
     per_group = (standardize_rows(values) if standardize else values.double()).reshape(n_layers, n_kv, g)
     order = torch.sort(per_group, dim=-1, stable=True)
     if allocation == "uniform":
-        r = torch.full((n_layers,), round(amount * g))
+        r = torch.full((n_layers,), units_removed(amount, g, "query heads per group"))
         if bool((r >= g).any()):
             _too_many(names, (r >= g)[:, None], "query heads of a group")
     else:  # rank j of a block = its groups' j-th lowest heads, scored by their mean (non-decreasing in j)
         slots = order.values.mean(1)
-        r = _lowest_global(slots, round(amount * slots.numel()), "query heads per group").sum(1)
+        k = units_removed(amount, slots.numel(), "query-head ranks")
+        r = _lowest_global(slots, k, "query heads per group").sum(1)
     rank = torch.empty_like(order.indices).scatter_(-1, order.indices, torch.arange(g).expand_as(order.indices).clone())
     return (rank < r[:, None, None]).reshape(n_layers, n)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Any
 
 from whatmatters.core.errors import InputError
@@ -40,4 +41,17 @@ def kept_share(value: Any, name: str = "keep", *, of: str = "units") -> float:
     return share
 
 
-__all__ = ["kept_share", "removed_share"]
+def units_removed(share: float, total: int, what: str, name: str = "amount") -> int:
+    """``round(share * total)``: how many of ``total`` units a removed ``share`` means; warns when it rounds to 0."""
+    count = round(share * total)
+    if share > 0 and count == 0:
+        warnings.warn(
+            f"{name}={share:g} of {total} {what} rounds to 0, so nothing is removed; "
+            f"use {name} > {0.5 / total:.3g} to remove one",
+            UserWarning,
+            stacklevel=3,
+        )
+    return count
+
+
+__all__ = ["kept_share", "removed_share", "units_removed"]

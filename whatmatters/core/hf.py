@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from whatmatters.core.errors import ModelError
+from whatmatters.core.errors import InputError, ModelError
 
 # The transformers releases the test suite runs on (the oldest one pyproject.toml admits and the newest
 # one checked); named in every error about a library change.
@@ -104,6 +104,40 @@ def cache_length(cache: Any, layer_idx: int) -> int:
     """Number of cached positions in one layer (0 when empty)."""
     keys = getattr(cache.layers[layer_idx], "keys", None)
     return 0 if keys is None or keys.numel() == 0 else int(keys.shape[-2])
+
+
+def vocab_size(model: nn.Module) -> int | None:
+    """Rows of the model's input embedding (``get_input_embeddings()``), or None for models without one."""
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    return int(emb.num_embeddings) if isinstance(emb, nn.Embedding) else None
+
+
+def token_ids(input_ids: Any, model: nn.Module | None = None, *, min_length: int = 1) -> torch.Tensor:
+    """``input_ids`` checked as a ``(batch, seq_len)`` integer tensor of ids the model's vocabulary holds.
+
+    ``InputError`` names what is wrong (not a tensor, wrong rank, float or bool ids, fewer than
+    ``min_length`` tokens, ids outside ``[0, vocab_size)``) and the fix; one min/max read per call.
+    """
+    fix = "tokenize the text first, e.g. tokenizer(texts, return_tensors='pt').input_ids"
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise InputError(f"input_ids must be a 2-D integer tensor of shape (n, seq_len), got {shape}; {fix}")
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise InputError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}; {fix}")
+    if input_ids.shape[0] == 0 or input_ids.shape[1] < min_length:
+        raise InputError(
+            f"need at least 1 sequence of at least {min_length} tokens, got input_ids of shape {tuple(input_ids.shape)}"
+        )
+    vocab = vocab_size(model) if model is not None else None
+    lo, hi = (int(v) for v in torch.aminmax(input_ids))
+    if lo < 0 or (vocab is not None and hi >= vocab):
+        bound = f"[0, {vocab})" if vocab is not None else "non-negative"
+        raise InputError(
+            f"input_ids must be token ids in {bound} (the model's vocabulary), got ids from {lo} to {hi}; "
+            "tokenize with the model's own tokenizer"
+        )
+    return input_ids
 
 
 def tiny_inputs(model: nn.Module) -> dict[str, torch.Tensor]:

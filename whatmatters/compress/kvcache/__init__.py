@@ -84,6 +84,7 @@ from whatmatters.compress.kvcache.policies import (
     _start_scissorhands,
     _validate,
 )
+from whatmatters.core import hf
 from whatmatters.core.errors import InputError
 
 if TYPE_CHECKING:
@@ -100,9 +101,7 @@ def _token_batches(task: WeightTask, method: str) -> list[torch.Tensor]:
         )
     out = []
     for batch in task.calibration.batches:
-        ids = batch.kwargs.get("input_ids", batch.args[0] if batch.args else None)
-        if not isinstance(ids, torch.Tensor) or ids.is_floating_point():
-            raise InputError(f"{method} needs token ids (an integer tensor (n, seq_len)), not float inputs")
+        ids = hf.token_ids(batch.kwargs.get("input_ids", batch.args[0] if batch.args else None), task.model)
         mask = batch.mask
         if mask is not None and not bool(mask.all()):
             raise InputError(
@@ -121,7 +120,7 @@ def _kv_scorer(task: WeightTask, policy: str, compression_ratio: float, params: 
     arch = attention_layout(task.model)
     values, layers = [], []
     for ids in _token_batches(task, policy):
-        v, layers = _record(task.model, arch, _check_ids(ids), policy, ratio, p)
+        v, layers = _record(task.model, arch, _check_ids(ids, task.model), policy, ratio, p)
         values.append(v)
     seq = values[0].shape[-1]
     return torch.cat(values), {

@@ -144,7 +144,7 @@ class _Hook:
 def _model_pre_hook(handle: KVEviction, first_layer: int):
     """Refuse padded batches; give direct calls on an evicted cache their true positions."""
 
-    def pre_hook(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
+    def pre_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.ndim == 2 and not bool(mask.bool().all()):
             raise InputError(
@@ -152,9 +152,11 @@ def _model_pre_hook(handle: KVEviction, first_layer: int):
                 "longer line up with the padding mask. Generate the sequences one at a time or without padding"
             )
         cache = hf.find_cache(kwargs)
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if isinstance(ids, torch.Tensor) and (cache is None or cache.get_seq_length() == 0):
+            hf.token_ids(ids, module)  # the prompt, once: bad ids get an error here, not from the embedding
         state = handle._layers.get(first_layer)
         if kwargs.get("position_ids") is None and cache is not None and state is not None and state.cache() is cache:
-            ids = kwargs.get("input_ids", args[0] if args else None)
             emb = kwargs.get("inputs_embeds")
             ref = ids if ids is not None else emb
             if ref is not None and cache.get_seq_length() > 0:
@@ -246,12 +248,8 @@ def kv_eviction(model: nn.Module, *args: Any, **kwargs: Any) -> AbstractContextM
     return evicting_kv(model, *args, **kwargs)
 
 
-def _check_ids(input_ids: Any) -> torch.Tensor:
-    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.dtype not in (torch.long, torch.int):
-        raise InputError("input_ids must be a 2-D integer tensor (batch, seq_len), e.g. tokenizer(...).input_ids")
-    if input_ids.shape[1] < 2:
-        raise InputError(f"need at least 2 tokens to score a KV cache, got {input_ids.shape[1]}")
-    return input_ids
+def _check_ids(input_ids: Any, model: nn.Module) -> torch.Tensor:
+    return hf.token_ids(input_ids, model, min_length=2)
 
 
 def _record(
@@ -283,7 +281,7 @@ def evict_scores(
     ``scissorhands``); ``extra["budget"]`` is the number of positions :func:`evicting_kv` would keep per
     head. ``whatmatters.compress.score(model, policy, data=input_ids)`` returns the same values.
     """
-    input_ids = _check_ids(input_ids)
+    input_ids = _check_ids(input_ids, model)
     ratio = _check_ratio(compression_ratio)
     policy = _policy_name(policy)
     p = _validate(policy, params)

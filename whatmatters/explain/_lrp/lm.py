@@ -275,14 +275,6 @@ def _targets(target: Any, n: int, logits: Tensor) -> Tensor:
     return t
 
 
-def _check_ids(input_ids: Any) -> Tensor:
-    if not isinstance(input_ids, Tensor) or input_ids.ndim != 2 or input_ids.numel() == 0:
-        raise InputError("input_ids must be a non-empty integer tensor of shape (n, seq_len); tokenize the text first")
-    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
-        raise InputError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
-    return input_ids
-
-
 def lm_lrp(
     model: nn.Module,
     input_ids: Tensor,
@@ -306,7 +298,7 @@ def lm_lrp(
     reduced over positions and channels by ``reduce`` (``"abs"``: sum of ``|R|``; ``"sum"``: sum of ``R``).
     The model is not changed: hooks are removed and mode, ``requires_grad`` and weights restored on exit.
     """
-    ids = _check_ids(input_ids)
+    ids = hf.token_ids(input_ids, model)
     if reduce not in ("abs", "sum"):
         raise InputError(f"reduce must be 'abs' or 'sum', got {reduce!r}")
     capture = {name: find_module(model, name) for name in (layers or [])}
@@ -383,7 +375,7 @@ def layer_relevance(
     batch_size: int = 8,
 ) -> Importance:
     """Relevance reaching each named layer's output per sequence (unit ``layer``; ``layers`` default: all Linear)."""
-    ids = _check_ids(input_ids)
+    ids = hf.token_ids(input_ids, model)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
     if layers is None:
@@ -422,7 +414,7 @@ def token_relevance(
     batch_size: int = 8,
 ) -> Importance:
     """Relevance of every input token for the next-token logit of ``target``: unit ``token``, ``(n, seq_len)``."""
-    ids = _check_ids(input_ids)
+    ids = hf.token_ids(input_ids, model)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
     start = time.perf_counter()
