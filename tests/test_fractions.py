@@ -41,3 +41,32 @@ def test_kept_and_removed_shares_are_complements(x):
         else:
             with pytest.raises(InputError):
                 check(x)
+
+
+@pytest.mark.parametrize("value", [4, np.int64(4), np.int32(4), np.uint8(4)])
+def test_whole_numbers_accept_numpy_integers(value):
+    from whatmatters.core.fractions import whole
+
+    assert whole(value, "bits", minimum=2, maximum=16) == 4 and type(whole(value, "bits")) is int
+
+
+@pytest.mark.parametrize("value", [True, 4.0, np.float32(4), "4", None, 1, 17])
+def test_whole_numbers_refuse_bools_floats_and_out_of_range(value):
+    from whatmatters.core.fractions import whole
+
+    with pytest.raises(InputError, match=r"bits must be an integer in \[2, 16\]"):
+        whole(value, "bits", minimum=2, maximum=16)
+
+
+def test_compress_actions_take_numpy_scalars():
+    import torch
+    from helpers import tiny_model
+
+    from whatmatters.compress import prune, prune_structured, quantize, score
+
+    model = tiny_model("llama")
+    ids = torch.randint(0, 60, (2, 8))
+    assert quantize(model, np.int64(4)).report.average_bits == 4
+    heads = score(model, "flap_head", data=ids, batch_size=np.int64(1), max_length=np.int64(8))
+    assert prune_structured(model, heads, amount=np.float32(0.5)).report.n_removed > 0
+    assert prune(model, "magnitude", sparsity=np.float32(0.5)).report.achieved == pytest.approx(0.5, abs=0.01)

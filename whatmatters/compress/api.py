@@ -39,6 +39,7 @@ from whatmatters.compress.batches import as_batches
 from whatmatters.compress.calibrate import ActivationStats, Calibration, GradientStats, LossFn
 from whatmatters.compress.linear import is_transposed, select_layers, weight_matrix
 from whatmatters.core.errors import InputError, MethodError, ModelError
+from whatmatters.core.fractions import whole
 from whatmatters.core.importance import Importance, jsonable, read_parquet, write_parquet
 from whatmatters.core.registry import get_method
 from whatmatters.core.state import preserved
@@ -309,6 +310,8 @@ def score(
         data.check_model(model, chosen if select is select_layers else ())
         calibration: Calibration | None = data
     elif data is not None:
+        batch_size, max_length = whole(batch_size, "batch_size"), whole(max_length, "max_length")
+        grad_batch_size = whole(grad_batch_size, "grad_batch_size")
         batches = as_batches(data, tokenizer, batch_size=batch_size, max_length=max_length)
         calibration = Calibration(model, batches, chosen, loss=loss, grad_batch_size=grad_batch_size, progress=progress)
     else:

@@ -55,7 +55,7 @@ from whatmatters.compress.remove import RemovalCounts, as_parameter, check_amoun
 from whatmatters.compress.structured import calibration_batches, calibration_loss, calibration_progress
 from whatmatters.core.actions import Compressed
 from whatmatters.core.errors import InputError, ModelError
-from whatmatters.core.fractions import units_removed
+from whatmatters.core.fractions import units_removed, whole
 from whatmatters.core.importance import Importance
 from whatmatters.core.registry import scorer
 from whatmatters.core.state import hooks, parameter_device_dtype, preserved
@@ -370,8 +370,7 @@ def prune_channels(
     if (compensate or recalibrate_bn) and calibration is None:
         flag = "compensate=True" if compensate else "recalibrate_bn=True"
         raise InputError(f"{flag} needs calibration data: pass calibration=inputs (e.g. a few hundred training images)")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+    batch_size = whole(batch_size, "batch_size")
     names, counts = _layers_of(importance)
     values = importance.values.detach().float().cpu()
     if not bool(torch.isfinite(values).all()):

@@ -38,6 +38,7 @@ from whatmatters.compress.batches import as_batches, call_model
 from whatmatters.compress.linear import HEAD_PATTERN, conv1d_type, match_layers
 from whatmatters.core.actions import Compressed
 from whatmatters.core.errors import InputError, ModelError
+from whatmatters.core.fractions import whole
 from whatmatters.core.importance import Importance
 from whatmatters.core.state import hooks, preserved
 
@@ -80,9 +81,7 @@ def _n_weights(module: nn.Module) -> int:
 
 # --------------------------------------------------------------- allocation
 def _check_bits(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not MIN_BITS <= value <= MAX_BITS:
-        raise InputError(f"{what} must be an integer number of bits in [{MIN_BITS}, {MAX_BITS}], got {value!r}")
-    return value
+    return whole(value, what, minimum=MIN_BITS, maximum=MAX_BITS, meaning="a number of bits")
 
 
 def _check_choices(choices: Sequence[int]) -> tuple[int, ...]:

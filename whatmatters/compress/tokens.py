@@ -27,6 +27,7 @@ from torch import nn
 from whatmatters.compress.kvcache.layout import AttentionLayout, attention_layout, rotated_queries
 from whatmatters.core import hf
 from whatmatters.core.errors import InputError, ModelError
+from whatmatters.core.fractions import whole
 from whatmatters.core.registry import scorer
 from whatmatters.core.state import preserved
 
@@ -181,8 +182,7 @@ def accumulated_attention(
             "whatmatters.compress.score(model, 'accumulated_attention', data=tokenizer(text, return_tensors='pt')"
             ".input_ids)"
         )
-    if isinstance(query_block, bool) or not isinstance(query_block, int) or query_block < 1:
-        raise InputError(f"query_block must be a positive integer, got {query_block!r}")
+    query_block = whole(query_block, "query_block")
     rows, lengths = [], []
     for batch in task.calibration.batches:
         ids = batch.kwargs.get("input_ids", batch.args[0] if batch.args else None)

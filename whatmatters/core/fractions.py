@@ -1,5 +1,5 @@
 """One fraction vocabulary for actions: ``amount``, ``sparsity``, ``compression_ratio`` = share removed;
-``keep`` = share kept.
+``keep`` = share kept; and whole numbers (bits, batch sizes, counts) checked one way.
 
 Every action validates its fraction here: a real number (Python or NumPy scalar, never a bool or NaN),
 removed shares in ``[0, 1)`` and kept shares in ``(0, 1]``; the error names the argument, what it means and
@@ -41,6 +41,16 @@ def kept_share(value: Any, name: str = "keep", *, of: str = "units") -> float:
     return share
 
 
+def whole(value: Any, name: str, *, minimum: int = 1, maximum: int | None = None, meaning: str = "") -> int:
+    """``value`` as an ``int`` in ``[minimum, maximum]`` (Python or NumPy integer, never a bool or a float)."""
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not ok or value < minimum or (maximum is not None and value > maximum):
+        bound = f"in [{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
+        what = f" ({meaning})" if meaning else ""
+        raise InputError(f"{name} must be an integer {bound}{what}, got {value!r}")
+    return int(value)
+
+
 def units_removed(share: float, total: int, what: str, name: str = "amount") -> int:
     """``round(share * total)``: how many of ``total`` units a removed ``share`` means; warns when it rounds to 0."""
     count = round(share * total)
@@ -54,4 +64,4 @@ def units_removed(share: float, total: int, what: str, name: str = "amount") -> 
     return count
 
 
-__all__ = ["kept_share", "removed_share", "units_removed"]
+__all__ = ["kept_share", "removed_share", "units_removed", "whole"]

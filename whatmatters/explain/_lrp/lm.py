@@ -36,6 +36,7 @@ from torch import nn
 
 from whatmatters.core import hf
 from whatmatters.core.errors import InputError, MethodError, ModelError
+from whatmatters.core.fractions import whole
 from whatmatters.core.importance import Importance
 from whatmatters.core.state import Tally, find_module, hooks, preserved
 from whatmatters.core.task import as_indices
@@ -376,8 +377,7 @@ def layer_relevance(
 ) -> Importance:
     """Relevance reaching each named layer's output per sequence (unit ``layer``; ``layers`` default: all Linear)."""
     ids = hf.token_ids(input_ids, model)
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+    batch_size = whole(batch_size, "batch_size")
     if layers is None:
         layers = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     layers = list(layers)
@@ -415,8 +415,7 @@ def token_relevance(
 ) -> Importance:
     """Relevance of every input token for the next-token logit of ``target``: unit ``token``, ``(n, seq_len)``."""
     ids = hf.token_ids(input_ids, model)
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+    batch_size = whole(batch_size, "batch_size")
     start = time.perf_counter()
     batch_target = _batch_targets(target, len(ids))
     rows, targets = [], []
