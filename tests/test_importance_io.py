@@ -69,6 +69,12 @@ def test_files_without_format_version_still_load(tmp_path):
     assert ModelImportance.load(tmp_path / "old_mi.parquet") == mi
 
 
+def test_bfloat16_round_trip(tmp_path):
+    imp = wm.Importance(torch.randn(2, 3).to(torch.bfloat16), method="saliency")
+    loaded = wm.Importance.load(imp.save(tmp_path / "bf16.parquet"))
+    assert loaded == imp and loaded.values.dtype == torch.bfloat16
+
+
 # ------------------------------------------------------------------ files that are not scores
 def test_missing_file_folder_and_foreign_files(tmp_path):
     cases = {

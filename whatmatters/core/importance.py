@@ -274,7 +274,10 @@ class Importance:
         """
         import pyarrow as pa
 
-        flat = self._flat().cpu().numpy()
+        flat = self._flat().cpu()
+        if flat.dtype == torch.bfloat16:  # NumPy has no bfloat16: stored as float32 (exact), loaded as bfloat16
+            flat = flat.float()
+        flat = flat.numpy()
         column = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
         return write_parquet(pa.table({"values": column}), _META_KEY, self.metadata(), path)
 
