@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 
 import numpy as np
 import pandas as pd
@@ -227,6 +228,21 @@ def test_save_to_a_folder_is_refused(tmp_path):
     with pytest.raises(wm.InputError, match="is a folder"):
         model_importance().save(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_save_below_a_file_is_refused_and_os_errors_name_the_target(tmp_path, monkeypatch):
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(wm.InputError, match=r"file\.txt is a file, not a folder"):
+        importance().save(tmp_path / "file.txt" / "sub" / "s.parquet")
+
+    def refuse(src, dst):
+        raise PermissionError(13, "Permission denied", str(src))
+
+    monkeypatch.setattr(os, "replace", refuse)
+    target = tmp_path / "s.parquet"
+    with pytest.raises(PermissionError, match=re.escape(f"cannot write {target}: Permission denied")):
+        importance().save(target)
+    assert [p.name for p in tmp_path.iterdir()] == ["file.txt"]
 
 
 def test_save_keeps_permissions(tmp_path):

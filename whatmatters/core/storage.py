@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -38,16 +39,30 @@ def write_parquet(table: Any, key: bytes, meta: dict[str, Any], path: str | Path
     """Write a pyarrow ``table`` to ``path`` with ``meta`` as JSON under the schema metadata ``key``.
 
     Atomic: the file is written in full to a temporary file next to ``path``, then renamed onto it;
-    on any error the temporary file is removed and an existing ``path`` is left as it was.
+    on any error the temporary file is removed and an existing ``path`` is left as it was. A folder,
+    or a path below a file, raises :class:`InputError`; an OS error names ``path``.
     """
     path = Path(path)
-    if path.is_dir():
-        raise InputError(f"{path} is a folder; give a file name to save to, e.g. {path / 'scores.parquet'}")
+    _check_target(path)
     raw = json.dumps({**meta, "format_version": FORMAT_VERSION}, allow_nan=True).encode()
     table = table.replace_schema_metadata({key: raw, key + _DIGEST_SUFFIX: content_digest(table, raw).encode()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomically(table, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomically(table, path)
+    except OSError as err:  # name the target, not the temporary file
+        if err.errno is None:
+            raise
+        raise OSError(err.errno, f"cannot write {path}: {err.strerror}") from err
     return path
+
+
+def _check_target(path: Path) -> None:
+    """Raise :class:`InputError` if ``path`` is a folder or lies below a file."""
+    if path.is_dir():
+        raise InputError(f"{path} is a folder; give a file name to save to, e.g. {path / 'scores.parquet'}")
+    ancestor = next((p for p in path.parents if p.exists()), None)
+    if ancestor is not None and not ancestor.is_dir():
+        raise InputError(f"cannot write {path}: {ancestor} is a file, not a folder")
 
 
 def _write_atomically(table: Any, path: Path) -> None:
@@ -141,7 +156,8 @@ def _read_table(path: Path, writer: str) -> Any:
             table = pq.read_table(file)
             _ = table.column_names  # decoded lazily: UnicodeDecodeError on damaged bytes
         except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ... on bytes that are not Parquet
-            reason = " ".join(f"{type(err).__name__}: {err}".split())
+            reason = re.sub(r"^Could not open Parquet input source '[^']*': ", "", " ".join(str(err).split()))
+            reason = f"{type(err).__name__}: {reason}"
             raise InputError(
                 f"not a Parquet file, or a damaged one ({reason}); give a file written by {writer}, or write it again"
             ) from None
