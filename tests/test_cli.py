@@ -5,6 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 from torch import nn
 from typer.testing import CliRunner
 
@@ -208,3 +210,145 @@ def test_version_and_help():
     help_text = invoke("explain", "--help").stdout
     assert "runs code" in " ".join(help_text.split())
     assert np.all([cmd in invoke("--help").stdout for cmd in ("methods", "describe", "explain", "evaluate", "report")])
+
+
+# ------------------------------------------------------------------ every error: one line, exit 2, --debug
+def test_every_command_turns_errors_into_one_line():
+    commands = app.registered_commands
+    assert len(commands) >= 6 and all(getattr(cmd.callback, "clean_errors", False) for cmd in commands)
+
+
+def scores_file(files):
+    """A valid scores file of the `files` model and data, written (once) by `whatmatters explain`."""
+    f = files[0]
+    path = f / "scores.parquet"
+    if not path.exists():
+        result = invoke("explain", f / "model.joblib", f / "data.csv", "-m", "ablation", "-y", "label", "-o", path)
+        assert result.exit_code == 0, result.output
+    return path
+
+
+def assert_one_error_line(result, message=""):
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and isinstance(result.exception, (SystemExit, type(None)))
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert message in lines[0], lines[0]
+
+
+def test_io_errors_are_one_clean_line(files, tmp_path):
+    folder = files[0]
+    scores = scores_file(files)
+    whole = scores.read_bytes()
+    (tmp_path / "half.parquet").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "out").mkdir()
+    explain = ("explain", folder / "model.joblib", folder / "data.csv", "-m", "ablation", "-y", "label", "-o")
+    evaluate = ("evaluate", folder / "model.joblib", folder / "data.csv", "-y", "label", "-s")
+    cases = [
+        ((*explain, tmp_path / "out"), "out is a folder; give a file name to save to"),
+        ((*explain, folder / "data.csv" / "s.parquet"), "data.csv is a file, not a folder"),
+        (("report", tmp_path / "half.parquet"), "half.parquet: not a Parquet file, or a damaged one"),
+        ((*evaluate, tmp_path / "half.parquet"), "half.parquet: not a Parquet file, or a damaged one"),
+        (("report", folder / "data.csv"), "data.csv: not a Parquet file"),
+        ((*evaluate, folder / "data.csv"), "data.csv: not a Parquet file"),
+        (("report", tmp_path / "out"), "is a folder; give the scores file"),
+        (("report", scores, "-o", tmp_path / "out"), "out: Is a directory (check the path and its permissions)"),
+    ]
+    for args, message in cases:
+        assert_one_error_line(invoke(*args), message)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
+
+
+def test_damaged_metadata_is_one_clean_line(files, tmp_path):
+    import json
+
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(scores_file(files))
+    meta = json.loads(table.schema.metadata[b"whatmatters"])
+    meta.pop("format_version")
+    meta["shape"] = [3, 4]
+    pq.write_table(table.replace_schema_metadata({b"whatmatters": json.dumps(meta).encode()}), tmp_path / "bad.pq")
+    assert_one_error_line(invoke("report", tmp_path / "bad.pq"), "gives shape [3, 4] (12 values) but it holds 126")
+
+
+def test_permission_error_is_one_clean_line(files, tmp_path, monkeypatch):
+    def refuse(self, path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(wm.Importance, "save", refuse)
+    folder, out = files[0], tmp_path / "s.parquet"
+    result = invoke("explain", folder / "model.joblib", folder / "data.csv", "-m", "ablation", "-y", "label", "-o", out)
+    assert_one_error_line(result, f"error: {out}: Permission denied (check the path and its permissions)")
+
+
+def test_internal_errors_are_one_line_and_debug_shows_the_traceback(monkeypatch):
+    import whatmatters.core.registry as registry
+
+    def broken(name):
+        raise ZeroDivisionError("boom\nsecond line")
+
+    monkeypatch.setattr(registry, "describe", broken)
+    result = invoke("describe", "ablation")
+    assert_one_error_line(result, "error: internal error: ZeroDivisionError: boom second line (rerun with --debug")
+    with pytest.raises(ZeroDivisionError, match="boom"):
+        invoke("--debug", "describe", "ablation")
+    debug = runner.invoke(app, ["--debug", "methods", "--unit", "nothing-has-this-unit"])  # whatmatters errors too
+    assert isinstance(debug.exception, wm.InputError) and debug.exit_code == 1 and "error:" not in debug.output
+    assert_one_error_line(invoke("describe", "ablation"), "internal error")  # --debug does not stick
+
+
+# a damaged copy of a valid file, or random bytes
+def damaged(data, original: bytes) -> bytes:
+    if data.draw(st.booleans(), label="random bytes"):
+        return data.draw(st.binary(max_size=300))
+    edited = bytearray(original)
+    for _ in range(data.draw(st.integers(0, 3), label="edits")):
+        edited[data.draw(st.integers(0, len(edited) - 1))] = data.draw(st.integers(0, 255))
+    return bytes(edited[: data.draw(st.integers(0, len(edited)), label="kept bytes")])
+
+
+def bad_arguments(data, folder, work, scores):
+    """Arguments of one bad (or edge-case) command line; the files they name are written to ``work``."""
+    explain = ["explain", folder / "model.joblib", folder / "data.csv", "-m", "ablation", "-y", "label"]
+    kind = data.draw(st.sampled_from(["scores", "data", "method", "param", "rows", "target", "out"]), label="kind")
+    text = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=12)
+    if kind == "scores":
+        (work / "s.parquet").write_bytes(damaged(data, scores.read_bytes()))
+        return [
+            "evaluate",
+            folder / "model.joblib",
+            folder / "data.csv",
+            "-y",
+            "label",
+            "-n",
+            5,
+            "-s",
+            work / "s.parquet",
+        ]
+    if kind == "data":
+        path = work / f"d{data.draw(st.sampled_from(['.csv', '.parquet']))}"
+        original = (folder / f"data{path.suffix}").read_bytes()
+        path.write_bytes(damaged(data, original))
+        return ["explain", folder / "model.joblib", path, "-m", "ablation", "-y", "label", "-o", work / "o.parquet"]
+    if kind == "out":
+        out = data.draw(st.sampled_from([work, folder / "data.csv" / "x.parquet", work / "new" / "x.parquet"]))
+        return [*explain, "-o", out]
+    value = data.draw({"rows": st.integers(-3, 40).map(str)}.get(kind, text), label="value")
+    option = {"method": "--method", "param": "--param", "rows": "--rows", "target": "--target"}[kind]
+    if kind == "method":
+        explain = explain[:3]
+    return [*explain, f"{option}={value}", "-o", work / "o.parquet"]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_random_bad_input_gives_one_error_line_never_a_traceback(files, tmp_path, data):
+    args = bad_arguments(data, files[0], tmp_path, scores_file(files))
+    result = runner.invoke(app, [str(a) for a in args])
+    event(f"{args[0]}: exit {result.exit_code}")
+    assert result.exit_code in (0, 2), result.output
+    assert "Traceback" not in result.output and isinstance(result.exception, (SystemExit, type(None)))
+    if result.exit_code == 2:
+        assert_one_error_line(result)
+        assert "internal error" not in result.stderr, result.stderr

@@ -1,7 +1,8 @@
 """The ``whatmatters`` command line: list and describe methods, explain a saved model, evaluate, report, demo.
 
-Errors of whatmatters (bad input, unknown method, ...) and missing files print one line,
-``error: ...``, on stderr and exit with status 2; no traceback.
+Every error (bad input, unknown method, a missing, unreadable or damaged file, and bugs) prints one
+line, ``error: ...``, on stderr and exits with status 2; ``whatmatters --debug ...`` shows the
+traceback instead, for bug reports.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import ast
 import functools
 import warnings
 from collections.abc import Callable
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,6 +20,10 @@ import typer
 from whatmatters.core.errors import InputError, ModelError, WhatMattersError
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+_DEBUG: ContextVar[bool] = ContextVar("whatmatters_debug", default=False)  # set by `whatmatters --debug`
+# click's usage-error base class (recent typer versions bundle their own copy of click)
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 PICKLE_WARNING = (
     "Security: MODEL files are pickles (joblib / pickle, or a torch .pt file read with "
@@ -43,23 +49,43 @@ def _console(stderr: bool = False):
 
 
 def _clean_errors(fn: F) -> F:
-    """Turn whatmatters errors and missing files into ``error: ...`` on stderr and exit status 2."""
+    """Every error as one ``error: ...`` line on stderr and exit status 2; with ``--debug``, the traceback.
+
+    whatmatters errors print their message, I/O errors the file and the reason, anything else (a bug)
+    ``internal error: <type>: <message>`` with a hint to rerun with ``--debug``.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (WhatMattersError, FileNotFoundError) as err:
+        except (typer.Exit, typer.Abort, _CLICK_ERROR):
+            raise  # exits and usage errors: click reports them itself
+        except Exception as err:
+            if _DEBUG.get():
+                raise
             from rich.markup import escape
 
-            if isinstance(err, FileNotFoundError) and err.filename is not None:
-                message = f"no such file: {err.filename}"
-            else:
-                message = str(err)
-            _console(stderr=True).print(f"[bold red]error:[/bold red] [red]{escape(message)}[/red]", soft_wrap=True)
+            message = escape(" ".join(error_message(err).split()))  # one line, whatever the error holds
+            _console(stderr=True).print(f"[bold red]error:[/bold red] [red]{message}[/red]", soft_wrap=True)
             raise typer.Exit(2) from None
 
+    wrapper.clean_errors = True  # type: ignore[attr-defined]  # tests check that every command has it
     return wrapper  # type: ignore[return-value]
+
+
+def error_message(err: Exception) -> str:
+    """The text after ``error:`` for an exception a command raised."""
+    if isinstance(err, WhatMattersError):
+        return str(err)
+    if isinstance(err, FileNotFoundError) and err.filename is not None:
+        return f"no such file: {err.filename}"
+    if isinstance(err, OSError) and err.strerror:  # PermissionError, IsADirectoryError, disk full, ...
+        where = f"{err.filename}: " if err.filename is not None else ""
+        return f"{where}{err.strerror} (check the path and its permissions)"
+    if isinstance(err, OSError):  # no errno: a library's I/O error, its message names the problem
+        return str(err) or type(err).__name__
+    return f"internal error: {type(err).__name__}: {err} (rerun with --debug to see the traceback for a bug report)"
 
 
 def _version(value: bool) -> None:
@@ -75,8 +101,12 @@ def main(
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
+    debug: bool = typer.Option(
+        False, "--debug", help="On an error, show the full traceback (for bug reports) instead of one line."
+    ),
 ) -> None:
     """Find out what matters in a model and its data."""
+    _DEBUG.set(debug)
 
 
 # ------------------------------------------------------------------ loading

@@ -40,12 +40,20 @@ from whatmatters.compress.calibrate import ActivationStats, Calibration, Gradien
 from whatmatters.compress.linear import is_transposed, select_layers, weight_matrix
 from whatmatters.core.errors import InputError, MethodError, ModelError
 from whatmatters.core.fractions import whole
-from whatmatters.core.importance import Importance, jsonable, read_parquet, write_parquet
+from whatmatters.core.importance import Importance, jsonable
 from whatmatters.core.registry import get_method
 from whatmatters.core.state import preserved
+from whatmatters.core.storage import check_fields, list_column, read_parquet, string_column, write_parquet
 from whatmatters.core.task import check_params
 
 _META_KEY = b"whatmatters.model_importance"
+# the top-level metadata fields of a ModelImportance file and their JSON types, as ModelImportance.load checks them
+_FIELDS: dict[str, tuple[type, ...]] = {
+    "method": (str,),
+    "params": (dict,),
+    "seconds": (int, float, type(None)),
+    "layers": (list,),
+}
 
 # Layer selection by unit for compress scorers that do not score linear weights (filled by the module registering
 # them: ``channels`` for ``unit="channel"``, convolutions included); every other scorer uses ``select_layers``.
@@ -239,12 +247,24 @@ class ModelImportance(Mapping[str, Importance]):
 
     @classmethod
     def load(cls, path: str | Path) -> ModelImportance:
-        """Read a file written by :meth:`save`."""
-        table, meta = read_parquet(path, _META_KEY, "ModelImportance.save")
-        column = table.column("values").combine_chunks()
+        """Read a file written by :meth:`save`; a missing, damaged or foreign file raises :class:`InputError`."""
+        return read_parquet(path, _META_KEY, "ModelImportance.save", cls._decode)
+
+    @classmethod
+    def _decode(cls, table: Any, meta: dict[str, Any]) -> ModelImportance:
+        check_fields(meta, _FIELDS)
+        column = list_column(table, "values")
+        names = string_column(table, "layer")
+        if len(set(names)) != len(names):
+            raise InputError("its 'layer' column names a layer twice")
+        if not len(names) == len(meta["layers"]) == len(column):
+            raise InputError(
+                f"it holds {len(column)} value rows, {len(names)} layer names and metadata of "
+                f"{len(meta['layers'])} layers"
+            )
         layers = {
             name: Importance.from_metadata(m, column[i].values.to_numpy(zero_copy_only=False))
-            for i, (name, m) in enumerate(zip(table.column("layer").to_pylist(), meta["layers"]))
+            for i, (name, m) in enumerate(zip(names, meta["layers"]))
         }
         seconds = math.nan if meta["seconds"] is None else meta["seconds"]
         return cls(layers, method=meta["method"], params=meta["params"], seconds=seconds)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -13,6 +12,7 @@ import torch
 
 from whatmatters._version import __version__
 from whatmatters.core.errors import InputError
+from whatmatters.core.storage import check_fields, list_column, read_parquet, write_parquet
 
 UNITS = (
     "feature",
@@ -30,6 +30,25 @@ UNITS = (
 )
 
 _META_KEY = b"whatmatters"
+_NONE = type(None)
+# the fields of Importance.metadata() and their JSON types, as Importance.load checks them
+_FIELDS: dict[str, tuple[type, ...]] = {
+    "unit": (str,),
+    "names": (list, _NONE),
+    "per_sample": (bool,),
+    "method": (str,),
+    "params": (dict,),
+    "target": (object,),
+    "seed": (int, _NONE),
+    "version": (str,),
+    "seconds": (int, float, _NONE),
+    "extra": (dict,),
+    "shape": (list,),
+    "dtype": (str,),
+}
+# dtypes a saved file may hold, and the NumPy dtypes of the stored values (bfloat16 is stored as float32)
+_DTYPES = ("bool", "uint8", "int8", "int16", "int32", "int64", "float16", "bfloat16", "float32", "float64")
+_STORED = ("bool", "uint8", "int8", "int16", "int32", "int64", "float16", "float32", "float64")
 
 
 def _as_tensor(values: Any) -> torch.Tensor:
@@ -248,22 +267,41 @@ class Importance:
         }
 
     def save(self, path: str | Path) -> Path:
-        """Write a Parquet file: one row per sample, the values as a list column, metadata as JSON."""
+        """Write a Parquet file: one row per sample, the values as a list column, metadata as JSON.
+
+        The write is atomic (a temporary file renamed onto ``path``: a crash never leaves a half-written
+        or clobbered file) and the file holds a format version and a checksum that :meth:`load` checks.
+        """
         import pyarrow as pa
 
-        flat = self._flat().cpu().numpy()
+        flat = self._flat().cpu()
+        if flat.dtype == torch.bfloat16:  # NumPy has no bfloat16: stored as float32 (exact), loaded as bfloat16
+            flat = flat.float()
+        flat = flat.numpy()
         column = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
         return write_parquet(pa.table({"values": column}), _META_KEY, self.metadata(), path)
 
     @classmethod
     def load(cls, path: str | Path) -> Importance:
-        """Read a file written by :meth:`save`; the result equals the saved object exactly."""
-        table, meta = read_parquet(path, _META_KEY, "Importance.save")
-        return cls.from_metadata(meta, table.column("values").combine_chunks().values.to_numpy(zero_copy_only=False))
+        """Read a file written by :meth:`save`; the result equals the saved object exactly.
+
+        A missing, damaged or foreign file raises :class:`InputError` naming the file and the problem.
+        """
+        return read_parquet(path, _META_KEY, "Importance.save", cls._decode)
+
+    @classmethod
+    def _decode(cls, table: Any, meta: dict[str, Any]) -> Importance:
+        return cls.from_metadata(meta, list_column(table, "values").flatten().to_numpy(zero_copy_only=False))
 
     @classmethod
     def from_metadata(cls, meta: dict[str, Any], flat: np.ndarray) -> Importance:
-        """Rebuild an importance from :meth:`metadata` and its flattened values (as :meth:`save` writes them)."""
+        """Rebuild an importance from :meth:`metadata` and its flattened values (as :meth:`save` writes them).
+
+        Raises :class:`InputError` when a field is missing or of the wrong type, or the values do not
+        match the shape and dtype.
+        """
+        _check_metadata(meta)
+        _check_values(meta, flat)
         values = torch.from_numpy(flat.copy()).to(getattr(torch, meta["dtype"])).reshape(meta["shape"])
         return cls(
             values=values,
@@ -301,26 +339,26 @@ class Importance:
         return bar_chart(self, ax=ax, k=k, **kwargs)
 
 
-def write_parquet(table: Any, key: bytes, meta: dict[str, Any], path: str | Path) -> Path:
-    """Write a pyarrow ``table`` to ``path`` with ``meta`` as JSON under the schema metadata ``key``."""
-    import pyarrow.parquet as pq
+def _check_metadata(meta: Any) -> None:
+    """Raise :class:`InputError` unless ``meta`` has the fields of :meth:`Importance.metadata`, validly typed."""
+    if not isinstance(meta, dict):
+        raise InputError("its metadata is not a JSON object")
+    check_fields(meta, _FIELDS)
+    shape, names = meta["shape"], meta["names"]
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+        raise InputError(f"its shape {shape} is not a list of sizes")
+    if meta["dtype"] not in _DTYPES:
+        raise InputError(f"its dtype {meta['dtype']!r} is not one of {', '.join(_DTYPES)}")
+    if names is not None and not all(isinstance(n, str) for n in names):
+        raise InputError("its unit names are not all strings")
 
-    path = Path(path)
-    table = table.replace_schema_metadata({key: json.dumps(meta, allow_nan=True).encode()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path)
-    return path
 
-
-def read_parquet(path: str | Path, key: bytes, writer: str) -> tuple[Any, dict[str, Any]]:
-    """``(table, meta)`` of a file written with :func:`write_parquet`; clear errors for other files."""
-    import pyarrow.parquet as pq
-
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"no file at {path}")
-    table = pq.read_table(path)
-    raw = (table.schema.metadata or {}).get(key)
-    if raw is None:
-        raise InputError(f"{path} is a Parquet file but was not written by {writer}")
-    return table, json.loads(raw)
+def _check_values(meta: dict[str, Any], flat: np.ndarray) -> None:
+    """Raise :class:`InputError` unless ``flat`` holds numbers, as many as ``meta["shape"]`` needs."""
+    if flat.dtype.name not in _STORED:
+        raise InputError(f"its values are {flat.dtype}, not one of {', '.join(_STORED)}")
+    expected = math.prod(meta["shape"])
+    if flat.size != expected:
+        raise InputError(
+            f"its metadata gives shape {meta['shape']} ({expected} values) but it holds {flat.size} values"
+        )
