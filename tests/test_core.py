@@ -109,6 +109,61 @@ def test_preserved_restores_mode_flags_hooks_and_weights():
     existing.remove()
 
 
+def test_guard_reads_versions_and_reuses_one_copy_across_calls():
+    from whatmatters.core import state
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    with preserved(model):
+        pass
+    first = [c for _, _, c in state._SNAPSHOTS[model].values()]
+    with preserved(model):
+        pass
+    assert all(a is b for a, b in zip(first, [c for _, _, c in state._SNAPSHOTS[model].values()]))
+    with torch.no_grad():  # the user trains between calls: the next call copies the new values
+        model[0].weight.add_(1)
+    changed = model[0].weight.detach().clone()
+    with pytest.raises(RuntimeError), preserved(model):
+        with torch.no_grad():
+            model[0].weight.mul_(0)
+        raise RuntimeError("a bug after an in-place write")
+    assert torch.equal(model[0].weight, changed)
+    model.double()  # storage moved without a version bump: the copy is taken again, in the new dtype
+    with preserved(model), torch.no_grad():
+        model[2].bias.zero_()
+    assert model[2].bias.dtype == torch.float64 and bool((model[2].bias != 0).all())
+
+
+def test_a_scorer_that_writes_weights_by_mistake_is_caught_and_restored(monkeypatch):
+    import dataclasses
+
+    from whatmatters.core import registry
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    info = registry.get_method("saliency")
+
+    def careless(task, **params):
+        with torch.no_grad():
+            model[0].weight.mul_(-3)
+        return info.fn(task, **params)
+
+    monkeypatch.setitem(registry.SCORERS.entries, "saliency", dataclasses.replace(info, fn=careless))
+    wm.explain(model, torch.randn(4, 3), "saliency", target=0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_large_models_are_checked_without_copies(monkeypatch):
+    from whatmatters.core import state
+
+    monkeypatch.setattr(state, "WEIGHT_SNAPSHOT_LIMIT", 0)
+    model = nn.Linear(3, 2)
+    with preserved(model):
+        model(torch.randn(2, 3))
+    assert model not in state._SNAPSHOTS
+    with pytest.raises(wm.ModelError, match="changed the model's weights"), preserved(model), torch.no_grad():
+        model.weight.add_(1)
+
+
 def test_capture_and_find_module():
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     with capture(find_module(model, "1"), grads=True) as store:

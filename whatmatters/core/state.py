@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from whatmatters.core.errors import ModelError
 
@@ -23,63 +25,128 @@ _HOOK_DICTS = (
     "_load_state_dict_pre_hooks",
 )
 
-# Snapshots of weights are taken for models up to this many elements (about 200 MB in float32);
-# larger models are checked for in-place changes through tensor version counters instead.
+# Copies of weights are kept for models up to this many parameter elements (about 200 MB in float32), so
+# that a scorer's in-place change can be undone; larger models are only checked, through tensor version
+# counters, and such a change raises ``ModelError``. 0 turns the copies off.
 WEIGHT_SNAPSHOT_LIMIT = 50_000_000
+
+# Per model: parameter id -> (weak reference, (version, data pointer), copy). A copy is taken once and
+# reused by later calls while the parameter's version counter and storage are unchanged (``p.data = t``
+# and ``module.double()`` keep the version but move the storage), so a call costs O(number of tensors)
+# integer reads; the copies go with the model (weak keys). Writes through ``p.data`` bump no counter:
+# whatmatters never writes weights that way.
+_SNAPSHOTS: weakref.WeakKeyDictionary[nn.Module, dict[int, tuple[Any, tuple[int, int], torch.Tensor]]]
+_SNAPSHOTS = weakref.WeakKeyDictionary()
+
+
+def _stamp(p: torch.Tensor) -> tuple[int, int]:
+    return p._version, p.data_ptr()
+
+
+def weight_copies(module: nn.Module, params: list[nn.Parameter]) -> list[torch.Tensor]:
+    """Copies of ``params`` at their current values, reused across calls while their versions are unchanged."""
+    cached = _SNAPSHOTS.get(module, {})
+    fresh = {}
+    for p in params:
+        hit = cached.get(id(p))
+        if hit is None or hit[0]() is not p or hit[1] != _stamp(p):
+            hit = (weakref.ref(p), _stamp(p), p.detach().clone())
+        fresh[id(p)] = hit
+    _SNAPSHOTS[module] = fresh
+    return [fresh[id(p)][2] for p in params]
 
 
 @contextmanager
 def preserved(module: nn.Module, *, weights: bool | None = None) -> Iterator[nn.Module]:
-    """Restore train/eval mode, ``requires_grad`` flags, hooks and (small models) weights on exit.
+    """Restore train/eval mode, ``requires_grad`` flags, gradients, hooks, buffers and weights on exit.
 
-    Hooks added inside the block are removed; hooks that were there before stay; gradients that
-    existed keep their values. Buffers are always snapshotted; with ``weights=None`` parameters
-    are snapshotted when the model has at most ``WEIGHT_SNAPSHOT_LIMIT`` elements; otherwise an
-    in-place change of a parameter raises ``ModelError``.
+    Hooks added inside the block are removed; hooks that were there before stay; gradients that existed
+    keep their values. Parameters are checked through their version counters (no copy, no comparison);
+    a changed one is restored from :func:`weight_copies` (``weights=None``: models up to
+    ``WEIGHT_SNAPSHOT_LIMIT`` elements; ``True``: always) or else raises ``ModelError``. Buffers are
+    always copied: some kernels update them without bumping their version (BatchNorm's running statistics).
     """
-    modules = list(module.modules())
+    modules, params, buffers = _walk(module)
     modes = [m.training for m in modules]
-    tensors = [*module.parameters(), *module.buffers()]
-    grad_flags = [p.requires_grad for p in module.parameters()]
-    grads = [p.grad for p in module.parameters()]
+    grad_flags = [p.requires_grad for p in params]
+    grads = [p.grad for p in params]
     # backward() accumulates into an existing .grad in place: keep its values to put back
-    grad_copies = [None if g is None else g.detach().clone() for g in grads]
-    grad_versions = [None if g is None else g._version for g in grads]
-    hooks = [{name: dict(getattr(m, name, {})) for name in _HOOK_DICTS} for m in modules]
+    grad_copies = [None if g is None else (g._version, g.detach().clone()) for g in grads]
+    # hook handles take increasing ids, so the hooks added inside the block are those from here on;
+    # a torch release without the counter falls back to listing every module's hooks
+    first_new = getattr(RemovableHandle, "next_id", None)
+    hooks = [_hook_keys(m) for m in modules] if first_new is None else None
     if weights is None:
-        weights = sum(t.numel() for t in tensors) <= WEIGHT_SNAPSHOT_LIMIT
-    # buffers are always copied: some kernels update them in place without bumping their version
-    # counter (BatchNorm's running statistics in a train-mode forward pass)
-    n_params = len(grads)
-    snapshot = [t.detach().clone() if weights or i >= n_params else None for i, t in enumerate(tensors)]
-    versions = [t._version for t in tensors]
+        weights = sum(p.numel() for p in params) <= WEIGHT_SNAPSHOT_LIMIT
+    copies = weight_copies(module, params) if weights else None
+    stamps = [_stamp(p) for p in params]
+    buffer_copies = [b.detach().clone() for b in buffers]
     try:
         yield module
     finally:
         for m, training in zip(modules, modes):
-            m.training = training
-        for p, flag, grad, copy, version in zip(module.parameters(), grad_flags, grads, grad_copies, grad_versions):
-            p.requires_grad_(flag)
-            p.grad = grad
-            if grad is not None and grad._version != version:
+            if m.training != training:
+                m.training = training
+        for p, flag, grad, saved in zip(params, grad_flags, grads, grad_copies):
+            if p.requires_grad != flag:
+                p.requires_grad_(flag)
+            if p.grad is not grad:
+                p.grad = grad
+            if saved is not None and grad._version != saved[0]:
                 with torch.no_grad():
-                    grad.copy_(copy)
-        for m, before in zip(modules, hooks):
-            for name, kept in before.items():
-                current = getattr(m, name, None)
-                if current is None:
-                    continue
-                for key in [k for k in current if k not in kept]:
-                    del current[key]
-        lost = False
+                    grad.copy_(saved[1])
+        if first_new is None or RemovableHandle.next_id != first_new:  # else no hook was added
+            for i, m in enumerate(modules):
+                _remove_new_hooks(m, first_new, hooks[i] if hooks is not None else {})
+        changed = [i for i, (p, stamp) in enumerate(zip(params, stamps)) if _stamp(p) != stamp]
         with torch.no_grad():
-            for t, saved, version in zip(tensors, snapshot, versions):
-                if saved is not None and (t._version != version or not torch.equal(t, saved)):
-                    t.copy_(saved)
-                elif saved is None and t._version != version:
-                    lost = True
-        if lost:
+            for b, saved in zip(buffers, buffer_copies):
+                if not torch.equal(b, saved):
+                    b.copy_(saved)
+            if copies is not None:
+                for i in changed:
+                    params[i].copy_(copies[i])
+                    _SNAPSHOTS[module][id(params[i])] = (weakref.ref(params[i]), _stamp(params[i]), copies[i])
+        if changed and copies is None:
             raise ModelError("a scorer changed the model's weights in place; this is a bug in whatmatters")
+
+
+def _walk(module: nn.Module) -> tuple[list[nn.Module], list[nn.Parameter], list[torch.Tensor]]:
+    """Modules, parameters and buffers (each once, in ``module.modules()`` order) in one traversal."""
+    modules = list(module.modules())
+    seen: set[int] = set()
+    params, buffers = [], []
+    for m in modules:
+        for group, out in ((m._parameters, params), (m._buffers, buffers)):
+            for t in group.values():
+                if t is not None and id(t) not in seen:
+                    seen.add(id(t))
+                    out.append(t)
+    return modules, params, buffers
+
+
+def _hook_keys(m: nn.Module) -> dict[str, set]:
+    """The keys of the module's non-empty hook dictionaries."""
+    found = {}
+    for name in _HOOK_DICTS:
+        hooks = m.__dict__.get(name)
+        if hooks:
+            found[name] = set(hooks)
+    return found
+
+
+def _remove_new_hooks(m: nn.Module, first_new: int | None, before: dict[str, set]) -> None:
+    """Remove the hooks with handle ids from ``first_new`` on, or (no id counter) those not in ``before``."""
+    for name in _HOOK_DICTS:
+        hooks = m.__dict__.get(name)
+        if hooks:
+            new = (
+                [k for k in hooks if k >= first_new]
+                if first_new is not None
+                else hooks.keys() - before.get(name, set())
+            )
+            for key in new:
+                del hooks[key]
 
 
 class Tally:
