@@ -127,3 +127,12 @@ def test_cache_kwargs_follow_the_forward_signature():
     assert name in inspect.signature(model.forward).parameters
     with pytest.raises(ModelError, match="neither cache= nor past_key_values="):
         hf.cache_kwargs(torch.nn.Linear(2, 2), None)
+
+
+def test_torch_hook_handles_still_count_ids():
+    """core.state finds the hooks added inside a preserved block by handle id (a fallback exists; keep it fast)."""
+    from torch.utils.hooks import RemovableHandle
+
+    start = RemovableHandle.next_id
+    handle = torch.nn.Linear(2, 2).register_forward_hook(lambda *a: None)
+    assert handle.id == start and RemovableHandle.next_id == start + 1
