@@ -43,6 +43,15 @@ def _stamp(p: torch.Tensor) -> tuple[int, int]:
     return p._version, p.data_ptr()
 
 
+def fingerprint(module: nn.Module) -> tuple[tuple[int, int], ...]:
+    """Version counter and storage of every parameter and buffer: equal fingerprints, unchanged tensors.
+
+    O(number of tensors). BatchNorm's running statistics change without a version bump in a train-mode
+    forward, but its ``num_batches_tracked`` counter bumps; writes through ``.data`` are not seen.
+    """
+    return tuple(_stamp(t) for t in (*module.parameters(), *module.buffers()))
+
+
 def weight_copies(module: nn.Module, params: list[nn.Parameter]) -> list[torch.Tensor]:
     """Copies of ``params`` at their current values, reused across calls while their versions are unchanged."""
     cached = _SNAPSHOTS.get(module, {})

@@ -117,7 +117,10 @@ def as_indices(target: Any, error: type[WhatMattersError] = TargetError) -> torc
     Raises ``error`` for booleans, complex numbers, non-integral or non-finite floats (Python floats are
     checked in float64, so ``1e-300`` is not rounded to 0) and values that overflow int64.
     """
-    message = f"target must be an int index or one int per sample, got {target!r}"
+
+    def refused() -> WhatMattersError:  # built only on error: a tensor's repr costs more than the check
+        return error(f"target must be an int index or one int per sample, got {target!r}")
+
     try:
         if isinstance(target, torch.Tensor):
             t = target.detach().cpu()
@@ -126,9 +129,9 @@ def as_indices(target: Any, error: type[WhatMattersError] = TargetError) -> torc
             if t.is_floating_point():
                 t = torch.as_tensor(target, dtype=torch.float64)
     except (TypeError, ValueError, RuntimeError, OverflowError):
-        raise error(message) from None
+        raise refused() from None
     if t.dtype == torch.bool or t.is_complex():
-        raise error(message)
+        raise refused()
     if t.is_floating_point() and not bool((t == t.round()).all() and t.isfinite().all() and (t.abs() < 2**63).all()):
         raise error(f"target must be indices (integers), got {target!r}")
     return t.to(torch.long)

@@ -15,9 +15,8 @@ from typing import Any
 
 import torch
 
-from whatmatters.core.adapters import row_slices
 from whatmatters.core.registry import scorer
-from whatmatters.core.task import Task, progress_bar
+from whatmatters.core.task import Task
 from whatmatters.explain._lrp import (
     COMPOSITES,
     RULES,
@@ -40,15 +39,10 @@ from whatmatters.explain._lrp.lm import layer_relevance as lm_layer_relevance
 
 def _run(task: Task, composite: str, canonize: bool, params: dict[str, Any]) -> tuple[torch.Tensor, dict]:
     model = task.torch_model
-    size = task.batch_size or 64
-    chunks = row_slices(task.n, size)
-    out = []
-    for s in progress_bar(chunks, len(chunks), f"lrp {composite}", task.progress):
-        rel, _ = lrp(
-            model.module, model.to_model(task.inputs[s]), task.target[s], composite, canonize=canonize, **params
-        )
-        out.append(rel.sum(1) if rel.ndim == 4 else rel)
-    values = torch.cat(out)
+    size = task.batch_size or task.rows_per_call()
+    rel, _ = lrp(model.module, model.to_model(task.inputs), task.target, composite, canonize=canonize,
+                 batch_size=size, **params)  # fmt: skip
+    values = rel.sum(1) if rel.ndim == 4 else rel
     total = values.flatten(1).sum(1)
     return values, {"relevance_sum": total.tolist()}
 

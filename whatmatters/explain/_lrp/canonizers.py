@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import copy
 import itertools
+import weakref
 
 import torch
 from torch import nn
 
+from whatmatters.core.state import fingerprint
 from whatmatters.explain._lrp.composites import BATCHNORM, CONV, LINEAR
+
+# model -> (its fingerprint, the BatchNorm-merged copy): reused while the model's tensors are unchanged
+_CANONIZED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, nn.Module]] = weakref.WeakKeyDictionary()
 
 
 def _merge(layer: nn.Module, bn: nn.Module) -> None:
@@ -27,6 +32,24 @@ def _merge(layer: nn.Module, bn: nn.Module) -> None:
         layer.bias = nn.Parameter((bias * scale + shift).to(w.dtype), requires_grad=w.requires_grad)
 
 
+def _mergeable(model: nn.Module) -> list[tuple[nn.Sequential, str, str]]:
+    """``(sequential, layer key, batchnorm key)`` of every BatchNorm that directly follows a Conv/Linear."""
+    found = []
+    for seq in model.modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        for a, b in itertools.pairwise(list(seq._modules)):
+            layer, bn = seq._modules[a], seq._modules[b]
+            if (
+                isinstance(layer, CONV + LINEAR)
+                and isinstance(bn, BATCHNORM)
+                and bn.running_mean is not None
+                and bn.num_features == layer.weight.shape[0]
+            ):
+                found.append((seq, a, b))
+    return found
+
+
 def merge_batchnorm(model: nn.Module) -> tuple[nn.Module, list[str]]:
     """A deep copy of ``model`` with every BatchNorm that directly follows a Conv/Linear inside an
     ``nn.Sequential`` folded into that layer (and replaced by ``nn.Identity``). The model is not changed.
@@ -35,20 +58,23 @@ def merge_batchnorm(model: nn.Module) -> tuple[nn.Module, list[str]]:
     Conv/Linear in the same Sequential, or without running statistics) stay and get the pass rule.
     """
     out = copy.deepcopy(model)
+    names = {id(m): n for n, m in out.named_modules()}
     merged = []
-    for name, seq in out.named_modules():
-        if not isinstance(seq, nn.Sequential):
-            continue
-        keys = list(seq._modules)
-        for a, b in itertools.pairwise(keys):
-            layer, bn = seq._modules[a], seq._modules[b]
-            if (
-                isinstance(layer, CONV + LINEAR)
-                and isinstance(bn, BATCHNORM)
-                and bn.running_mean is not None
-                and bn.num_features == layer.weight.shape[0]
-            ):
-                _merge(layer, bn)
-                seq._modules[b] = nn.Identity()
-                merged.append(f"{name}.{b}" if name else b)
+    for seq, a, b in _mergeable(out):
+        _merge(seq._modules[a], seq._modules[b])
+        seq._modules[b] = nn.Identity()
+        merged.append(f"{names[id(seq)]}.{b}" if names[id(seq)] else b)
     return out, merged
+
+
+def canonized(model: nn.Module) -> nn.Module:
+    """``model`` itself when it has no BatchNorm to merge, else its merged copy (:func:`merge_batchnorm`),
+    made once and reused while the model's parameters and buffers are unchanged (version counters)."""
+    if not _mergeable(model):
+        return model
+    stamp = fingerprint(model)
+    hit = _CANONIZED.get(model)
+    if hit is None or hit[0] != stamp:
+        hit = (stamp, merge_batchnorm(model)[0])
+        _CANONIZED[model] = hit
+    return hit[1]

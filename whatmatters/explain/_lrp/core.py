@@ -12,7 +12,7 @@ from torch import nn
 from whatmatters.core.errors import InputError, MethodError, ModelError
 from whatmatters.core.state import hooks, preserved
 from whatmatters.core.task import as_indices
-from whatmatters.explain._lrp.canonizers import merge_batchnorm
+from whatmatters.explain._lrp.canonizers import canonized
 from whatmatters.explain._lrp.composites import Composite, get_composite
 from whatmatters.explain._lrp.rules import RULES, Rule, stabilize
 
@@ -86,14 +86,15 @@ def prepare(
     rules: dict[str, str | Rule] | None = None,
     **params: Any,
 ) -> tuple[nn.Module, Composite]:
-    """The model to hook (a BatchNorm-merged copy when ``canonize``) and the composite with name rules added."""
+    """The model to hook (a BatchNorm-merged copy when ``canonize`` and there is one to merge; cached) and
+    the composite with name rules added."""
     comp = get_composite(composite, **params)
     if rules:
         comp = Composite(
             comp.layer_map, comp.first_map, {**comp.name_map, **{k: _as_rule(v) for k, v in rules.items()}}
         )
     if canonize:
-        model, _ = merge_batchnorm(model)
+        model = canonized(model)
     return model, comp
 
 
@@ -106,16 +107,13 @@ def _logits(out: Any) -> Tensor:
     return logits
 
 
-def _target_rows(target: Any, n: int, logits: Tensor) -> Tensor:
-    if target is None:
-        return logits.detach().argmax(1)
-    t = as_indices(target, InputError).reshape(-1).to(logits.device)
+def _target_rows(target: Any, n: int) -> Tensor:
+    """``target`` as ``n`` non-negative class indices (the upper bound is checked against the logits)."""
+    t = as_indices(target, InputError).reshape(-1)
     if t.numel() == 1:
         t = t.expand(n)
-    if t.numel() != n or t.min() < 0 or t.max() >= logits.shape[1]:
-        raise InputError(
-            f"target must be one class index (or one per sample) in [0, {logits.shape[1]}); got {target!r}"
-        )
+    if t.numel() != n or (n and int(t.min()) < 0):
+        raise InputError(f"target must be one class index (or one per sample), non-negative; got {target!r}")
     return t
 
 
@@ -129,6 +127,7 @@ def lrp(
     rules: dict[str, str | Rule] | None = None,
     layers: Sequence[str] | None = None,
     softmax_functions: bool = False,
+    batch_size: int | None = None,
     **params: Any,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Relevance of every input value for the target logit, shaped like ``inputs``.
@@ -139,11 +138,15 @@ def lrp(
     never changed: hooks go on a BatchNorm-merged copy (``canonize``) or, without canonizing, on the
     model itself inside :func:`whatmatters.core.state.preserved`. ``softmax_functions`` also treats
     calls of ``torch.softmax`` / ``F.softmax`` as constants (attention written without a Softmax module).
+    ``batch_size``: rows per modified backward pass (default: all); the model is prepared once.
     """
     work, comp = prepare(model, composite, canonize=canonize, rules=rules, **params)
     device = next((p.device for p in work.parameters()), inputs.device)
+    targets = _target_rows(target, len(inputs)) if target is not None else None
+    size = batch_size or max(len(inputs), 1)
     state: dict = {}
     captured: dict[str, Tensor] = {}
+    rels, layer_rels = [], []
     with ExitStack() as stack:
         stack.enter_context(preserved(model))
         if work is not model:
@@ -157,21 +160,35 @@ def lrp(
         stack.enter_context(attached(work, comp, state))
         if layers:
             stack.enter_context(_capture(work, layers, captured))
-        x = inputs.detach().to(device).clone().requires_grad_(True)
-        state["input"] = x
-        logits = _logits(work(x))
-        if logits.ndim != 2:
-            raise ModelError(f"LRP needs outputs of shape (n, classes); the model returned {tuple(logits.shape)}")
-        rows = _target_rows(target, len(x), logits)
-        onehot = torch.zeros_like(logits).scatter_(1, rows.unsqueeze(1), 1.0)
-        if not logits.requires_grad:
-            raise ModelError("the model's output does not depend differentiably on its input, so LRP cannot run")
-        (grad,) = torch.autograd.grad(logits, x, onehot, allow_unused=True)
-        rel = x.detach() * (grad if grad is not None else 0)
-        for direct in state.get("direct", []):
-            rel = rel + direct
-        layer_rel = {name: t.detach() for name, t in captured.items()}
-    return rel.detach(), layer_rel
+        for start in range(0, len(inputs), size):
+            rows = slice(start, start + size)
+            state.pop("direct", None)
+            captured.clear()
+            x = inputs[rows].detach().to(device).clone().requires_grad_(True)
+            state["input"] = x
+            rel = _relevance(work(x), x, None if targets is None else targets[rows], state)
+            rels.append(rel)
+            layer_rels.append({name: t.detach() for name, t in captured.items()})
+    layer_rel = {name: torch.cat([d[name] for d in layer_rels]) for name in layer_rels[0]} if layer_rels else {}
+    return torch.cat(rels), layer_rel
+
+
+def _relevance(out: Any, x: Tensor, target: Tensor | None, state: dict) -> Tensor:
+    """One modified backward pass: ``x * d logit[target] / dx`` plus the rules' direct input terms."""
+    logits = _logits(out)
+    if logits.ndim != 2:
+        raise ModelError(f"LRP needs outputs of shape (n, classes); the model returned {tuple(logits.shape)}")
+    rows = logits.detach().argmax(1) if target is None else target.to(logits.device)
+    if target is not None and int(rows.max()) >= logits.shape[1]:
+        raise InputError(f"target must be a class index in [0, {logits.shape[1]}); got {int(rows.max())}")
+    onehot = torch.zeros_like(logits).scatter_(1, rows.unsqueeze(1), 1.0)
+    if not logits.requires_grad:
+        raise ModelError("the model's output does not depend differentiably on its input, so LRP cannot run")
+    (grad,) = torch.autograd.grad(logits, x, onehot, allow_unused=True)
+    rel = x.detach() * (grad if grad is not None else 0)
+    for direct in state.get("direct", []):
+        rel = rel + direct
+    return rel.detach()
 
 
 @contextmanager

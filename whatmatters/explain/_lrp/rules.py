@@ -29,7 +29,7 @@ Tensor = torch.Tensor
 
 def stabilize(z: Tensor, eps: float) -> Tensor:
     """``z + eps * sign(z)``, with sign(0) taken as +1 (so the result is never 0 for eps > 0)."""
-    return z + eps * torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
+    return torch.where(z >= 0, z + eps, z - eps)
 
 
 def _affine(module: nn.Module) -> Callable[[Tensor, Tensor, Tensor | None], Tensor]:
@@ -113,7 +113,8 @@ class Epsilon(Rule):
 
     def backward(self, module: nn.Module, x: Tensor, z: Tensor, g: Tensor) -> Tensor:
         w, _ = _params(module)
-        return _lin_t(module, w, x, z * g / stabilize(z, self.epsilon))
+        share = stabilize(z, self.epsilon)
+        return _lin_t(module, w, x, torch.div(z, share, out=share).mul_(g))
 
 
 @dataclass
