@@ -14,6 +14,7 @@ from torch import nn
 
 from whatmatters.core.adapters import Model, TorchModel, row_slices, to_tensor, wrap
 from whatmatters.core.errors import InputError, MethodError, ModelError, TargetError, WhatMattersError
+from whatmatters.core.params import check_params  # noqa: F401  (re-exported: older imports read it from here)
 from whatmatters.core.state import preserved, require_eval
 
 T = TypeVar("T")
@@ -186,12 +187,6 @@ def check_units(inputs: torch.Tensor, method: tuple[str, Sequence[str]] | None) 
     if method is not None and unit not in method[1]:
         name, units = method
         raise MethodError(f"{name} scores {', '.join(units)}, not {unit}s (data of shape {tuple(inputs.shape)})")
-
-
-def check_params(method_name: str, given: dict[str, Any], accepted: Sequence[str]) -> None:
-    unknown = sorted(set(given) - set(accepted))
-    if unknown:
-        raise MethodError(f"{method_name} got unknown parameter(s) {unknown}; it accepts {sorted(accepted) or 'none'}")
 
 
 def torch_module(model: Any) -> nn.Module | None:
