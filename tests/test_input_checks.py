@@ -8,6 +8,7 @@ import json
 import math
 import re
 
+import joblib
 import numpy as np
 import pandas as pd
 import pytest
@@ -16,8 +17,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_bad_input import assert_same, snapshot
 from torch import nn
+from typer.testing import CliRunner
 
 import whatmatters as wm
+from whatmatters.cli import app
 from whatmatters.core.params import count_non_finite
 from whatmatters.core.registry import get_method
 
@@ -48,6 +51,100 @@ def frame_and_model(pipeline: bool = False):
 def top_name(imp: wm.Importance) -> str:
     agg = imp.aggregate("mean_abs") if imp.per_sample else imp
     return agg.top(1)[0][0]
+
+
+# ----------------------------------------------------------------------------- feature names follow the model
+@pytest.mark.parametrize("pipeline", [False, True], ids=["estimator", "pipeline"])
+@pytest.mark.parametrize("method", ["permutation", "kernel_shap", "shapley_exact", "ablation"])
+def test_reordered_columns_are_explained_under_the_right_names(method, pipeline):
+    x, y, model = frame_and_model(pipeline)
+    kwargs = {"y": y[:20]} if method == "permutation" else {}
+    imp = wm.explain(model, x[REORDERED].iloc[:20], method, **kwargs)
+    assert imp.names == tuple(COLUMNS) and top_name(imp) == "a"
+    same = wm.explain(model, x.iloc[:20], method, **kwargs)  # the frame in the model's own order
+    np.testing.assert_allclose(imp.numpy(), same.numpy())
+
+
+def test_reordered_background_frame_is_aligned_too():
+    x, _, model = frame_and_model()
+    data, background = x.iloc[:10], x.iloc[40:60]
+    expected = wm.explain(model, data, "kernel_shap", background=background)
+    for bg in (background[REORDERED], background[["b", "a", "c"]]):
+        imp = wm.explain(model, data[REORDERED], "kernel_shap", background=bg)
+        np.testing.assert_allclose(imp.numpy(), expected.numpy())
+    # an array background has the data's layout: its columns move with the data's
+    imp = wm.explain(model, data[REORDERED], "ablation", background=background[REORDERED].to_numpy())
+    np.testing.assert_allclose(imp.numpy(), wm.explain(model, data, "ablation", background=background).numpy())
+
+
+def test_unnamed_data_is_read_by_position_under_the_model_names():
+    x, _, model = frame_and_model()
+    imp = wm.explain(model, x.to_numpy()[:5], "ablation")
+    assert imp.names == tuple(COLUMNS)
+    np.testing.assert_allclose(imp.numpy(), wm.explain(model, x.iloc[:5], "ablation").numpy())
+
+
+def test_benchmark_and_metrics_align_the_columns():
+    x, y, model = frame_and_model()
+    methods = ["ablation", "permutation", "kernel_shap"]
+    result = wm.benchmark(model, x[REORDERED].iloc[:15], methods, metrics=["deletion_auc"], y=y[:15], seed=0)
+    expected = wm.benchmark(model, x.iloc[:15], methods, metrics=["deletion_auc"], y=y[:15], seed=0)
+    assert not result.errors
+    for method in methods:
+        imp = result.importances[method]
+        assert imp.names == tuple(COLUMNS) and top_name(imp) == "a"
+        np.testing.assert_allclose(imp.numpy(), expected.importances[method].numpy())
+    np.testing.assert_allclose(result.table["deletion_auc"], expected.table["deletion_auc"])
+    imp = expected.importances["ablation"]
+    score = wm.evaluate.measure(model, x[REORDERED].iloc[:15], imp, "deletion_auc")
+    assert score.value == pytest.approx(wm.evaluate.measure(model, x.iloc[:15], imp, "deletion_auc").value)
+
+
+@pytest.mark.parametrize(
+    ("columns", "words"),
+    [
+        (["a", "b"], ("data has 2 columns", "fitted on 3", "missing ['c']")),
+        (["x", "b", "c"], ("missing ['a']", "unknown ['x']", "matched by name")),
+        (["a", "b", "c", "d"], ("data has 4 columns", "unknown ['d']")),
+        (["a", "a", "b"], ("missing ['c']", "repeated ['a']")),
+    ],
+    ids=["missing", "renamed", "extra", "repeated"],
+)
+def test_missing_unknown_or_repeated_columns_are_named(columns, words):
+    x, _, model = frame_and_model()
+    frame = pd.DataFrame(np.ones((3, len(columns))), columns=columns)
+    with raises(wm.InputError, *words):
+        wm.explain(model, frame, "ablation")
+    with raises(wm.InputError, "background", *words[1:]):
+        wm.explain(model, x.iloc[:3], "ablation", background=frame)
+
+
+def test_feature_names_argument_names_the_data_columns():
+    x, _, model = frame_and_model()
+    imp = wm.explain(model, x[REORDERED].to_numpy()[:5], "ablation", feature_names=REORDERED)
+    assert imp.names == tuple(COLUMNS) and top_name(imp) == "a"
+    with raises(wm.InputError, "unknown ['q']"):
+        wm.explain(model, x.to_numpy()[:5], "ablation", feature_names=["q", "b", "c"])
+
+
+def test_cli_explain_aligns_a_reordered_csv(tmp_path):
+    x, y, model = frame_and_model()
+    joblib.dump(model, tmp_path / "model.joblib")
+    rows = x[REORDERED].assign(label=y).iloc[:12]
+    rows.to_csv(tmp_path / "data.csv", index=False)
+    out = tmp_path / "scores.parquet"
+    args = ["explain", tmp_path / "model.joblib", tmp_path / "data.csv", "-m", "ablation", "-y", "label", "-o", out]
+    result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    saved = wm.Importance.load(out)
+    assert saved.names == tuple(COLUMNS) and top_name(saved) == "a"
+    np.testing.assert_allclose(saved.numpy(), wm.explain(model, x.iloc[:12], "ablation").numpy())
+    rows.rename(columns={"a": "alpha"}).to_csv(tmp_path / "renamed.csv", index=False)
+    args[2] = tmp_path / "renamed.csv"
+    result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 2 and result.stderr.startswith("error: ")
+    assert "missing ['a']" in result.stderr and "unknown ['alpha']" in result.stderr
+    assert "Traceback" not in result.output
 
 
 # ----------------------------------------------------------------------------- parameters

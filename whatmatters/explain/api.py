@@ -32,13 +32,16 @@ def explain(
     Args:
         model: a torch ``nn.Module``, a scikit-learn estimator, or a callable on arrays.
         data: samples to explain, shape ``(n, features)`` or ``(n, C, H, W)``; a pandas
-            DataFrame's columns become the unit names. A :class:`~whatmatters.core.task.Task` from
-            ``make_task`` is used as it is (its data, background, labels and target).
+            DataFrame's columns become the unit names (matched by name, in any order, to the features
+            of a model that knows them, e.g. scikit-learn's ``feature_names_in_``). A
+            :class:`~whatmatters.core.task.Task` from ``make_task`` is used as it is (its data,
+            background, labels and target).
         method: a name from ``whatmatters.methods()``.
         target: output index to explain (int or one per sample); default: the predicted class
             (or the only output of a regressor).
         y: true labels, for methods that score against them (permutation importance).
         background: reference samples for baselines / maskers (default: ``data`` itself).
+        feature_names: names of the data's columns (default: a DataFrame's columns).
         seed: seed of every random draw, for reproducible results.
         batch_size: rows per model call (memory bound).
         progress: show progress bars (default: on a terminal, for long work).
