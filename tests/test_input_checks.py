@@ -236,6 +236,46 @@ def test_numpy_scalars_for_a_scikit_learn_model_and_the_benchmark():
     assert not result.errors
 
 
+# ----------------------------------------------------------------------------- model outputs
+def nan_for_negative_first_column(array):
+    out = np.asarray(array, dtype=np.float64)
+    return np.stack([np.where(out[:, 0] < 0, np.nan, out.sum(1)), np.zeros(len(out))], axis=1)
+
+
+def test_non_finite_outputs_name_how_many_rows():
+    data = np.array([[1.0, 0, 0], [-1, 0, 0], [2, 0, 0], [-3, 0, 0], [4, 0, 0]])
+    with raises(wm.ModelError, "NaN or infinite outputs for 2 of 5 samples", "rows 1, 3"):
+        wm.explain(nan_for_negative_first_column, data, "ablation")  # predicted target: all rows seen
+    with raises(wm.ModelError, "for 2 of 5 samples"):
+        wm.explain(nan_for_negative_first_column, data[[1, 0, 2, 3, 4]], "kernel_shap", target=0)  # probe row fails
+
+
+class Infinite(nn.Module):
+    def forward(self, x):
+        return torch.stack([x.sum(1) / (x[:, 0] > 0), x.sum(1)], dim=1)  # inf where x[:, 0] <= 0
+
+
+def test_non_finite_outputs_of_a_torch_model_and_the_model_is_left_as_it_was():
+    model = Infinite().eval()
+    data = torch.tensor([[-1.0, 2.0], [1.0, 1.0], [0.0, 3.0]])
+    for method in ("saliency", "integrated_gradients", "ablation"):
+        with raises(wm.ModelError, "for 2 of 3 samples", "rows 0, 2"):
+            wm.explain(model, data, method, target=1)
+    assert model.training is False
+
+
+def test_the_output_check_adds_no_model_call():
+    calls = []
+
+    def counted(array):
+        calls.append(len(array))
+        return nan_for_negative_first_column(np.abs(array))
+
+    wm.explain(counted, X4.numpy(), "ablation")
+    assert calls[:2] == [1, 5]  # the probe row, then the predicted target; then the method's own calls
+    assert len(calls) == 3
+
+
 # ----------------------------------------------------------------------------- property test
 FUZZ_METHODS = tuple(
     m for m in wm.methods(unit="feature", verb="explain") if get_method(m).needs != "fit" and get_method(m).defaults

@@ -142,7 +142,9 @@ def resolve_target(target: Any, model: Model, inputs: torch.Tensor, *, n_outputs
     if target is None:
         if n_out == 1:
             return torch.zeros(n, dtype=torch.long)
-        return model.predict(inputs).argmax(1).cpu()
+        outputs = model.predict(inputs)
+        check_outputs(outputs)
+        return outputs.argmax(1).cpu()
     tgt = as_indices(target)
     if tgt.ndim == 0:
         tgt = tgt.expand(n).clone()
@@ -154,12 +156,33 @@ def resolve_target(target: Any, model: Model, inputs: torch.Tensor, *, n_outputs
     return tgt
 
 
+def check_outputs(outputs: torch.Tensor) -> None:
+    """Model outputs of the samples, one row each, must be finite: else ``ModelError`` naming how many rows are not."""
+    bad = ~torch.isfinite(outputs).reshape(len(outputs), -1).all(1)
+    if not bool(bad.any()):
+        return
+    rows = bad.nonzero().flatten().tolist()
+    shown = ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")
+    raise ModelError(
+        f"the model returned NaN or infinite outputs for {len(rows)} of {len(outputs)} samples (rows {shown}); "
+        "no importance can be computed from them. Check the model on those rows (a log or division by zero, "
+        "an overflow, missing values it cannot handle) or leave the rows out"
+    )
+
+
 def probe(model: Model, inputs: torch.Tensor) -> int:
-    """Number of model outputs, from one row; a failure becomes an error that names the input shape."""
+    """Number of model outputs, from one row; a failure becomes an error that names the input shape.
+
+    The row's outputs must be finite; when they are not, the samples are predicted to name how many fail.
+    """
     expected = getattr(getattr(model, "estimator", None), "n_features_in_", None)
     if expected is not None and inputs.ndim == 2 and inputs.shape[1] != expected:
         raise InputError(f"data has {inputs.shape[1]} columns but the model was fitted on {expected} features")
     try:
+        first = model.probe(inputs)
+        if first is not None and not bool(torch.isfinite(first).all()):
+            check_outputs(model.predict(inputs))  # only on the way to an error: count the rows that fail
+            check_outputs(first)  # a model that is not deterministic: the probe row alone
         return model.n_outputs(inputs)
     except (InputError, ModelError, TargetError):
         raise
@@ -295,7 +318,8 @@ def make_task(
     ``(name, units)``, refuses data of units the method does not score before the model is called.
 
     A model that knows its feature names gets its columns by name (:func:`align_columns`): the task's
-    inputs and names are in the model's order.
+    inputs and names are in the model's order. The outputs of the model calls made here (the probe row,
+    the prediction of the target) must be finite (:func:`check_outputs`).
     """
     seed = _check_int(seed, "seed", positive=False)
     batch_size = _check_int(batch_size, "batch_size", positive=True)
