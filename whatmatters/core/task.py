@@ -158,10 +158,10 @@ def resolve_target(target: Any, model: Model, inputs: torch.Tensor, *, n_outputs
 
 def check_outputs(outputs: torch.Tensor) -> None:
     """Model outputs of the samples, one row each, must be finite: else ``ModelError`` naming how many rows are not."""
-    bad = ~torch.isfinite(outputs).reshape(len(outputs), -1).all(1)
-    if not bool(bad.any()):
+    finite = torch.isfinite(outputs)
+    if bool(finite.all()):
         return
-    rows = bad.nonzero().flatten().tolist()
+    rows = (~finite.reshape(len(outputs), -1).all(1)).nonzero().flatten().tolist()
     shown = ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")
     raise ModelError(
         f"the model returned NaN or infinite outputs for {len(rows)} of {len(outputs)} samples (rows {shown}); "
@@ -180,9 +180,9 @@ def probe(model: Model, inputs: torch.Tensor) -> int:
         raise InputError(f"data has {inputs.shape[1]} columns but the model was fitted on {expected} features")
     try:
         first = model.probe(inputs)
-        if first is not None and not bool(torch.isfinite(first).all()):
-            check_outputs(model.predict(inputs))  # only on the way to an error: count the rows that fail
-            check_outputs(first)  # a model that is not deterministic: the probe row alone
+        if first is not None and not bool(torch.isfinite(first).all()):  # count the failing rows, then fail
+            check_outputs(model.predict(inputs))  # the only extra call, on the way to an error
+            check_outputs(first)  # (a model that is not deterministic: the probe row alone)
         return model.n_outputs(inputs)
     except (InputError, ModelError, TargetError):
         raise
