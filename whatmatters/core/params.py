@@ -96,8 +96,8 @@ def fits(value: Any, hint: Any) -> bool:
     if hint is int:
         return isinstance(value, numbers.Integral) and not isinstance(value, bool) and -INT64 <= value < INT64
     origin = typing.get_origin(hint) or hint
-    if origin is typing.Literal:
-        return value in typing.get_args(hint)
+    if origin is typing.Literal:  # compared as plain values only (an array's == is not a yes or no)
+        return isinstance(value, (str, bytes, int, float, type(None))) and value in typing.get_args(hint)
     if origin in SEQUENCES:  # arrays and tensors are sequences here, text is not
         return isinstance(value, (Sequence, np.ndarray, torch.Tensor)) and not isinstance(value, (str, bytes))
     if origin is Callable:
