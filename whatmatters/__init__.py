@@ -10,7 +10,14 @@ import importlib
 from typing import Any
 
 from whatmatters._version import __version__
-from whatmatters.core.errors import InputError, MethodError, ModelError, TargetError, WhatMattersError
+from whatmatters.core.errors import (
+    InputError,
+    MethodError,
+    ModelError,
+    ParameterError,
+    TargetError,
+    WhatMattersError,
+)
 from whatmatters.core.importance import Importance
 from whatmatters.core.registry import describe, methods
 from whatmatters.explain import explain
@@ -48,6 +55,7 @@ __all__ = [
     "InputError",
     "MethodError",
     "ModelError",
+    "ParameterError",
     "TargetError",
     "WhatMattersError",
     "__version__",

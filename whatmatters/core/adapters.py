@@ -67,10 +67,18 @@ class Model:
             return _as_2d_outputs(self._predict_batch(x))
         return torch.cat([_as_2d_outputs(self._predict_batch(x[s])) for s in row_slices(len(x), size)])
 
+    def probe(self, example: torch.Tensor) -> torch.Tensor | None:
+        """The outputs of ``example[:1]`` while the output count is unknown (then it is known); else None."""
+        if self._n_outputs is not None:
+            return None
+        out = self.predict(example[:1])
+        self._n_outputs = int(out.shape[1])
+        return out
+
     def n_outputs(self, example: torch.Tensor) -> int:
-        if self._n_outputs is None:
-            self._n_outputs = int(self.predict(example[:1]).shape[1])
-        return self._n_outputs
+        """Number of outputs, from one row of ``example`` the first time it is asked."""
+        self.probe(example)
+        return int(self._n_outputs)  # type: ignore[arg-type]  # set by probe
 
     @property
     def device(self) -> torch.device:

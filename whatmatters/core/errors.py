@@ -24,3 +24,11 @@ class MethodError(WhatMattersError):
 
 class TargetError(WhatMattersError):
     """The requested target output does not exist."""
+
+
+class ParameterError(MethodError, InputError):
+    """A method parameter with a value the method cannot use (wrong type, NaN or infinite).
+
+    Both a :class:`MethodError` (a parameter value the method does not accept) and an :class:`InputError`
+    (unusable input), so code that catches either keeps working.
+    """

@@ -14,6 +14,7 @@ from torch import nn
 
 from whatmatters.core.adapters import Model, TorchModel, row_slices, to_tensor, wrap
 from whatmatters.core.errors import InputError, MethodError, ModelError, TargetError, WhatMattersError
+from whatmatters.core.params import check_params  # noqa: F401  (re-exported: older imports read it from here)
 from whatmatters.core.state import preserved, require_eval
 
 T = TypeVar("T")
@@ -144,7 +145,9 @@ def resolve_target(target: Any, model: Model, inputs: torch.Tensor, *, n_outputs
     if target is None:
         if n_out == 1:
             return torch.zeros(n, dtype=torch.long)
-        return model.predict(inputs).argmax(1).cpu()
+        outputs = model.predict(inputs)
+        check_outputs(outputs)
+        return outputs.argmax(1).cpu()
     tgt = as_indices(target)
     if tgt.ndim == 0:
         tgt = tgt.expand(n).clone()
@@ -156,12 +159,33 @@ def resolve_target(target: Any, model: Model, inputs: torch.Tensor, *, n_outputs
     return tgt
 
 
+def check_outputs(outputs: torch.Tensor) -> None:
+    """Model outputs of the samples, one row each, must be finite: else ``ModelError`` naming how many rows are not."""
+    finite = torch.isfinite(outputs)
+    if bool(finite.all()):
+        return
+    rows = (~finite.reshape(len(outputs), -1).all(1)).nonzero().flatten().tolist()
+    shown = ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")
+    raise ModelError(
+        f"the model returned NaN or infinite outputs for {len(rows)} of {len(outputs)} samples (rows {shown}); "
+        "no importance can be computed from them. Check the model on those rows (a log or division by zero, "
+        "an overflow, missing values it cannot handle) or leave the rows out"
+    )
+
+
 def probe(model: Model, inputs: torch.Tensor) -> int:
-    """Number of model outputs, from one row; a failure becomes an error that names the input shape."""
+    """Number of model outputs, from one row; a failure becomes an error that names the input shape.
+
+    The row's outputs must be finite; when they are not, the samples are predicted to name how many fail.
+    """
     expected = getattr(getattr(model, "estimator", None), "n_features_in_", None)
     if expected is not None and inputs.ndim == 2 and inputs.shape[1] != expected:
         raise InputError(f"data has {inputs.shape[1]} columns but the model was fitted on {expected} features")
     try:
+        first = model.probe(inputs)
+        if first is not None and not bool(torch.isfinite(first).all()):  # count the failing rows, then fail
+            check_outputs(model.predict(inputs))  # the only extra call, on the way to an error
+            check_outputs(first)  # (a model that is not deterministic: the probe row alone)
         return model.n_outputs(inputs)
     except (InputError, ModelError, TargetError):
         raise
@@ -191,12 +215,6 @@ def check_units(inputs: torch.Tensor, method: tuple[str, Sequence[str]] | None) 
         raise MethodError(f"{name} scores {', '.join(units)}, not {unit}s (data of shape {tuple(inputs.shape)})")
 
 
-def check_params(method_name: str, given: dict[str, Any], accepted: Sequence[str]) -> None:
-    unknown = sorted(set(given) - set(accepted))
-    if unknown:
-        raise MethodError(f"{method_name} got unknown parameter(s) {unknown}; it accepts {sorted(accepted) or 'none'}")
-
-
 def torch_module(model: Any) -> nn.Module | None:
     """The ``nn.Module`` behind ``model`` (a module or a torch adapter), or None for other models."""
     module = model.module if isinstance(model, TorchModel) else model
@@ -224,6 +242,63 @@ def _check_int(value: Any, name: str, *, positive: bool) -> int | None:
     return int(value)
 
 
+def _listed(names: Sequence[str], limit: int = 10) -> str:
+    shown = ", ".join(map(repr, names[:limit]))
+    return f"[{shown}{', ...' if len(names) > limit else ''}]"
+
+
+def _column_mismatch(names: list[str], fitted: list[str], what: str) -> InputError:
+    """The error for named columns that are not the model's features (missing, unknown or repeated ones)."""
+    missing = [n for n in fitted if n not in names]
+    unknown = [n for n in names if n not in fitted]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    problems = {"missing": missing, "unknown": unknown, "repeated": repeated}
+    found = ", ".join(f"{label} {_listed(cols)}" for label, cols in problems.items() if cols)
+    if len(names) != len(fitted):
+        head = f"{what} has {len(names)} columns but the model was fitted on {len(fitted)} features"
+    else:
+        head = f"the columns of {what} are not the features the model was fitted on"
+    return InputError(
+        f"{head}: {found}. Columns are matched by name: give each of {_listed(fitted)} once "
+        "(in any order); rename or drop the others"
+    )
+
+
+def align_columns(
+    inputs: torch.Tensor, names: list[str] | None, model: Model, what: str = "data"
+) -> tuple[torch.Tensor, list[str] | None, list[int] | None]:
+    """``inputs`` with its columns in the order of the features ``model`` was fitted on, their names, the order.
+
+    A model that knows its feature names (scikit-learn's ``feature_names_in_``) reads named columns by name,
+    as scikit-learn reads a DataFrame: the same names in another order are reordered (``order[j]`` is the
+    column that holds feature ``j``; None when nothing moved), missing, unknown or repeated ones refused.
+    Unnamed columns are read by position and take the model's names.
+    """
+    fitted = getattr(model, "feature_names", None)
+    if fitted is None or inputs.ndim != 2:
+        return inputs, names, None
+    fitted = list(fitted)
+    if names is None:
+        return inputs, (fitted if inputs.shape[1] == len(fitted) else None), None
+    if names == fitted:
+        return inputs, names, None
+    if sorted(names) != sorted(fitted) or len(set(names)) != len(names):
+        raise _column_mismatch(names, fitted, what)
+    order = [names.index(n) for n in fitted]
+    return inputs[:, order], fitted, order
+
+
+def _background(background: Any, model: Model, order: list[int] | None) -> torch.Tensor | None:
+    """The background as a tensor: a frame's columns matched to the model's by name, an array's columns
+    read as the data's (and moved as the data's were)."""
+    if background is None:
+        return None
+    bg, names = to_tensor(background, "background")
+    if names is not None:
+        return align_columns(bg, names, model, "background")[0]
+    return bg[:, order] if order is not None and bg.ndim == 2 else bg
+
+
 def make_task(
     model: Any,
     data: Any,
@@ -244,6 +319,10 @@ def make_task(
     ``background`` are checked against the data, and the target is resolved once (``None``: the predicted
     class, one full prediction; given: one probe row for the output count). ``method``, a pair
     ``(name, units)``, refuses data of units the method does not score before the model is called.
+
+    A model that knows its feature names gets its columns by name (:func:`align_columns`): the task's
+    inputs and names are in the model's order. The outputs of the model calls made here (the probe row,
+    the prediction of the target) must be finite (:func:`check_outputs`).
     """
     seed = _check_int(seed, "seed", positive=False)
     batch_size = _check_int(batch_size, "batch_size", positive=True)
@@ -255,7 +334,8 @@ def make_task(
     check_units(inputs, method)  # refused before the model sees the data
     if names is not None and (inputs.ndim != 2 or len(names) != inputs.shape[1]):
         raise InputError(f"{len(names)} feature names for data of shape {tuple(inputs.shape)}")
-    bg = to_tensor(background, "background")[0] if background is not None else None
+    inputs, names, order = align_columns(inputs, names, adapted)
+    bg = _background(background, adapted, order)
     if bg is not None and bg.shape[1:] != inputs.shape[1:]:
         raise InputError(f"background has samples of shape {tuple(bg.shape[1:])}, data {tuple(inputs.shape[1:])}")
     labels = to_tensor(y, "y")[0] if y is not None else None

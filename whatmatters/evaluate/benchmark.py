@@ -15,10 +15,11 @@ import torch
 
 from whatmatters.core.errors import InputError, MethodError
 from whatmatters.core.importance import Importance
+from whatmatters.core.params import check_params
 from whatmatters.core.ranks import ranks
 from whatmatters.core.registry import get_method
 from whatmatters.core.state import require_eval
-from whatmatters.core.task import Task, check_params, make_task, torch_module
+from whatmatters.core.task import Task, make_task, torch_module
 from whatmatters.evaluate.ground_truth import relevant_mask
 from whatmatters.evaluate.metrics import CATEGORIES, Metric, get_metric
 from whatmatters.evaluate.metrics import metrics as metric_names
@@ -258,7 +259,7 @@ def _metric_specs(metrics: Any, unit: str, relevant: Any) -> tuple[list[tuple[st
             raise MethodError(f"metric {name!r} applies to {', '.join(entry.units)} units, not {unit}s")
         if entry.needs == "relevant" and relevant is None:
             raise InputError(f"metric {name!r} compares with ground truth: pass relevant= (the units that matter)")
-        check_params(entry.name, params, entry.defaults)
+        check_params(entry.name, params, entry.defaults, fn=entry.fn)  # refused before any work
         entries.append(entry)
     return specs, entries
 
@@ -388,8 +389,7 @@ def benchmark(
     for name, params in method_specs:
         info = get_method(name)
         all_params = {**extra.get(info.name, {}), **extra.get(name, {}), **params}
-        check_params(info.name, all_params, info.defaults)
-        merged.append((name, all_params))
+        merged.append((name, check_params(info.name, all_params, info.defaults, fn=info.fn)))
     method_labels = _labels(merged, "methods")
     task = _make_task(
         model, data, y=y, target=target, relevant=relevant, background=background, seed=seed, batch_size=batch_size

@@ -34,8 +34,9 @@ import torch
 from whatmatters.core.adapters import to_tensor
 from whatmatters.core.errors import InputError, MethodError
 from whatmatters.core.importance import UNITS, Importance
+from whatmatters.core.params import check_params
 from whatmatters.core.registry import Registry, keyword_defaults
-from whatmatters.core.task import Task, check_params, guarded, make_task
+from whatmatters.core.task import Task, guarded, make_task
 
 CATEGORIES = ("faithfulness", "localization", "robustness", "agreement", "randomization")
 
@@ -132,7 +133,7 @@ class Metric:
         return f"{self.name} ({self.category}, {direction} is better, units {', '.join(self.units)}{needs})"
 
     def __call__(self, model: Any, data: Any, importance: Importance, **kwargs: Any) -> MetricResult:
-        check_params(self.name, kwargs, self.accepted)
+        kwargs = check_params(self.name, kwargs, self.accepted, context=CONTEXT, fn=self.fn)
         if not isinstance(importance, Importance):
             raise InputError(
                 f"{self.name} needs an Importance (from whatmatters.explain), got a {type(importance).__name__}; "

@@ -7,8 +7,9 @@ from typing import Any
 
 from whatmatters.core.errors import MethodError, ModelError
 from whatmatters.core.importance import Importance
+from whatmatters.core.params import check_params
 from whatmatters.core.registry import get_method
-from whatmatters.core.task import Task, check_params, check_units, guarded, make_task, torch_module
+from whatmatters.core.task import Task, check_units, guarded, make_task, torch_module
 
 
 def explain(
@@ -31,17 +32,21 @@ def explain(
     Args:
         model: a torch ``nn.Module``, a scikit-learn estimator, or a callable on arrays.
         data: samples to explain, shape ``(n, features)`` or ``(n, C, H, W)``; a pandas
-            DataFrame's columns become the unit names. A :class:`~whatmatters.core.task.Task` from
-            ``make_task`` is used as it is (its data, background, labels and target).
+            DataFrame's columns become the unit names (matched by name, in any order, to the features
+            of a model that knows them, e.g. scikit-learn's ``feature_names_in_``). A
+            :class:`~whatmatters.core.task.Task` from ``make_task`` is used as it is (its data,
+            background, labels and target).
         method: a name from ``whatmatters.methods()``.
         target: output index to explain (int or one per sample); default: the predicted class
             (or the only output of a regressor).
         y: true labels, for methods that score against them (permutation importance).
         background: reference samples for baselines / maskers (default: ``data`` itself).
+        feature_names: names of the data's columns (default: a DataFrame's columns).
         seed: seed of every random draw, for reproducible results.
         batch_size: rows per model call (memory bound).
         progress: show progress bars (default: on a terminal, for long work).
-        **params: the method's own parameters (``whatmatters.describe(method)`` lists them).
+        **params: the method's own parameters (``whatmatters.describe(method)`` lists them); values of
+            the wrong type, NaN or infinite ones raise :class:`~whatmatters.core.errors.ParameterError`.
 
     Returns:
         An :class:`Importance` with one score per sample and unit (or per unit for global methods).
@@ -52,7 +57,7 @@ def explain(
     if info.verb != "explain":
         hint = "whatmatters.compress.score(model, method, data=...)" if info.verb == "compress" else info.verb
         raise MethodError(f"{method!r} is a {info.verb} method, not an explain method; use {hint} for it")
-    check_params(info.name, params, info.defaults)
+    params = check_params(info.name, params, info.defaults, fn=info.fn)
     if info.needs in ("gradients", "module") and torch_module(model) is None:
         raise ModelError(
             f"{info.name} needs gradients, so it needs a PyTorch nn.Module; for a {type(model).__name__} "

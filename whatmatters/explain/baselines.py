@@ -4,10 +4,26 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from whatmatters.core.errors import InputError
 from whatmatters.core.task import Task
+
+CHOICES = "'mean', 'median', 'zero', a number or an array"
+
+
+def baseline_values(baseline: Any) -> torch.Tensor:
+    """A number or array-like ``baseline`` as a CPU tensor; :class:`InputError` for anything that is not numeric."""
+    if isinstance(baseline, torch.Tensor):
+        return baseline.detach().cpu()
+    try:
+        array = np.asarray(baseline)
+    except (TypeError, ValueError):  # ragged lists
+        array = np.asarray(None)
+    if array.dtype.kind not in "biuf":
+        raise InputError(f"baseline must be {CHOICES} of numbers, got {baseline!r:.60}")
+    return torch.from_numpy(array.astype(np.float64))  # a copy; uint64 and bools too, which torch cannot take
 
 
 def baseline_row(task: Task, baseline: Any = "mean") -> torch.Tensor:
@@ -25,8 +41,8 @@ def baseline_row(task: Task, baseline: Any = "mean") -> torch.Tensor:
             return ref.median(0).values
         if baseline == "zero":
             return torch.zeros(task.unit_shape, dtype=task.inputs.dtype)
-        raise InputError(f"unknown baseline {baseline!r}; use 'mean', 'median', 'zero', a number or an array")
-    value = torch.as_tensor(baseline, dtype=task.inputs.dtype)
+        raise InputError(f"unknown baseline {baseline!r}; use {CHOICES}")
+    value = baseline_values(baseline).to(task.inputs.dtype)
     try:
         return value.expand(task.unit_shape).clone()
     except RuntimeError:

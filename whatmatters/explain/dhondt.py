@@ -23,8 +23,9 @@ import torch
 
 from whatmatters.core.errors import InputError, MethodError, ModelError
 from whatmatters.core.importance import Importance
+from whatmatters.core.params import check_params
 from whatmatters.core.registry import get_method, scorer
-from whatmatters.core.task import Task, check_params
+from whatmatters.core.task import Task
 
 
 def _check_seats(seats: Any) -> int:
@@ -310,7 +311,7 @@ def dhondt(
     threshold: float = 0.0,
     groups: Mapping[str, Sequence[str | int]] | None = None,
     exclude: Sequence[str | int] = (),
-    how: str = "mean_abs",
+    how: str | None = "mean_abs",  # None is refused below, with the function that takes it
     base_params: Mapping[str, Any] | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """D'Hondt proportional importance (DhondtXAI): integer seats for features, by their importance.
@@ -330,8 +331,7 @@ def dhondt(
         raise MethodError(f"base method {base!r} does not score features; choose one of whatmatters.methods('feature')")
     if info.needs in ("gradients", "module") and task.model.kind != "torch":
         raise ModelError(f"base method {base!r} needs a PyTorch nn.Module; choose a model-agnostic base")
-    base_params = dict(base_params or {})
-    check_params(info.name, base_params, info.defaults)
+    base_params = check_params(info.name, dict(base_params or {}), info.defaults, fn=info.fn)
     start = time.perf_counter()
     out = info.fn(task, **base_params)
     values, _ = out if isinstance(out, tuple) else (out, {})

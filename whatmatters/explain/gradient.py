@@ -18,7 +18,7 @@ from whatmatters.core.adapters import row_slices
 from whatmatters.core.errors import MethodError, ModelError
 from whatmatters.core.registry import scorer
 from whatmatters.core.task import Task, progress_bar
-from whatmatters.explain.baselines import baseline_row
+from whatmatters.explain.baselines import baseline_row, baseline_values
 
 # Input values per forward/backward call when no batch size is given (1 M values: 4 MB in float32).
 ROW_ELEMENTS = 2**20
@@ -120,7 +120,7 @@ def _baselines(task: Task, baseline: Any) -> torch.Tensor:
     """Baselines as ``(n, *unit_shape)`` or ``(1, *unit_shape)`` on the CPU in the inputs' dtype."""
     if isinstance(baseline, (str, int, float)):
         return baseline_row(task, baseline).unsqueeze(0)
-    value = baseline.detach().cpu() if isinstance(baseline, torch.Tensor) else torch.as_tensor(np.asarray(baseline))
+    value = baseline_values(baseline)
     if tuple(value.shape) == tuple(task.inputs.shape):
         return value.to(task.inputs.dtype)
     return baseline_row(task, value).unsqueeze(0)

@@ -22,8 +22,9 @@ import torch
 from whatmatters.core.adapters import to_tensor
 from whatmatters.core.errors import InputError, MethodError
 from whatmatters.core.importance import Importance
+from whatmatters.core.params import check_params
 from whatmatters.core.registry import SCORERS, get_method
-from whatmatters.core.task import Task, check_params
+from whatmatters.core.task import Task
 
 __all__ = ["Selection", "score_features", "select_features"]
 
@@ -51,7 +52,7 @@ def score_features(
             f"{info.name} explains a model, so it needs one: use whatmatters.explain(model, X, {info.name!r}). "
             f"Methods that score features from (X, y) alone: {', '.join(fitting) or 'none'}"
         )
-    check_params(info.name, params, info.defaults)
+    params = check_params(info.name, params, info.defaults, fn=info.fn)
     inputs, names = to_tensor(X, "X")
     if inputs.ndim != 2:
         raise InputError(f"X must be tabular (n, features), got shape {tuple(inputs.shape)}")
