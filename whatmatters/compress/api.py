@@ -41,10 +41,10 @@ from whatmatters.compress.linear import is_transposed, select_layers, weight_mat
 from whatmatters.core.errors import InputError, MethodError, ModelError
 from whatmatters.core.fractions import whole
 from whatmatters.core.importance import Importance, jsonable
+from whatmatters.core.params import check_params
 from whatmatters.core.registry import get_method
 from whatmatters.core.state import preserved
 from whatmatters.core.storage import check_fields, list_column, read_parquet, string_column, write_parquet
-from whatmatters.core.task import check_params
 
 _META_KEY = b"whatmatters.model_importance"
 # the top-level metadata fields of a ModelImportance file and their JSON types, as ModelImportance.load checks them
@@ -323,7 +323,7 @@ def score(
     info = get_method(method)
     if info.verb != "compress":
         raise MethodError(f"{method!r} is a {info.verb} method; use whatmatters.{info.verb}(...) for it")
-    check_params(info.name, params, info.defaults)
+    params = check_params(info.name, params, info.defaults, fn=info.fn)
     select = LAYER_SELECTORS.get(info.units[0], select_layers)
     chosen = select(model, layers)
     if isinstance(data, Calibration):

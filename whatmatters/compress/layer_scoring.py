@@ -23,9 +23,9 @@ from torch import nn
 from whatmatters.compress.batches import as_batches, call_model
 from whatmatters.core.errors import InputError, MethodError, ModelError
 from whatmatters.core.importance import Importance
+from whatmatters.core.params import check_params
 from whatmatters.core.registry import Registry, keyword_defaults
 from whatmatters.core.state import hooks, preserved
-from whatmatters.core.task import check_params
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONTEXT = ("target", "batch_size")
@@ -94,7 +94,7 @@ def layer_scores(
 
     entry = LAYER_SCORE_REGISTRY.get(method)
     if not entry.open_params:
-        check_params(entry.name, params, entry.defaults)
+        params = check_params(entry.name, params, entry.defaults, fn=entry.fn)
     chosen = quantizable_layers(model, layers)
     values, names, used = entry.fn(model, chosen, data, target=target, batch_size=batch_size, **params)
     return Importance(
