@@ -40,7 +40,7 @@ def _relu_gradients(task: Task, rule: Any, description: str) -> torch.Tensor:
         warnings.warn(
             f"{description}: the model has no nn.ReLU modules (functional F.relu is not modified), so the result "
             "is the plain gradient",
-            stacklevel=3,
+            stacklevel=4,
         )
     return out
 
