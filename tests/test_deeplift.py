@@ -61,10 +61,11 @@ CASES = {
 
 @pytest.fixture(params=sorted(CASES))
 def case(request):
-    build, data = CASES[request.param]
-    model = build()
-    x = data(torch.Generator().manual_seed(1))
-    return model, x, model(x).argmax(1)
+    """(model, data, predicted class) of one case."""
+    model = CASES[request.param][0]()
+    x = CASES[request.param][1](torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return model, x, model(x).argmax(1)
 
 
 def quiet(fn, *args, **kwargs):
