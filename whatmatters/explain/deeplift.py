@@ -1,0 +1,152 @@
+"""DeepLIFT (rescale rule) and DeepLiftShap: contributions of ``x - baseline`` with multipliers, not gradients.
+
+A sample and its baseline go through the model in one batch (rows ``[x; b]``). In the backward pass each
+nonlinearity's gradient is replaced by its multiplier ``(f(x) - f(b)) / (x - b)`` (the rescale rule of
+Shrikumar et al. 2017; where ``|x - b| < eps`` the ordinary gradient), max pooling by captum's rule (the
+change of each window's maximum sent to the sample's argmax, as captum does). Linear layers keep their
+gradients, so the attributions ``(x - b) * multiplier`` add up to ``f(x) - f(b)`` (completeness; reported as
+``extra["delta"]``). Nonlinearities must be modules (``nn.ReLU``, not ``F.relu``), as in captum; a module
+used several times is fine here (captum refuses it).
+
+Softmax uses the elementwise rescale multiplier like the other activations. captum then subtracts the mean
+multiplier of the whole batch tensor, which makes its result depend on the batch and breaks completeness;
+we do not, so DeepLIFT through a softmax differs from captum's (parity is tested without softmax layers).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from whatmatters.core.adapters import row_slices
+from whatmatters.core.errors import MethodError
+from whatmatters.core.registry import scorer
+from whatmatters.core.task import Task, progress_bar
+from whatmatters.explain.gradient import GRADIENT_UNITS, _baselines, _rows_per_call
+from whatmatters.explain.modified_backward import local_vjp, modified_backward
+from whatmatters.explain.shapley import background_rows
+
+ELEMENTWISE = (nn.ReLU, nn.ELU, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softmax, nn.GELU, nn.SiLU)
+POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+
+
+def _rescale(eps: float):
+    def rule(module: nn.Module, x: torch.Tensor, y: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        k = len(x) // 2
+        dx, dy = x[:k] - x[k:], y[:k] - y[k:]
+        small = dx.abs() < eps
+        g = grad[:k]
+        new = g * dy / torch.where(small, torch.ones_like(dx), dx)
+        if bool(small.any()):
+            new = torch.where(small, local_vjp(module, x[:k], g), new)
+        return torch.cat([new, torch.zeros_like(new)])
+
+    return rule
+
+
+def _max_pool(eps: float):
+    def rule(module: nn.Module, x: torch.Tensor, y: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        k = len(x) // 2
+        out, ref = y[:k], y[k:]
+        top = torch.maximum(out, ref)
+        g = grad[:k]
+        # the rise to the common maximum goes to the sample's argmax, the rest to the baseline's
+        spread = local_vjp(module, x[:k], g * (top - ref)) + local_vjp(module, x[k:], g * (out - top))
+        dx = x[:k] - x[k:]
+        small = dx.abs() < eps
+        new = torch.where(small, local_vjp(module, x[:k], g), spread / torch.where(small, torch.ones_like(dx), dx))
+        return torch.cat([new, torch.zeros_like(new)])
+
+    return rule
+
+
+def deeplift_rules(eps: float) -> dict[type, Any]:
+    rescale, pool = _rescale(eps), _max_pool(eps)
+    return {**{t: rescale for t in ELEMENTWISE}, **{t: pool for t in POOLS}}
+
+
+def _check_eps(eps: float) -> None:
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
+        raise MethodError(f"eps must be a positive number, got {eps!r}")
+
+
+def deeplift_pairs(
+    task: Task, x: torch.Tensor, base: torch.Tensor, target: torch.Tensor, eps: float, description: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepLIFT of rows ``x`` against rows ``base`` (same shape): ``(attributions, f(x) - f(base))``."""
+    model = task.torch_model
+    rows = max(1, _rows_per_call(task, int(np.prod(x.shape[1:]))) // 2)
+    attributions = torch.empty(x.shape, dtype=model.dtype, device=model.device)
+    differences = torch.empty(len(x), dtype=model.dtype, device=model.device)
+    replaced = 0
+    chunks = row_slices(len(x), rows)
+    for s in progress_bar(chunks, len(chunks), description, task.progress):
+        xs, bs = model.to_model(x[s]), model.to_model(base[s])
+        k = len(xs)
+        rules = modified_backward(model.module, deeplift_rules(eps))
+        with torch.inference_mode(False), torch.enable_grad(), rules as m:
+            leaf = torch.cat([xs, bs]).detach().requires_grad_(True)
+            out = task.forward_target(leaf, target[s].repeat(2).clone())
+            (grad,) = torch.autograd.grad(out[:k].sum(), leaf)
+        replaced += m.calls
+        attributions[s] = (xs - bs) * grad[:k]
+        differences[s] = (out[:k] - out[k:]).detach()
+    if replaced == 0:
+        warnings.warn(
+            f"{description}: the model has none of the nonlinear modules DeepLIFT knows "
+            f"({', '.join(t.__name__ for t in ELEMENTWISE)}, MaxPool); if it uses functional activations "
+            "(F.relu), write them as modules. The result equals gradient x (input - baseline).",
+            stacklevel=4,
+        )
+    return attributions, differences
+
+
+def _completeness(attributions: torch.Tensor, differences: torch.Tensor) -> dict[str, Any]:
+    delta = attributions.flatten(1).sum(1) - differences
+    return {"delta": delta.detach().cpu().double().numpy(), "max_abs_delta": float(delta.abs().max())}
+
+
+@scorer("deeplift", family="gradient", units=GRADIENT_UNITS, needs="module", aliases=("deep_lift",))
+def deeplift(task: Task, *, baseline: Any = "zero", eps: float = 1e-10) -> tuple[torch.Tensor, dict[str, Any]]:
+    """DeepLIFT (rescale rule): ``(x - baseline)`` times multipliers that replace the nonlinearities' gradients.
+
+    Args:
+        baseline: ``"zero"`` (captum's default), ``"mean"`` / ``"median"`` of the background (or the data),
+            a number, one sample-shaped array, or one baseline per sample.
+        eps: below this ``|x - baseline|`` at a nonlinearity's input, its ordinary gradient is used.
+
+    ``extra["delta"]``: ``sum(attributions) - (f(x) - f(baseline))`` per sample (0 up to rounding).
+    """
+    _check_eps(eps)
+    base = _baselines(task, baseline).to(task.inputs.dtype).expand_as(task.inputs)
+    attributions, differences = deeplift_pairs(task, task.inputs, base, task.target, float(eps), "deeplift")
+    return attributions, _completeness(attributions, differences)
+
+
+@scorer("deeplift_shap", family="gradient", units=GRADIENT_UNITS, needs="module", aliases=("deep_lift_shap",))
+def deeplift_shap(task: Task, *, max_background: int = 100, eps: float = 1e-10) -> tuple[torch.Tensor, dict[str, Any]]:
+    """DeepLiftShap: DeepLIFT averaged over the background rows as baselines (captum's ``DeepLiftShap``).
+
+    Args:
+        max_background: at most this many background rows (the data when no background is given), a seeded
+            subsample of larger ones.
+        eps: as for ``deeplift``.
+
+    ``extra["delta"]``: ``sum(attributions) - (f(x) - mean f(background))`` per sample.
+    """
+    _check_eps(eps)
+    if not isinstance(max_background, int) or isinstance(max_background, bool):
+        raise MethodError(f"max_background must be a positive integer, got {max_background!r}")
+    bg = background_rows(task, max_background)
+    n, nb = task.n, len(bg)
+    x = task.inputs.repeat_interleave(nb, dim=0)
+    base = bg.repeat(n, *(1,) * (bg.ndim - 1))
+    attributions, differences = deeplift_pairs(
+        task, x, base, task.target.repeat_interleave(nb), float(eps), "deeplift_shap"
+    )
+    attributions = attributions.view(n, nb, *task.unit_shape).mean(1)
+    return attributions, _completeness(attributions, differences.view(n, nb).mean(1))
