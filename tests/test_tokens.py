@@ -114,7 +114,7 @@ def test_bad_input(ids):
         score(model, "accumulated_attention")
     with pytest.raises(InputError, match="out of range"):
         score(model, "accumulated_attention", data=ids, attn_layers=[3])
-    with pytest.raises(InputError, match="attn_layers must be (a sequence of layer indices|a list or tuple)"):
+    with pytest.raises(InputError, match=r"attn_layers must be (a sequence of layer indices|a list or tuple)"):
         score(model, "accumulated_attention", data=ids, attn_layers=1)
     with pytest.raises(InputError, match="token ids"):
         score(model, "accumulated_attention", data=torch.randn(2, 5))
