@@ -3,6 +3,7 @@
 from whatmatters.curate.examples import score
 from whatmatters.curate.selection import Selection, describe_strategy, select, strategies
 from whatmatters.curate.training import Checkpoint, ForgettingRecorder, TrainingRun, train_models
+from whatmatters.curate.weights import sample_weights, weighted_sampler
 
 __all__ = [
     "Checkpoint",
@@ -10,8 +11,10 @@ __all__ = [
     "Selection",
     "TrainingRun",
     "describe_strategy",
+    "sample_weights",
     "score",
     "select",
     "strategies",
     "train_models",
+    "weighted_sampler",
 ]

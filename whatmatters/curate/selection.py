@@ -67,7 +67,7 @@ def describe_strategy(name: str) -> str:
     return STRATEGIES.describe(name)
 
 
-def _scores(importance: Any) -> torch.Tensor | None:
+def scores_of(importance: Any) -> torch.Tensor | None:
     if importance is None:
         return None
     values = importance.values if isinstance(importance, Importance) else importance
@@ -126,7 +126,7 @@ def select(
 
     entry = STRATEGIES.get(strategy)
     check_params(entry.name, params, entry.defaults)
-    scores = _scores(importance)
+    scores = scores_of(importance)
     x = _embeddings(embeddings, None if scores is None else len(scores))
     for need, given in (("scores", scores), ("embeddings", x)):
         if need in entry.needs and given is None:
