@@ -1,5 +1,6 @@
 """curate: see DESIGN in README."""
 
+from whatmatters.curate.augment import TabEBM, augment
 from whatmatters.curate.examples import score
 from whatmatters.curate.selection import Selection, describe_strategy, select, strategies
 from whatmatters.curate.training import Checkpoint, ForgettingRecorder, TrainingRun, train_models
@@ -9,7 +10,9 @@ __all__ = [
     "Checkpoint",
     "ForgettingRecorder",
     "Selection",
+    "TabEBM",
     "TrainingRun",
+    "augment",
     "describe_strategy",
     "sample_weights",
     "score",
