@@ -39,7 +39,7 @@ _LAZY = {
 
 
 # Subpackages reachable as attributes after ``import whatmatters`` (imported on first use).
-_SUBPACKAGES = ("compress", "evaluate", "vision", "models", "report", "lrp", "select")
+_SUBPACKAGES = ("compress", "curate", "tune", "evaluate", "vision", "text", "models", "report", "lrp", "select")
 
 
 def __getattr__(name: str) -> Any:

@@ -1,1 +1,23 @@
 """curate: see DESIGN in README."""
+
+from whatmatters.curate.augment import TabEBM, augment
+from whatmatters.curate.examples import score
+from whatmatters.curate.selection import Selection, describe_strategy, select, strategies
+from whatmatters.curate.training import Checkpoint, ForgettingRecorder, TrainingRun, train_models
+from whatmatters.curate.weights import sample_weights, weighted_sampler
+
+__all__ = [
+    "Checkpoint",
+    "ForgettingRecorder",
+    "Selection",
+    "TabEBM",
+    "TrainingRun",
+    "augment",
+    "describe_strategy",
+    "sample_weights",
+    "score",
+    "select",
+    "strategies",
+    "train_models",
+    "weighted_sampler",
+]
