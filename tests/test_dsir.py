@@ -396,6 +396,26 @@ def test_a_run_folder_of_other_settings_or_changed_files_is_refused(corpus, tmp_
         dsir(folder / "target.jsonl", raw, 10, tmp_path / "mine" / "notes.txt")
 
 
+def test_a_run_that_failed_before_any_work_can_be_rerun_with_other_settings(corpus, tmp_path):
+    folder = corpus[0]
+    with raises("raw file", "no 'body' field"):  # the target's counts are done when the raw piece fails
+        dsir(
+            folder / "target.jsonl", folder / "raw" / "a.jsonl", 5, tmp_path / "run",
+            text_field="body", target_text_field="text", workers=1,
+        )  # fmt: skip
+    assert dsir(folder / "target.jsonl", folder / "raw" / "a.jsonl", 5, tmp_path / "run").selected == 5
+
+
+def test_a_second_run_on_the_same_folder_at_the_same_time_is_refused(corpus, tmp_path):
+    fcntl = pytest.importorskip("fcntl")
+    (tmp_path / "run").mkdir()
+    with open(tmp_path / "run" / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running dsir holds it
+        with raises("another DSIR run is using"):
+            dsir(corpus[0] / "target.jsonl", corpus[0] / "raw" / "a.jsonl", 5, tmp_path / "run")
+    assert dsir(corpus[0] / "target.jsonl", corpus[0] / "raw" / "a.jsonl", 5, tmp_path / "run").selected == 5
+
+
 # ------------------------------------------------------------------ bad input
 def test_bad_lines_are_counted_and_reported_never_dropped_silently(tmp_path):
     good = [{"text": f"document number {i} about things"} for i in range(20)]

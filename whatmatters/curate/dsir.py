@@ -49,6 +49,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -60,7 +61,7 @@ from whatmatters.core.errors import InputError
 from whatmatters.core.fractions import whole
 from whatmatters.core.registry import scorer
 from whatmatters.curate import shards as sh
-from whatmatters.curate.engines import check_engine, run_tasks
+from whatmatters.curate.engines import Engine, check_engine
 from whatmatters.curate.hashing import NgramHasher, splitmix64
 
 RUN_FORMAT = "whatmatters-dsir"
@@ -423,8 +424,6 @@ def quota_counts(quotas: Mapping[str, float] | None, k: int) -> dict[str, int] |
 
 # ------------------------------------------------------------------ the run folder
 def _open_run(out: Path, manifest: dict[str, Any], overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise InputError(f"out {out} is a file; give a folder for the DSIR run")
     path = out / "manifest.json"
     if overwrite and out.is_dir():
         import shutil
@@ -442,16 +441,53 @@ def _open_run(out: Path, manifest: dict[str, Any], overwrite: bool) -> None:
             raise InputError(f"cannot read {path} ({err}); pass overwrite=True (--overwrite) to start over") from None
         if old.get("format") != RUN_FORMAT:
             raise InputError(f"{path} is not the manifest of a DSIR run; give another out folder")
-        for part in ("settings", "target", "raw"):
-            if old.get(part) != manifest[part]:
-                raise InputError(
-                    f"{out} holds a DSIR run with other {_difference(old.get(part), manifest[part], part)}; "
-                    "give a new out folder, or pass overwrite=True (--overwrite) to start over"
-                )
-        return
-    if out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()):
+        changed = [part for part in ("settings", "target", "raw") if old.get(part) != manifest[part]]
+        if not changed:
+            return
+        if _has_work(out):
+            part = changed[0]
+            raise InputError(
+                f"{out} holds a DSIR run with other {_difference(old.get(part), manifest[part], part)}; "
+                "give a new out folder, or pass overwrite=True (--overwrite) to start over"
+            )
+        # a run that failed before its model was fitted (a wrong text field, say): start afresh
+        import shutil
+
+        shutil.rmtree(out / "_counts", ignore_errors=True)
+    elif out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()):
         raise InputError(f"out folder {out} is not empty and holds no DSIR run; give a new or empty folder")
     sh.write_json(manifest, path)
+
+
+def _has_work(out: Path) -> bool:
+    """Whether a run folder holds work past the fit stage (the model, weights or selected files)."""
+    return (out / "model.npz").exists() or any(
+        any((out / folder).glob("*.parquet")) for folder in ("weights", "selected")
+    )
+
+
+@contextmanager
+def _locked(out: Path):
+    """Hold ``OUT/.lock`` for the run: a second run on the same folder at the same time is refused."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"out {out} is a file; give a folder for the DSIR run")
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    with open(out / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(
+                f"another DSIR run is using {out} right now; wait for it, or give another out folder"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _difference(old: Any, new: Any, part: str) -> str:
@@ -585,90 +621,91 @@ def dsir(
     }
     target_pieces = sh.plan(target_files, piece_bytes, target_text_field, None, what="target")
     raw_pieces = sh.plan(raw_files, piece_bytes, text_field, domain_field, what="raw")
-    _open_run(out, manifest, overwrite)
+    with _locked(out), Engine(engine, workers, ray_address) as run:
+        _open_run(out, manifest, overwrite)
+        _preload()
+        bar = _Progress(progress)
+        stage_seconds: dict[str, float] = {}
+        reused: dict[str, int] = {}
+        try:
+            t = time.perf_counter()
+            ratio, target_info = _fit(out, target_pieces, raw_pieces, settings, budget, run, bar, reused, k)
+            stage_seconds["fit"] = time.perf_counter() - t
 
-    run = {"engine": engine, "workers": workers, "ray_address": ray_address}
-    _preload()
-    bar = _Progress(progress)
-    stage_seconds: dict[str, float] = {}
-    reused: dict[str, int] = {}
-    try:
-        t = time.perf_counter()
-        ratio, target_info = _fit(out, target_pieces, raw_pieces, settings, budget, run, bar, reused, k)
-        stage_seconds["fit"] = time.perf_counter() - t
+            t = time.perf_counter()
+            weight_meta = _weigh(out, raw_pieces, settings, ratio, run, bar, reused)
+            stage_seconds["weigh"] = time.perf_counter() - t
+            totals = _totals(raw_pieces, weight_meta)
+            if totals["docs"] == 0:
+                raise InputError(f"the raw pool has no documents{_bad_note(totals)}")
 
-        t = time.perf_counter()
-        weight_meta = _weigh(out, raw_pieces, settings, ratio, run, bar, reused)
-        stage_seconds["weigh"] = time.perf_counter() - t
-        totals = _totals(raw_pieces, weight_meta)
-        if totals["docs"] == 0:
-            raise InputError(f"the raw pool has no documents{_bad_note(totals)}")
+            t = time.perf_counter()
+            offsets = _row_offsets(raw_pieces, weight_meta)
+            key, selection = _select(
+                out, raw_pieces, k, seed, topk, min_tokens, counts_per_domain, totals, offsets, bar
+            )
+            stage_seconds["select"] = time.perf_counter() - t
 
-        t = time.perf_counter()
-        offsets = _row_offsets(raw_pieces, weight_meta)
-        key, selection = _select(out, raw_pieces, k, seed, topk, min_tokens, counts_per_domain, totals, offsets, bar)
-        stage_seconds["select"] = time.perf_counter() - t
+            t = time.perf_counter()
+            selected_files = _write(out, raw_pieces, weight_meta, key, selection, run, bar, reused)
+            _unify_schemas(selected_files)
+            stage_seconds["write"] = time.perf_counter() - t
+        finally:
+            bar.close()
 
-        t = time.perf_counter()
-        selected_files = _write(out, raw_pieces, weight_meta, key, selection, run, bar, reused)
-        _unify_schemas(selected_files)
-        stage_seconds["write"] = time.perf_counter() - t
-    finally:
-        bar.close()
-
-    by_domain = None
-    if "domain" in selection:
-        by_domain = dict(sorted(Counter(selection["domain"]).items()))
-    result = DSIRResult(
-        out=out,
-        selected_files=selected_files,
-        weights_files=[out / "weights" / f"part-{p.name}.parquet" for p in raw_pieces],
-        k=k,
-        selected=len(selection["row"]),
-        documents=totals["docs"],
-        bad_lines=totals["bad"],
-        blank_lines=totals["blank"],
-        bad_examples=totals["examples"],
-        empty_files=totals["empty"],
-        target_documents=target_info["docs"],
-        target_bad_lines=target_info["bad"],
-        raw_files=len(raw_files),
-        pieces=len(raw_pieces),
-        engine=engine,
-        seconds=time.perf_counter() - start,
-        stage_seconds=stage_seconds,
-        reused=reused,
-        selected_by_domain=by_domain,
-        settings={
-            **settings,
-            "k": k,
-            "seed": seed,
-            "topk": topk,
-            "min_tokens": min_tokens,
-            "quotas": counts_per_domain,
-        },
-    )
-    sh.write_json(result.summary(), out / "summary.json")
-    if totals["bad"]:
-        warnings.warn(
-            f"skipped {totals['bad']} bad lines of the raw pool (first: {totals['examples'][0]}); "
-            "see result.bad_examples",
-            UserWarning,
-            stacklevel=2,
+        by_domain = None
+        if "domain" in selection:
+            by_domain = dict(sorted(Counter(selection["domain"]).items()))
+        result = DSIRResult(
+            out=out,
+            selected_files=selected_files,
+            weights_files=[out / "weights" / f"part-{p.name}.parquet" for p in raw_pieces],
+            k=k,
+            selected=len(selection["row"]),
+            documents=totals["docs"],
+            bad_lines=totals["bad"],
+            blank_lines=totals["blank"],
+            bad_examples=totals["examples"],
+            empty_files=totals["empty"],
+            target_documents=target_info["docs"],
+            target_bad_lines=target_info["bad"],
+            raw_files=len(raw_files),
+            pieces=len(raw_pieces),
+            engine=engine,
+            seconds=time.perf_counter() - start,
+            stage_seconds=stage_seconds,
+            reused=reused,
+            selected_by_domain=by_domain,
+            settings={
+                **settings,
+                "k": k,
+                "seed": seed,
+                "topk": topk,
+                "min_tokens": min_tokens,
+                "quotas": counts_per_domain,
+            },
         )
-    if target_info["bad"]:
-        warnings.warn(
-            f"skipped {target_info['bad']} bad lines of the target (first: {target_info['examples'][0]})",
-            UserWarning,
-            stacklevel=2,
-        )
-    if totals["empty"]:
-        warnings.warn(
-            f"{len(totals['empty'])} raw files hold no document: {', '.join(map(str, totals['empty'][:3]))}",
-            UserWarning,
-            stacklevel=2,
-        )
-    return result
+        sh.write_json(result.summary(), out / "summary.json")
+        if totals["bad"]:
+            warnings.warn(
+                f"skipped {totals['bad']} bad lines of the raw pool (first: {totals['examples'][0]}); "
+                "see result.bad_examples",
+                UserWarning,
+                stacklevel=2,
+            )
+        if target_info["bad"]:
+            warnings.warn(
+                f"skipped {target_info['bad']} bad lines of the target (first: {target_info['examples'][0]})",
+                UserWarning,
+                stacklevel=2,
+            )
+        if totals["empty"]:
+            warnings.warn(
+                f"{len(totals['empty'])} raw files hold no document: {', '.join(map(str, totals['empty'][:3]))}",
+                UserWarning,
+                stacklevel=2,
+            )
+        return result
 
 
 def _preload() -> None:
@@ -703,7 +740,7 @@ def _fit(
     raw_pieces: list[sh.Piece],
     settings: dict[str, Any],
     budget: int | None,
-    run: dict[str, Any],
+    run: Engine,
     bar: _Progress,
     reused: dict[str, int],
     k: int,
@@ -745,7 +782,7 @@ def _fit(
         results[todo[j]] = result
         bar.advance(sizes[todo[j]])
 
-    run_tasks(_count_task, [specs[i] for i in todo], on_done=done, **run)
+    run.run(_count_task, [specs[i] for i in todo], done)
     infos = {}
     counts = {}
     for what in ("target", "raw"):
@@ -803,7 +840,7 @@ def _weigh(
     raw_pieces: list[sh.Piece],
     settings: dict[str, Any],
     ratio: np.ndarray,
-    run: dict[str, Any],
+    run: Engine,
     bar: _Progress,
     reused: dict[str, int],
 ) -> list[dict[str, Any]]:
@@ -830,7 +867,7 @@ def _weigh(
         metas[todo[j]] = meta
         bar.advance(sizes[todo[j]])
 
-    run_tasks(_weigh_task, specs, on_done=done, **run)
+    run.run(_weigh_task, specs, done)
     return metas  # type: ignore[return-value]
 
 
@@ -969,7 +1006,7 @@ def _write(
     metas: list[dict[str, Any]],
     key: str,
     selection: dict[str, np.ndarray],
-    run: dict[str, Any],
+    run: Engine,
     bar: _Progress,
     reused: dict[str, int],
 ) -> list[Path]:
@@ -1003,7 +1040,7 @@ def _write(
     todo = [s for s in specs if not Path(s["path"]).exists()]
     reused["write"] = len(specs) - len(todo)
     bar.stage("write selected documents", len(specs), len(specs) - len(todo))
-    run_tasks(_write_task, todo, on_done=lambda i, r: bar.advance(1), **run)
+    run.run(_write_task, todo, lambda i, r: bar.advance(1))
     return [Path(s["path"]) for s in specs]
 
 

@@ -46,83 +46,99 @@ def check_engine(engine: str) -> str:
     return engine
 
 
-def run_tasks(
-    fn: Callable[[Any], Any],
-    tasks: Sequence[Any],
-    *,
-    engine: str = "local",
-    workers: int | None = None,
-    ray_address: str | None = None,
-    on_done: Callable[[int, Any], None] | None = None,
-) -> list[Any]:
-    """``[fn(t) for t in tasks]`` on ``engine``; ``on_done(i, result)`` runs in this process as each finishes.
-
-    The first task that raises stops the run: tasks not started are cancelled, and the error is raised
-    here as the task raised it (a whatmatters error keeps its type and message).
+class Engine:
+    """Runs tasks on ``engine`` for the length of a ``with`` block: one process pool (or one Ray session) for
+    every stage of a pipeline, so workers keep what they loaded and remembered between stages.
     """
-    check_engine(engine)
-    results: list[Any] = [None] * len(tasks)
 
-    def done(i: int, result: Any) -> None:
-        results[i] = result
-        if on_done is not None:
-            on_done(i, result)
+    def __init__(self, engine: str = "local", workers: int | None = None, ray_address: str | None = None) -> None:
+        from whatmatters.core.fractions import whole
 
-    if not tasks:
+        self.engine = check_engine(engine)
+        self.workers = None if workers is None else whole(workers, "workers")
+        self.ray_address = ray_address
+        self._pool: Any = None
+        self._ray_started = False
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        if self._ray_started:
+            import ray
+
+            ray.shutdown()
+            self._ray_started = False
+
+    def run(
+        self, fn: Callable[[Any], Any], tasks: Sequence[Any], on_done: Callable[[int, Any], None] | None = None
+    ) -> list[Any]:
+        """``[fn(t) for t in tasks]``; ``on_done(i, result)`` runs in this process as each task finishes.
+
+        The first task that raises stops the run: tasks not started are cancelled, and the error is raised
+        here as the task raised it (a whatmatters error keeps its type and message).
+        """
+        results: list[Any] = [None] * len(tasks)
+
+        def done(i: int, result: Any) -> None:
+            results[i] = result
+            if on_done is not None:
+                on_done(i, result)
+
+        if not tasks:
+            return results
+        if self.engine == "ray":
+            self._run_ray(fn, tasks, done)
+        else:
+            self._run_local(fn, tasks, done)
         return results
-    if engine == "ray":
-        _run_ray(fn, tasks, done, workers, ray_address)
-    else:
-        _run_local(fn, tasks, done, workers)
-    return results
 
+    def _run_local(self, fn: Callable, tasks: Sequence[Any], done: Callable[[int, Any], None]) -> None:
+        workers = cpu_count() if self.workers is None else self.workers
+        if workers == 1 or (len(tasks) == 1 and self._pool is None):
+            for i, task in enumerate(tasks):
+                done(i, fn(task))
+            return
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+        from concurrent.futures.process import BrokenProcessPool
 
-def _run_local(fn: Callable, tasks: Sequence[Any], done: Callable[[int, Any], None], workers: int | None) -> None:
-    from whatmatters.core.fractions import whole
+        if self._pool is None:
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method))
+        futures = {self._pool.submit(fn, task): i for i, task in enumerate(tasks)}
+        pending = set(futures)
+        try:
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in sorted(finished, key=futures.__getitem__):
+                    done(futures[future], future.result())
+        except BrokenProcessPool:
+            self._pool = None
+            raise WhatMattersError(
+                "a worker process died (killed, or out of memory); the pieces that finished are kept: "
+                "rerun the same command to go on, with fewer workers if memory ran out"
+            ) from None
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            wait(pending)  # the running ones finish (their files are complete) before the error goes up
+            raise
 
-    workers = cpu_count() if workers is None else whole(workers, "workers")
-    if workers == 1 or len(tasks) == 1:
-        for i, task in enumerate(tasks):
-            done(i, fn(task))
-        return
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-    from concurrent.futures.process import BrokenProcessPool
+    def _run_ray(self, fn: Callable, tasks: Sequence[Any], done: Callable[[int, Any], None]) -> None:
+        import ray
 
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    pool = ProcessPoolExecutor(min(workers, len(tasks)), mp_context=multiprocessing.get_context(method))
-    futures = {pool.submit(fn, task): i for i, task in enumerate(tasks)}
-    pending = set(futures)
-    try:
-        while pending:
-            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for future in sorted(finished, key=futures.__getitem__):
-                done(futures[future], future.result())
-    except BrokenProcessPool:
-        raise WhatMattersError(
-            "a worker process died (killed, or out of memory); the pieces that finished are kept: "
-            "rerun the same command to go on, with fewer workers if memory ran out"
-        ) from None
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _run_ray(
-    fn: Callable,
-    tasks: Sequence[Any],
-    done: Callable[[int, Any], None],
-    workers: int | None,
-    address: str | None,
-) -> None:
-    import ray
-
-    started = False
-    if not ray.is_initialized():
-        options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-        if address is None and not os.environ.get("RAY_ADDRESS") and workers is not None:
-            options["num_cpus"] = workers
-        ray.init(address=address, **options)
-        started = True
-    try:
+        if not ray.is_initialized():
+            options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+            if self.ray_address is None and not os.environ.get("RAY_ADDRESS") and self.workers is not None:
+                options["num_cpus"] = self.workers
+            ray.init(address=self.ray_address, **options)
+            self._ray_started = True
         remote = ray.remote(num_cpus=1)(fn)
         refs = {remote.remote(task): i for i, task in enumerate(tasks)}
         pending = list(refs)
@@ -138,9 +154,20 @@ def _run_ray(
                 with contextlib.suppress(Exception):
                     ray.get(ref, timeout=10)
             raise
-    finally:
-        if started:
-            ray.shutdown()
+
+
+def run_tasks(
+    fn: Callable[[Any], Any],
+    tasks: Sequence[Any],
+    *,
+    engine: str = "local",
+    workers: int | None = None,
+    ray_address: str | None = None,
+    on_done: Callable[[int, Any], None] | None = None,
+) -> list[Any]:
+    """One :meth:`Engine.run` on an engine of its own (started and closed around it)."""
+    with Engine(engine, workers, ray_address) as runner:
+        return runner.run(fn, tasks, on_done)
 
 
 def _ray_get(ray: Any, ref: Any) -> Any:

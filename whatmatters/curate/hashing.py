@@ -276,8 +276,8 @@ class NgramHasher:
             for j in np.flatnonzero(lookup < 0).tolist():
                 i = int(where[j])
                 text = " ".join(joined[starts[i + o] : ends[i + o]] for o in range(size))
-                digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-                lookup[j] = cache[int(distinct[j])] = int(digest, 16) % sentinel
+                digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()  # = int(hexdigest, 16)
+                lookup[j] = cache[int(distinct[j])] = int.from_bytes(digest, "big") % sentinel
             bucket = lookup[inverse.reshape(-1)].astype(np.uint32)
             if size > 1:
                 bucket[cross] = sentinel
