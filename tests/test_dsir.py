@@ -439,6 +439,9 @@ def test_bad_lines_are_counted_and_reported_never_dropped_silently(tmp_path):
     assert f"line {len(lines) + 1}: not UTF-8 text" in reasons
     with raises("k=21", "larger than the raw pool", "20 documents", "5 bad lines"):
         dsir(tmp_path / "target.jsonl", raw, 21, tmp_path / "run")
+    with pytest.warns(UserWarning, match=f"skipped 5 bad lines of the target .first: {re.escape(str(raw))} line 6"):
+        result = dsir(raw, tmp_path / "target.jsonl", 3, tmp_path / "run2")
+    assert result.target_bad_lines == 5 and result.target_documents == 20
 
 
 def test_a_wrong_text_field_fails_at_once(tmp_path):

@@ -686,19 +686,14 @@ def dsir(
             },
         )
         sh.write_json(result.summary(), out / "summary.json")
-        if totals["bad"]:
-            warnings.warn(
-                f"skipped {totals['bad']} bad lines of the raw pool (first: {totals['examples'][0]}); "
-                "see result.bad_examples",
-                UserWarning,
-                stacklevel=2,
-            )
-        if target_info["bad"]:
-            warnings.warn(
-                f"skipped {target_info['bad']} bad lines of the target (first: {target_info['examples'][0]})",
-                UserWarning,
-                stacklevel=2,
-            )
+        for what, info in (("raw pool", totals), ("target", target_info)):
+            if info["bad"]:
+                first = info["examples"][0] if info["examples"] else "?"
+                warnings.warn(
+                    f"skipped {info['bad']} bad lines of the {what} (first: {first}); see result.bad_examples",
+                    UserWarning,
+                    stacklevel=3,
+                )
         if totals["empty"]:
             warnings.warn(
                 f"{len(totals['empty'])} raw files hold no document: {', '.join(map(str, totals['empty'][:3]))}",
@@ -793,7 +788,9 @@ def _fit(
             "docs": sum(st.docs for _, st in stats),
             "bad": sum(st.bad for _, st in stats),
             "complete": all(st.complete for _, st in stats),
-            "examples": _examples([(p, st) for p, st in stats if p.index == 0 or p.kind == "parquet"], {}),
+            "examples": _examples(stats, _row_offsets([p for p, _ in stats], [r for _, r in mine]))
+            if all(st.complete for _, st in stats)
+            else [],
         }
     if infos["target"]["docs"] == 0:
         raise InputError(f"the target has no documents{_bad_note(infos['target'])}")
