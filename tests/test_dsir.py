@@ -581,3 +581,13 @@ def test_tokens_are_unicode_wordpunct_tokens(texts):
     regex = pytest.importorskip("regex")  # the engine NLTK's WordPunctTokenizer runs on
     tokens = NgramHasher().features(texts).tokens
     assert tokens.tolist() == [len(regex.findall(r"\w+|[^\w\s]+", t.lower())) for t in texts]
+
+
+def test_progress_reports_every_stage_to_its_end(corpus, tmp_path):
+    seen: dict[str, tuple[float, float]] = {}
+    dsir(
+        corpus[0] / "target.jsonl", corpus[0] / "raw", 10, tmp_path / "run", workers=1,
+        progress=lambda stage, done, total: seen.__setitem__(stage, (done, total)),
+    )  # fmt: skip
+    assert list(seen) == ["fit n-gram models", "weigh raw documents", "select", "write selected documents"]
+    assert all(done == total for done, total in seen.values())
