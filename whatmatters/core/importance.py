@@ -26,6 +26,7 @@ UNITS = (
     "layer",
     "kv",
     "example",
+    "document",
     "expert",
 )
 

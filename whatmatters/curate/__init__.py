@@ -1,6 +1,7 @@
 """curate: see DESIGN in README."""
 
 from whatmatters.curate.augment import TabEBM, augment
+from whatmatters.curate.dsir import DSIRResult, dsir, dsir_weights, gumbel_topk, read_weights
 from whatmatters.curate.examples import score
 from whatmatters.curate.selection import Selection, describe_strategy, select, strategies
 from whatmatters.curate.training import Checkpoint, ForgettingRecorder, TrainingRun, train_models
@@ -8,12 +9,17 @@ from whatmatters.curate.weights import sample_weights, weighted_sampler
 
 __all__ = [
     "Checkpoint",
+    "DSIRResult",
     "ForgettingRecorder",
     "Selection",
     "TabEBM",
     "TrainingRun",
     "augment",
     "describe_strategy",
+    "dsir",
+    "dsir_weights",
+    "gumbel_topk",
+    "read_weights",
     "sample_weights",
     "score",
     "select",
