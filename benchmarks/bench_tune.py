@@ -24,10 +24,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--noise", type=float, default=0.3, help="share of training labels replaced at random")
     ap.add_argument("--runs", default="full,ist,lisa,random,uniform-noisy,reweight-noisy")
+    ap.add_argument("--max-length", type=int, default=64, help="tokens per document")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    common = {"data": args.data, "steps": args.steps, "n_train": 2400, "n_test": 400, "progress": False}
+    common = {
+        "data": args.data,
+        "steps": args.steps,
+        "n_train": 2400,
+        "n_test": 400,
+        "progress": False,
+        "max_length": args.max_length,
+    }
     rows = []
     for run in args.runs.split(","):
         if run.endswith("-noisy"):

@@ -100,6 +100,7 @@ def finetune(
     n_train: int = 3000,
     n_test: int = 800,
     lr: float = 2e-3,
+    max_length: int = 64,
     label_noise: float = 0.0,
     reweight: bool = False,
     seed: int = 0,
@@ -124,14 +125,14 @@ def finetune(
     g = torch.Generator().manual_seed(seed)
     texts, labels, classes = labelled_texts(data, "train")
     pick = torch.randperm(len(texts), generator=g)[:n_train]
-    train = encode([texts[i] for i in pick])
+    train = encode([texts[i] for i in pick], max_length)
     y = labels[pick].clone()
     if label_noise:
         flip = torch.rand(len(y), generator=g) < label_noise
         y[flip] = torch.randint(0, len(classes), (int(flip.sum()),), generator=g)
     test_texts, test_labels, _ = labelled_texts(data, "test")
     test_pick = torch.randperm(len(test_texts), generator=g)[:n_test]
-    test = encode([test_texts[i] for i in test_pick])
+    test = encode([test_texts[i] for i in test_pick], max_length)
     model = lora_minilm(len(classes), seed=seed).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     tuner = makers[method](model, opt)
