@@ -1,4 +1,4 @@
-"""LIME, DeepLIFT, DeepLiftShap, GradientSHAP, guided backprop, deconvolution, Guided Grad-CAM vs captum, side by side.
+"""LIME, DeepLIFT family, GradientSHAP, guided methods, layer and neuron attribution vs captum, side by side.
 
 On an MLP (tabular) and a small CNN (images), float32, each method runs in whatmatters and in captum on equal
 inputs in one process: for LIME with the same perturbation vectors and kernel (captum: one sample at a time,
@@ -8,13 +8,18 @@ own). Prints a table (max relative difference, seconds, ratio whatmatters / capt
 CNN with average pooling: with max pooling behind a ReLU, captum 0.9's DeepLift is not complete (issues
 #1104, #1276), so a difference there would be captum's.
 
-    PYTHONPATH=. python benchmarks/bench_explain_menu.py [--runs 3] [--threads 1]
+Layer rows (second hidden layer / second convolution, 20 steps, same rule) compare with captum's
+LayerGradientXActivation, LayerIntegratedGradients, LayerConductance, InternalInfluence, NeuronConductance and
+NeuronIntegratedGradients.
+
+    PYTHONPATH=. python benchmarks/bench_explain_menu.py [--runs 3] [--threads 1] [--only layer]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -113,6 +118,7 @@ def runners(model, x, target, bg):
         "lime (256 samples, per_eval=1)": lime_pair(model, x, target, 256, 1),
         "lime (256 samples, per_eval=64)": lime_pair(model, x, target, 256, 64),
     }
+    rows.update(layer_runners(model, x, target))
     if x.ndim == 4:
         rows["guided_grad_cam"] = (
             ours("guided_grad_cam", layer="4"),
@@ -121,11 +127,53 @@ def runners(model, x, target, bg):
     return rows
 
 
+def layer_runners(model, x, target):
+    """Layer and neuron attribution: the second hidden layer (MLP) or second convolution (CNN), 20 steps."""
+    from captum import attr
+
+    name, neuron = ("2", 7) if x.ndim == 2 else ("3", (3, 2, 2))
+    layer = model.get_submodule(name)
+
+    def ours(method, **params):
+        return lambda: wm.explain(model, x, method, target=target, layer=name, **params).values
+
+    path = {"n_steps": 20}
+    return {
+        "layer gradient_x_input": (
+            ours("gradient_x_input"),
+            lambda: attr.LayerGradientXActivation(model, layer).attribute(x, target=target),
+        ),
+        "layer integrated_gradients": (
+            ours("integrated_gradients", steps=20),
+            lambda: attr.LayerIntegratedGradients(model, layer).attribute(x, target=target, **path),
+        ),
+        "layer_conductance": (
+            ours("layer_conductance", steps=20),
+            lambda: attr.LayerConductance(model, layer).attribute(x, target=target, **path),
+        ),
+        "internal_influence": (
+            ours("internal_influence", steps=20),
+            lambda: attr.InternalInfluence(model, layer).attribute(x, target=target, **path),
+        ),
+        "neuron_conductance": (
+            ours("neuron_conductance", steps=20, neuron=neuron),
+            lambda: attr.NeuronConductance(model, layer).attribute(
+                x, neuron_selector=neuron, target=target, method="gausslegendre", **path
+            ),
+        ),
+        "neuron integrated_gradients": (
+            ours("integrated_gradients", steps=20, neuron=neuron),
+            lambda: attr.NeuronIntegratedGradients(model, layer).attribute(x, neuron_selector=neuron, **path),
+        ),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=3, help="timed rounds; the best of each is reported")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--min-seconds", type=float, default=0.5, help="keep timing each pair at least this long")
+    parser.add_argument("--only", default="", help="run only the methods whose label matches this regular expression")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -134,6 +182,8 @@ def main() -> None:
         target = model(x).argmax(1)
         bg = torch.rand(20, *x.shape[1:], generator=torch.Generator().manual_seed(5)) - (0.5 if x.ndim == 2 else 0)
         for label, (mine, theirs) in runners(model, x, target, bg).items():
+            if not re.search(args.only, label):
+                continue
             if label.startswith("gradient_shap"):
                 diff = gradient_shap_check(model, x, target, bg, 50, 0.0)
             else:

@@ -53,12 +53,14 @@ class Method:
         """The one builder of a scorer's result: ``out`` is ``values`` or ``(values, extra)``.
 
         ``extra["names"]``, when a scorer names its own units (feature groups, blocks, channels), replaces
-        ``names``; the parameters recorded are the method's defaults updated with ``params``.
+        ``names``, ``extra["unit"]`` replaces ``unit`` (a layer attribution's ``"neuron"``); the parameters
+        recorded are the method's defaults updated with ``params``.
         """
         values, extra = out if isinstance(out, tuple) else (out, {})
         extra = dict(extra)
         if "names" in extra:
             names = list(extra.pop("names"))
+        unit = extra.pop("unit", unit)
         return Importance(
             values=values,
             unit=unit,

@@ -345,6 +345,8 @@ def gradient_noise(
     if at == "layer":
         if "layer" not in info.defaults:
             raise InputError(f"{method!r} takes no target layer; use at='input'")
+        if info.family != "cam" and params.get("layer") is None:  # the gradient family's layer= is optional
+            raise InputError(f"{method!r} was run on the inputs (no layer=), so it has no target layer; use at='input'")
         from whatmatters.core.layers import resolve_layer
 
         chosen = params.get("layer") or (importance.extra or {}).get("layer")

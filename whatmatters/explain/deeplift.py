@@ -26,7 +26,7 @@ from whatmatters.core.adapters import row_slices
 from whatmatters.core.errors import MethodError
 from whatmatters.core.registry import scorer
 from whatmatters.core.task import Task, progress_bar
-from whatmatters.explain.gradient import GRADIENT_UNITS, _baselines, _rows_per_call
+from whatmatters.explain.gradient import GRADIENT_UNITS, input_baselines, rows_per_call
 from whatmatters.explain.modified_backward import local_vjp, modified_backward
 from whatmatters.explain.shapley import background_rows
 
@@ -79,7 +79,7 @@ def deeplift_pairs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepLIFT of rows ``x`` against rows ``base`` (same shape): ``(attributions, f(x) - f(base))``."""
     model = task.torch_model
-    rows = max(1, _rows_per_call(task, int(np.prod(x.shape[1:]))) // 2)
+    rows = max(1, rows_per_call(task, int(np.prod(x.shape[1:]))) // 2)
     attributions = torch.empty(x.shape, dtype=model.dtype, device=model.device)
     differences = torch.empty(len(x), dtype=model.dtype, device=model.device)
     replaced = 0
@@ -122,7 +122,7 @@ def deeplift(task: Task, *, baseline: Any = "zero", eps: float = 1e-10) -> tuple
     ``extra["delta"]``: ``sum(attributions) - (f(x) - f(baseline))`` per sample (0 up to rounding).
     """
     _check_eps(eps)
-    base = _baselines(task, baseline).to(task.inputs.dtype).expand_as(task.inputs)
+    base = input_baselines(task, baseline).to(task.inputs.dtype).expand_as(task.inputs)
     attributions, differences = deeplift_pairs(task, task.inputs, base, task.target, float(eps), "deeplift")
     return attributions, _completeness(attributions, differences)
 

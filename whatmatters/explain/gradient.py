@@ -19,6 +19,15 @@ from whatmatters.core.errors import MethodError, ModelError
 from whatmatters.core.registry import scorer
 from whatmatters.core.task import Task, progress_bar
 from whatmatters.explain.baselines import baseline_row, baseline_values
+from whatmatters.explain.layer_sites import (
+    LayerSite,
+    NeuronIndex,
+    layer_activations,
+    layer_gradients,
+    layer_site,
+    neuron_gradients,
+    replaced_outputs,
+)
 
 # Input values per forward/backward call when no batch size is given (1 M values: 4 MB in float32).
 ROW_ELEMENTS = 2**20
@@ -32,7 +41,8 @@ NO_GRADIENT = (
 GRADIENT_UNITS = ("feature", "pixel")
 
 
-def _rows_per_call(task: Task, row_numel: int, limit: int | None = None) -> int:
+def rows_per_call(task: Task, row_numel: int, limit: int | None = None) -> int:
+    """Rows per forward/backward call: ``limit`` (checked), else ``batch_size``, else about ``ROW_ELEMENTS`` values."""
     if limit is not None:
         if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
             raise MethodError(f"internal_batch_size must be a positive integer, got {limit!r}")
@@ -59,33 +69,86 @@ def input_gradients(task: Task, x: torch.Tensor, target: torch.Tensor) -> torch.
     return grad
 
 
-def _gradient_map(
-    task: Task, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], description: str
-) -> torch.Tensor:
-    """``fn(x, grad)`` for every sample, in batches of rows."""
+def _where(task: Task, layer: Any, neuron: Any) -> tuple[LayerSite | None, int | None]:
+    """The layer attributed to (None: the inputs) and the neuron explained (None: the target output)."""
+    if layer is None:
+        if neuron is not None:
+            raise MethodError("neuron= needs layer=, the name of the layer the neuron is in")
+        return None, None
+    site = layer_site(task, layer)
+    return site, None if neuron is None else site.neuron(neuron)
+
+
+def _where_extra(site: LayerSite | None, neuron: int | None) -> dict[str, Any]:
+    """``extra`` of a layer (``unit="neuron"``) or neuron attribution; nothing for input attributions."""
+    if site is None:
+        return {}
+    if neuron is None:
+        return {"unit": "neuron", "layer": site.name, "activation_shape": list(site.shape)}
+    return {"layer": site.name, "neuron": neuron}
+
+
+def gradient_map(
+    task: Task,
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    description: str,
+    layer: Any = None,
+    neuron: Any = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """``fn(values, grad)`` for every sample, in batches of rows: the inputs and the target's gradient there, or
+    a layer's activations and the gradient there (``layer``), or the inputs and a neuron's gradient (``neuron``)."""
     model = task.torch_model
-    rows = _rows_per_call(task, int(np.prod(task.unit_shape)))
+    site, index = _where(task, layer, neuron)
+    rows = rows_per_call(task, int(np.prod(task.unit_shape)))
     out = None
     chunks = row_slices(task.n, rows)
     for s in progress_bar(chunks, len(chunks), description, task.progress):
         x = model.to_model(task.inputs[s])
-        values = fn(x, input_gradients(task, x, task.target[s]))
+        if site is None:
+            values = fn(x, input_gradients(task, x, task.target[s]))
+        elif index is None:
+            values = fn(*layer_gradients(task, site, x, task.target[s]))
+        else:
+            values = fn(x, neuron_gradients(task, site, index, x))
         if out is None:
             out = torch.empty((task.n, *values.shape[1:]), dtype=values.dtype, device=values.device)
         out[s] = values
-    return out
+    return out, _where_extra(site, index)
+
+
+LAYER_DOC = """
+
+    ``layer``: a layer name from ``model.named_modules()``: attribute to that layer's output instead of the
+    inputs (``unit="neuron"``, values ``(n, *activation_shape)``, ``extra["layer"]``). ``neuron`` (with
+    ``layer``): explain that element of the layer's output (a flat index, or one index per activation
+    dimension) instead of the target output, attributed to the inputs.
+"""
+
+
+def _layer_doc(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn.__doc__ = (fn.__doc__ or "") + LAYER_DOC
+    return fn
 
 
 @scorer("saliency", family="gradient", units=GRADIENT_UNITS, needs="gradients")
-def saliency(task: Task, *, abs: bool = True) -> torch.Tensor:
+@_layer_doc
+def saliency(
+    task: Task, *, abs: bool = True, layer: str | None = None, neuron: NeuronIndex | None = None
+) -> tuple[torch.Tensor, dict[str, Any]]:
     """Saliency: the gradient of the target output with respect to each input (absolute value by default)."""
-    return _gradient_map(task, lambda x, g: g.abs() if abs else g, "saliency")
+    return gradient_map(task, lambda x, g: g.abs() if abs else g, "saliency", layer, neuron)
 
 
 @scorer("gradient_x_input", family="gradient", units=GRADIENT_UNITS, needs="gradients", aliases=("input_x_gradient",))
-def gradient_x_input(task: Task) -> torch.Tensor:
-    """Gradient x input: each input times the gradient of the target output with respect to it."""
-    return _gradient_map(task, lambda x, g: x * g, "gradient x input")
+@_layer_doc
+def gradient_x_input(
+    task: Task, *, layer: str | None = None, neuron: NeuronIndex | None = None
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Gradient x input: each input times the gradient of the target output with respect to it.
+
+    With ``layer``: activation x gradient (captum's ``LayerGradientXActivation``).
+    """
+    return gradient_map(task, lambda x, g: x * g, "gradient x input", layer, neuron)
 
 
 def path_points(steps: int, rule: str) -> tuple[np.ndarray, np.ndarray]:
@@ -116,7 +179,7 @@ def path_points(steps: int, rule: str) -> tuple[np.ndarray, np.ndarray]:
     return (k + offsets[rule]) / steps, np.full(steps, 1.0 / steps)
 
 
-def _baselines(task: Task, baseline: Any) -> torch.Tensor:
+def input_baselines(task: Task, baseline: Any) -> torch.Tensor:
     """Baselines as ``(n, *unit_shape)`` or ``(1, *unit_shape)`` on the CPU in the inputs' dtype."""
     if isinstance(baseline, (str, int, float)):
         return baseline_row(task, baseline).unsqueeze(0)
@@ -136,7 +199,60 @@ def _target_outputs(task: Task, x: torch.Tensor, target: torch.Tensor, rows: int
     return torch.cat(outs)
 
 
+def path_sum(
+    task: Task,
+    ends: torch.Tensor,
+    starts: torch.Tensor,
+    points: tuple[np.ndarray, np.ndarray],
+    rows: int,
+    grad_at: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    description: str,
+) -> torch.Tensor:
+    """``sum_k w_k grad_at(start + a_k (end - start))`` per sample, in calls of at most ``rows`` path points.
+
+    ``ends`` is ``(n, *shape)``, ``starts`` ``(n, *shape)`` or ``(1, *shape)`` (on the model's device);
+    ``points`` the positions ``a_k`` and weights ``w_k``; ``grad_at(path_rows, sample_index)`` returns one
+    gradient per path row (of any per-row shape), ``sample_index`` the sample each row belongs to.
+    """
+    model = task.torch_model
+    alphas = torch.as_tensor(points[0], dtype=model.dtype, device=model.device)
+    weights = torch.as_tensor(points[1], dtype=model.dtype, device=model.device)
+    n, steps, shape = len(ends), len(alphas), tuple(ends.shape[1:])
+    ones = (1,) * len(shape)
+    per_sample = starts.shape[0] == n and n > 1
+    total = None
+
+    def start_of(s: slice) -> torch.Tensor:
+        return starts[s] if per_sample else starts
+
+    def add(i: slice | int, part: torch.Tensor, first: bool) -> None:
+        nonlocal total
+        if total is None:
+            unit_shape = part.shape[1:] if isinstance(i, slice) else part.shape
+            total = torch.zeros((n, *unit_shape), dtype=part.dtype, device=part.device)
+        total[i] = part if first else total[i] + part
+
+    if rows >= steps:  # whole paths of several samples per call
+        chunks = row_slices(n, rows // steps)
+        for s in progress_bar(chunks, len(chunks), description, task.progress):
+            x, b = ends[s], start_of(s)
+            m = x.shape[0]
+            path = b.unsqueeze(1) + alphas.view(1, steps, *ones) * (x - b).unsqueeze(1)  # (m, steps, *shape)
+            index = torch.arange(s.start, s.start + m).repeat_interleave(steps)
+            grads = grad_at(path.flatten(0, 1), index)
+            add(s, torch.einsum("ms...,s->m...", grads.view(m, steps, *grads.shape[1:]), weights), True)
+    else:  # one sample's path spans several calls
+        pieces = [(i, k) for i in range(n) for k in row_slices(steps, rows)]
+        for i, k in progress_bar(pieces, len(pieces), description, task.progress):
+            x, b = ends[i : i + 1], start_of(slice(i, i + 1))
+            path = b + alphas[k].view(-1, *ones) * (x - b)
+            grads = grad_at(path, torch.full((len(path),), i))
+            add(i, torch.einsum("s...,s->...", grads, weights[k]), k.start == 0)
+    return total
+
+
 @scorer("integrated_gradients", family="gradient", units=GRADIENT_UNITS, needs="gradients", aliases=("ig",))
+@_layer_doc
 def integrated_gradients(
     task: Task,
     *,
@@ -144,6 +260,8 @@ def integrated_gradients(
     steps: int = 50,
     rule: str = "gausslegendre",
     internal_batch_size: int | None = None,
+    layer: str | None = None,
+    neuron: NeuronIndex | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Integrated gradients: (input - baseline) times the mean gradient along the straight path between them.
 
@@ -160,48 +278,59 @@ def integrated_gradients(
 
     ``extra["delta"]`` is the completeness error per sample, ``sum(attributions) - (f(x) - f(baseline))``
     (``extra["max_abs_delta"]`` its largest magnitude): it shrinks as ``steps`` grows.
+
+    With ``layer``, the path runs between the layer's activations for the baseline and for the input while
+    the model reads the input elsewhere (captum's ``LayerIntegratedGradients``); ``f(baseline)`` in the delta
+    is the output with the layer's activations set to the baseline's. With ``neuron``, captum's
+    ``NeuronIntegratedGradients``.
     """
     model = task.torch_model
-    alphas_np, weights_np = path_points(steps, rule)
-    base_all = _baselines(task, baseline)
-    per_sample_base = base_all.shape[0] == task.n and task.n > 1
-    alphas = torch.as_tensor(alphas_np, dtype=model.dtype, device=model.device)
-    weights = torch.as_tensor(weights_np, dtype=model.dtype, device=model.device)
-    shape = task.unit_shape
-    ones = (1,) * len(shape)
-    rows = _rows_per_call(task, int(np.prod(shape)), internal_batch_size)
-    total = torch.empty((task.n, *shape), dtype=model.dtype, device=model.device)
-
-    def base_of(s: slice) -> torch.Tensor:
-        return model.to_model(base_all[s] if per_sample_base else base_all)
-
-    if rows >= steps:  # whole paths of several samples per call
-        chunks = row_slices(task.n, rows // steps)
-        for s in progress_bar(chunks, len(chunks), "integrated gradients", task.progress):
-            x, b = model.to_model(task.inputs[s]), base_of(s)
-            m = x.shape[0]
-            points = b.unsqueeze(1) + alphas.view(1, steps, *ones) * (x - b).unsqueeze(1)  # (m, steps, *shape)
-            grads = input_gradients(task, points.flatten(0, 1), task.target[s].repeat_interleave(steps))
-            total[s] = torch.einsum("ms...,s->m...", grads.view(m, steps, *shape), weights)
-    else:  # one sample's path spans several calls
-        pieces = [(i, k) for i in range(task.n) for k in row_slices(steps, rows)]
-        for i, k in progress_bar(pieces, len(pieces), "integrated gradients", task.progress):
-            s = slice(i, i + 1)
-            x, b = model.to_model(task.inputs[s]), base_of(s)
-            points = b + alphas[k].view(-1, *ones) * (x - b)
-            grads = input_gradients(task, points, task.target[s].expand(len(points)))
-            part = torch.einsum("s...,s->...", grads, weights[k])
-            total[i] = part if k.start == 0 else total[i] + part
-
+    site, index = _where(task, layer, neuron)
+    points = path_points(steps, rule)
+    rows = rows_per_call(task, int(np.prod(task.unit_shape)), internal_batch_size)
     x_all = model.to_model(task.inputs)
-    b_all = model.to_model(base_all).expand_as(x_all)
-    attributions = (x_all - b_all) * total
-    eval_rows = max(1, rows)
-    f_x = _target_outputs(task, task.inputs, task.target, eval_rows)
-    f_b = _target_outputs(task, b_all, task.target, eval_rows)
+    b_all = model.to_model(input_baselines(task, baseline))
+    if site is not None and index is None:  # the path runs in the layer's activations
+        x_path, b_path = layer_activations(task, site, x_all, rows), layer_activations(task, site, b_all, rows)
+
+        def grad_at(path: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+            return layer_gradients(task, site, x_all[i], task.target[i], values=path)[1]
+
+        f_x = _target_outputs(task, task.inputs, task.target, rows)
+        f_b = replaced_outputs(task, site, x_all, task.target, b_path.expand_as(x_path), rows)
+    else:
+        x_path, b_path = x_all, b_all
+        if index is None:
+
+            def grad_at(path: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+                return input_gradients(task, path, task.target[i])
+
+            f_x = _target_outputs(task, task.inputs, task.target, rows)
+            f_b = _target_outputs(task, b_all.expand_as(x_all), task.target, rows)
+        else:
+
+            def grad_at(path: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+                return neuron_gradients(task, site, index, path)
+
+            f_x = layer_activations(task, site, x_all, rows).flatten(1)[:, index]
+            f_b = layer_activations(task, site, b_all.expand_as(x_all), rows).flatten(1)[:, index]
+    total = path_sum(task, x_path, b_path, points, rows, grad_at, "integrated gradients")
+    attributions = (x_path - b_path) * total
     delta = attributions.flatten(1).sum(1) - (f_x - f_b)
     extra = {"delta": delta.detach().cpu().double().numpy(), "max_abs_delta": float(delta.abs().max())}
-    return attributions, extra
+    return attributions, {**extra, **_where_extra(site, index)}
+
+
+# older names, kept for code that imports them
+def _gradient_map(
+    task: Task, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], description: str
+) -> torch.Tensor:
+    """``fn(x, grad)`` of the inputs, the values of :func:`gradient_map` alone."""
+    return gradient_map(task, fn, description)[0]
+
+
+_rows_per_call = rows_per_call
+_baselines = input_baselines
 
 
 def _noise_sigma(task: Task, noise: float) -> torch.Tensor:
@@ -252,7 +381,7 @@ def smoothgrad(
         "gradient_x_input": lambda x, g: x * g,
     }[base]
     n, shape = task.n, task.unit_shape
-    rows = _rows_per_call(task, int(np.prod(shape)))
+    rows = rows_per_call(task, int(np.prod(shape)))
     generator = task.generator(model.device)
     x_all = model.to_model(task.inputs)
     total = torch.zeros_like(x_all)

@@ -18,7 +18,7 @@ from whatmatters.core.adapters import row_slices
 from whatmatters.core.errors import MethodError
 from whatmatters.core.registry import scorer
 from whatmatters.core.task import Task, progress_bar
-from whatmatters.explain.gradient import GRADIENT_UNITS, _noise_sigma, _rows_per_call, input_gradients
+from whatmatters.explain.gradient import GRADIENT_UNITS, _noise_sigma, input_gradients, rows_per_call
 from whatmatters.explain.shapley import background_rows
 
 
@@ -30,7 +30,7 @@ def expected_gradients(task: Task, noisy: torch.Tensor, baselines: torch.Tensor,
     """
     model = task.torch_model
     n, m, shape = noisy.shape[0], noisy.shape[1], noisy.shape[2:]
-    rows = _rows_per_call(task, int(np.prod(shape)))
+    rows = rows_per_call(task, int(np.prod(shape)))
     flat_x, flat_b = noisy.reshape(n * m, *shape), baselines.reshape(n * m, *shape)
     flat_a = alphas.reshape(n * m, *(1,) * len(shape))
     targets = task.target.repeat_interleave(m)
