@@ -5,7 +5,9 @@ other model parts (heads, neurons, layers, experts, tokens, KV entries). Actions
 ``prune`` zeroes the least important weights (unstructured, N:M); ``prune_structured`` removes heads,
 neurons or layers of transformers, ``prune_channels`` conv / linear channels of plain PyTorch models
 (traced with torch.fx) and ``prune_experts`` MoE experts; ``allocate_bits`` + ``quantize`` give a
-fake-quantized mixed-precision copy; ``evicting_kv`` evicts KV-cache entries during ``generate``.
+fake-quantized mixed-precision copy; ``gptq`` real packed low-bit weights (``QuantLinear``,
+``save_quantized`` / ``load_quantized``); ``sparsegpt`` second-order one-shot pruning; ``evicting_kv``
+evicts KV-cache entries during ``generate``.
 ``calibrate(model, data)`` computes activation / gradient statistics once for several scores. Every
 module in this package is imported on first use of the registry.
 """
@@ -15,19 +17,24 @@ from whatmatters.compress.batches import lm_windows
 from whatmatters.compress.calibrate import Calibration, calibrate
 from whatmatters.compress.channels import ChannelPruned, ChannelReport, channels_by_layer, prune_channels
 from whatmatters.compress.experts import prune_experts
+from whatmatters.compress.gptq import GPTQReport, gptq
 from whatmatters.compress.kvcache import evict_scores, evicting_kv, kv_eviction
 from whatmatters.compress.layer_scoring import layer_scores
+from whatmatters.compress.packed import QuantLinear, load_quantized, save_quantized
 from whatmatters.compress.prune import Pruned, PruneReport, measure, prune
 from whatmatters.compress.quantize import Quantized, QuantizeReport, allocate_bits, average_bits, quantize
 from whatmatters.compress.remove import StructuredPruned, StructuredReport, load_pruned, prune_structured
+from whatmatters.compress.sparsegpt import sparsegpt
 
 __all__ = [
     "Calibration",
     "ChannelPruned",
     "ChannelReport",
+    "GPTQReport",
     "ModelImportance",
     "PruneReport",
     "Pruned",
+    "QuantLinear",
     "QuantizeReport",
     "Quantized",
     "StructuredPruned",
@@ -38,15 +45,19 @@ __all__ = [
     "channels_by_layer",
     "evict_scores",
     "evicting_kv",
+    "gptq",
     "kv_eviction",
     "layer_scores",
     "lm_windows",
     "load_pruned",
+    "load_quantized",
     "measure",
     "prune",
     "prune_channels",
     "prune_experts",
     "prune_structured",
     "quantize",
+    "save_quantized",
     "score",
+    "sparsegpt",
 ]

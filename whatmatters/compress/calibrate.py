@@ -62,6 +62,14 @@ class GradientStats:
     sumsq: torch.Tensor | None
 
 
+def token_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """A layer input as float rows ``(tokens, features)``, padding tokens (``mask`` False) left out."""
+    x = x.detach()
+    if mask is not None and x.ndim == 3 and x.shape[:2] == mask.shape:
+        x = x[mask]
+    return x.reshape(-1, x.shape[-1]).float()
+
+
 class _Reducer:
     """Forward hook state of one layer: reduces its inputs per channel, batch by batch."""
 
@@ -74,10 +82,7 @@ class _Reducer:
         self.mask: torch.Tensor | None = None
 
     def __call__(self, _module: nn.Module, inputs: tuple, _output: Any) -> None:
-        x = inputs[0].detach()
-        if self.mask is not None and x.ndim == 3 and x.shape[:2] == self.mask.shape:
-            x = x[self.mask]
-        x = x.reshape(-1, x.shape[-1]).float()
+        x = token_rows(inputs[0], self.mask)
         n = x.shape[0]
         if n == 0:
             return

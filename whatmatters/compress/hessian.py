@@ -1,0 +1,147 @@
+"""Layer Hessians ``H = 2/n X Xᵀ`` from calibration data, block after block, for GPTQ and SparseGPT.
+
+:func:`reconstruct_sequentially` groups the selected layers by transformer block (the children of the
+model's ``nn.ModuleList`` of layers; a layer outside one is a group of its own), and for each group in
+model order runs the calibration batches through the model *as changed so far*, stopping at the end of the
+group, with forward hooks that accumulate each layer's ``XᵀX``. The group's layers are then processed
+(quantized or pruned) before the next group's Hessians are taken, so every block's inputs come from the
+already-compressed blocks before it, as in the reference; within a block all layers see the block's dense
+inputs (the reference without ``--true-sequential``). A group's forward stops at its end, so the cost is
+one forward pass up to each block (about ``n_blocks / 2`` full passes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from whatmatters.compress.batches import Batch, as_batches, call_model
+from whatmatters.compress.calibrate import Calibration, token_rows
+from whatmatters.compress.linear import select_layers, weight_matrix
+from whatmatters.core.errors import InputError, ModelError
+from whatmatters.core.fractions import whole
+from whatmatters.core.state import hooks, parameter_device_dtype
+from whatmatters.core.task import progress_bar
+
+
+class _Stop(Exception):
+    """Raised by a forward hook at the end of a group: the rest of the model is not needed."""
+
+
+def _raise_stop(*_: Any) -> None:
+    raise _Stop
+
+
+class HessianSum:
+    """Forward hook state: ``XᵀX`` (float32) and the token count of one layer's inputs (padding left out)."""
+
+    def __init__(self, n: int, device: torch.device) -> None:
+        self.xtx = torch.zeros(n, n, device=device)
+        self.count = 0
+        self.mask: torch.Tensor | None = None
+
+    def __call__(self, _module: nn.Module, inputs: tuple, _output: Any) -> None:
+        x = token_rows(inputs[0], self.mask)
+        self.xtx.addmm_(x.T, x)
+        self.count += x.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        return self.xtx * (2 / max(self.count, 1))
+
+
+def layer_groups(model: nn.Module, layers: Mapping[str, nn.Module]) -> list[tuple[nn.Module, list[str]]]:
+    """``(module to stop after, layer names)`` per transformer block (or per layer), in model order."""
+    lists = [n for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+    under = {p: sum(n.startswith(p + ".") for n in layers) for p in lists}
+    blocks = max(under, key=under.get) if under and max(under.values()) > 1 else None
+    groups: list[tuple[str, nn.Module, list[str]]] = []
+    for name, module in layers.items():
+        key, stop = name, module
+        if blocks is not None and name.startswith(blocks + "."):
+            key = blocks + "." + name[len(blocks) + 1 :].split(".")[0]
+            stop = model.get_submodule(key)
+        if groups and groups[-1][0] == key:
+            groups[-1][2].append(name)
+        else:
+            groups.append((key, stop, [name]))
+    return [(stop, names) for _, stop, names in groups]
+
+
+def check_options(damp: object, block_size: object) -> int:
+    """``damp`` in (0, 1] and ``block_size`` as a positive int (returned), the options every OBS sweep takes."""
+    if not isinstance(damp, (int, float)) or isinstance(damp, bool) or not 0 < damp <= 1:
+        raise InputError(f"damp must be a fraction of the mean Hessian diagonal in (0, 1], got {damp!r}")
+    return whole(block_size, "block_size", minimum=1, meaning="columns per lazy update")
+
+
+def prepare(
+    model: nn.Module, data: Any, tokenizer: Any, layers: Any, batch_size: int, max_length: int
+) -> tuple[nn.Module, list[Batch], dict[str, nn.Module]]:
+    """A deep copy of ``model`` to change, the calibration batches and the copy's selected layers by name."""
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"this action needs a PyTorch nn.Module, got {type(model).__name__}")
+    chosen = list(select_layers(model, layers))
+    if isinstance(data, Calibration):
+        data.check_model(model, chosen)
+        batches = data.batches
+    else:
+        batches = [] if data is None else as_batches(data, tokenizer, batch_size=batch_size, max_length=max_length)
+    new = copy.deepcopy(model)
+    modules = dict(new.named_modules())
+    return new, batches, {n: modules[n] for n in chosen}
+
+
+Process = Callable[[str, nn.Module, torch.Tensor, int], None]
+
+
+def reconstruct_sequentially(
+    model: nn.Module,
+    batches: list[Batch],
+    layers: Mapping[str, nn.Module],
+    process: Process,
+    *,
+    description: str,
+    progress: bool | None = None,
+) -> None:
+    """Call ``process(name, layer, hessian, n_tokens)`` for every layer, block by block (module docstring).
+
+    ``model`` is changed by ``process`` (it is the caller's copy); it runs in eval mode and without gradients.
+    """
+    device, _ = parameter_device_dtype(model)
+    groups = layer_groups(model, layers)
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        for stop, names in progress_bar(groups, len(groups), description, progress):
+            sums = {n: HessianSum(weight_matrix(layers[n]).shape[1], device) for n in names}
+            handles = [layers[n].register_forward_hook(sums[n]) for n in names]
+            handles.append(stop.register_forward_hook(_raise_stop))
+            with hooks(*handles), torch.no_grad():
+                for batch in batches:
+                    batch = batch.to(device)
+                    for s in sums.values():
+                        s.mask = batch.mask
+                    with contextlib.suppress(_Stop):
+                        call_model(model, batch)
+            for name in names:
+                count = sums[name].count
+                if count == 0:
+                    raise ModelError(f"layer {name} was not called on the calibration data; select other layers")
+                n_in = sums[name].xtx.shape[0]
+                if count < n_in:
+                    warnings.warn(
+                        f"layer {name} saw {count} calibration tokens, fewer than its {n_in} inputs: its Hessian "
+                        "is singular and only dampening keeps it invertible; give more calibration data",
+                        UserWarning,
+                        stacklevel=3,
+                    )
+                process(name, layers[name], sums[name].hessian(), count)
+    finally:
+        for m, training in modes:
+            m.training = training
