@@ -5,7 +5,8 @@ other model parts (heads, neurons, layers, experts, tokens, KV entries). Actions
 ``prune`` zeroes the least important weights (unstructured, N:M); ``prune_structured`` removes heads,
 neurons or layers of transformers, ``prune_channels`` conv / linear channels of plain PyTorch models
 (traced with torch.fx) and ``prune_experts`` MoE experts; ``allocate_bits`` + ``quantize`` give a
-fake-quantized mixed-precision copy; ``evicting_kv`` evicts KV-cache entries during ``generate``.
+fake-quantized mixed-precision copy; ``evicting_kv`` evicts KV-cache entries during ``generate``;
+``prune_tokens`` / ``merge_tokens`` give a ViT whose forward drops or merges patch tokens.
 ``calibrate(model, data)`` computes activation / gradient statistics once for several scores. Every
 module in this package is imported on first use of the registry.
 """
@@ -20,6 +21,7 @@ from whatmatters.compress.layer_scoring import layer_scores
 from whatmatters.compress.prune import Pruned, PruneReport, measure, prune
 from whatmatters.compress.quantize import Quantized, QuantizeReport, allocate_bits, average_bits, quantize
 from whatmatters.compress.remove import StructuredPruned, StructuredReport, load_pruned, prune_structured
+from whatmatters.compress.token_pruning import TokenReport, merge_tokens, prune_tokens
 
 __all__ = [
     "Calibration",
@@ -32,6 +34,7 @@ __all__ = [
     "Quantized",
     "StructuredPruned",
     "StructuredReport",
+    "TokenReport",
     "allocate_bits",
     "average_bits",
     "calibrate",
@@ -43,10 +46,12 @@ __all__ = [
     "lm_windows",
     "load_pruned",
     "measure",
+    "merge_tokens",
     "prune",
     "prune_channels",
     "prune_experts",
     "prune_structured",
+    "prune_tokens",
     "quantize",
     "score",
 ]
