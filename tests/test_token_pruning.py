@@ -205,6 +205,8 @@ def test_bad_arguments_are_refused():
         merge_tokens(model, keep=0.1, at_layers=[0, 1])
     with pytest.raises(InputError, match="r must be"):
         merge_tokens(model, r=-1)
+    with pytest.raises(InputError, match="already"):
+        merge_tokens(prune_tokens(model, keep=0.5).model, r=2)
     shapes, sx, srun = _case("shapes", 2)
     with pytest.raises(MethodError, match="CLS token"):
         srun(prune_tokens(shapes, "cls_attention", keep=0.5).model, sx)

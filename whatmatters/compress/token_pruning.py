@@ -17,7 +17,8 @@ Blocks change class in the copy (a subclass of their own), so parameter names an
 those of the original. A block that removes nothing and holds no merged tokens runs its own forward, so
 ``keep=1.0`` and ``r=0`` give the original outputs exactly. ``report.last_forward`` lists
 ``(block, tokens in, tokens out)`` of the latest forward pass: the pruning is observable, never silent.
-Inference only: the rebuilt sub-layers skip dropout.
+Inference only: the rebuilt sub-layers skip dropout. The copy's blocks are of classes made at run time, so
+save its ``state_dict`` (the original's keys) rather than pickling the module.
 """
 
 from __future__ import annotations
@@ -183,6 +184,8 @@ def _geometric(keep: float, steps: int) -> Callable[[int], list[int]]:
 def _install(
     model: nn.Module, layers: list[int], wrap_from: int, reduce: Callable[..., Any], shared: _Shared
 ) -> nn.Module:
+    if any(isinstance(m, _TokenReducing) for m in model.modules()):
+        raise InputError("this model already prunes or merges tokens; pass the original model")
     new = copy.deepcopy(model)
     layout = vit_layout(new)
     shared.report.n_special = layout.n_special
