@@ -7,7 +7,8 @@ neurons or layers of transformers, ``prune_channels`` conv / linear channels of 
 (traced with torch.fx) and ``prune_experts`` MoE experts; ``allocate_bits`` + ``quantize`` give a
 fake-quantized mixed-precision copy; ``gptq`` real packed low-bit weights (``QuantLinear``,
 ``save_quantized`` / ``load_quantized``); ``sparsegpt`` second-order one-shot pruning; ``evicting_kv``
-evicts KV-cache entries during ``generate``.
+evicts KV-cache entries during ``generate``; ``prune_tokens`` / ``merge_tokens`` give a ViT whose forward
+drops or merges patch tokens.
 ``calibrate(model, data)`` computes activation / gradient statistics once for several scores. Every
 module in this package is imported on first use of the registry.
 """
@@ -25,6 +26,7 @@ from whatmatters.compress.prune import Pruned, PruneReport, measure, prune
 from whatmatters.compress.quantize import Quantized, QuantizeReport, allocate_bits, average_bits, quantize
 from whatmatters.compress.remove import StructuredPruned, StructuredReport, load_pruned, prune_structured
 from whatmatters.compress.sparsegpt import sparsegpt
+from whatmatters.compress.token_pruning import TokenReport, merge_tokens, prune_tokens
 
 __all__ = [
     "Calibration",
@@ -39,6 +41,7 @@ __all__ = [
     "Quantized",
     "StructuredPruned",
     "StructuredReport",
+    "TokenReport",
     "allocate_bits",
     "average_bits",
     "calibrate",
@@ -52,10 +55,12 @@ __all__ = [
     "load_pruned",
     "load_quantized",
     "measure",
+    "merge_tokens",
     "prune",
     "prune_channels",
     "prune_experts",
     "prune_structured",
+    "prune_tokens",
     "quantize",
     "save_quantized",
     "score",

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from whatmatters.compress.kvcache.layout import AttentionLayout, attention_layout, rotated_queries
+from whatmatters.compress.vit_tokens import is_vit, vit_layout, vit_score
 from whatmatters.core import hf
 from whatmatters.core.errors import InputError, ModelError
 from whatmatters.core.fractions import whole
@@ -173,9 +174,16 @@ def accumulated_attention(
     Per token ``j``: the sum over the layers ``attn_layers`` (default all; indices, negatives allowed),
     query heads and queries ``i >= j`` of the softmax attention ``A[i, j]``. The sum favours early tokens,
     which more queries see (H2O's bias); ``normalize=True`` divides by the number of queries that see the
-    token (mean attention per query, still summed over heads and layers). Padding tokens score 0; batches
-    of different lengths are right-padded with 0 (``extra["lengths"]``). Values ``(n, seq_len)`` float32.
+    token (mean attention per query, still summed over heads and layers). On a vision transformer
+    (``data=images``) it scores the patch tokens: per block, the attention each patch receives from all
+    queries, mean over heads, summed over ``attn_layers`` (:mod:`whatmatters.compress.vit_tokens`).
+    Padding tokens score 0; batches of different lengths are right-padded with 0 (``extra["lengths"]``).
+    Values ``(n, seq_len)`` float32.
     """
+    if is_vit(task.model):
+        values, extra = vit_score(task, FEATURE, attn_layers)
+        queries = values.shape[1] + vit_layout(task.model).n_special  # every query sees every token
+        return (values / queries if normalize else values), extra
     if task.calibration is None:
         raise InputError(
             "accumulated_attention scores the tokens of input sequences: pass token ids, e.g. "

@@ -1,0 +1,224 @@
+"""Token pruning and merging in ViTs: exact at keep=1 / r=0, parity with eager attention, ToMe on duplicates."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import tiny_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import whatmatters
+from whatmatters.compress import merge_tokens, prune_tokens, score
+from whatmatters.compress.vit_tokens import TOKEN_RULES, LayerView, attend, vit_layout
+from whatmatters.core.errors import InputError, MethodError, ModelError
+from whatmatters.vision.nets import VIT_SHAPES, FashionViT, ShapesViT
+
+torch.set_num_threads(1)
+METHODS = tuple(TOKEN_RULES)
+
+
+def _fashion() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return FashionViT().eval()
+
+
+def _shapes() -> torch.nn.Module:
+    torch.manual_seed(1)
+    return ShapesViT(**VIT_SHAPES).eval()  # mean pooling, no CLS token
+
+
+def _hf() -> torch.nn.Module:
+    return tiny_model("vit", layers=3)
+
+
+CASES = {
+    "fashion": (_fashion, (1, 28, 28), lambda m, x: m(x)),
+    "shapes": (_shapes, (3, 32, 32), lambda m, x: m(x)),
+    "hf": (_hf, (3, 16, 16), lambda m, x: m(x).logits),
+}
+
+
+def _case(name: str, n: int = 5):
+    make, shape, run = CASES[name]
+    torch.manual_seed(2)
+    return make(), torch.randn(n, *shape), run
+
+
+def _final_tokens(model: torch.nn.Module, run, x: torch.Tensor) -> int:
+    """Tokens that reach the final LayerNorm, counted by a hook (not by the report)."""
+    norm = model.vit.layernorm if hasattr(model, "vit") else model.norm
+    seen = []
+    handle = norm.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[1]))
+    try:
+        run(model, x)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_keep_one_and_r_zero_are_exact(name):
+    model, x, run = _case(name)
+    ref = run(model, x)
+    methods = [m for m in METHODS if not (name == "shapes" and m == "cls_attention")]
+    for method in methods:
+        for schedule in ("once", "progressive"):
+            pruned, report = prune_tokens(model, method, keep=1.0, schedule=schedule)
+            assert torch.equal(run(pruned, x), ref), (method, schedule)
+            assert report.kept_share == 1.0
+    assert torch.equal(run(merge_tokens(model, r=0).model, x), ref)
+    assert torch.equal(run(merge_tokens(model, r=None, keep=1.0).model, x), ref)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_pruned_forward_carries_fewer_tokens_and_model_untouched(name):
+    model, x, run = _case(name)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    classes = [type(m) for m in model.modules()]
+    method = "accumulated_attention"
+    pruned, report = prune_tokens(model, method, keep=0.25, schedule="progressive")
+    special = 0 if name == "shapes" else 1
+    patches = _final_tokens(model, run, x) - special
+    assert _final_tokens(pruned, run, x) - special == round(patches * 0.25)
+    assert report.kept_share == pytest.approx(round(patches * 0.25) / patches)
+    assert [c[0] for c in report.last_forward] == list(range(report.layers[0], len(vit_layout(model).blocks)))
+    merged = merge_tokens(model, r=3).model
+    assert _final_tokens(merged, run, x) == patches + special - 3 * len(vit_layout(model).blocks)
+    assert list(pruned.state_dict()) == list(before)  # parameter names kept
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert [type(m) for m in model.modules()] == classes
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert run(pruned, x).shape == run(model, x).shape
+
+
+@pytest.mark.parametrize("name", ["fashion", "hf"])
+def test_manual_attention_equals_the_block(name):
+    model = _case(name, 3)[0]
+    layout = vit_layout(model)
+    tokens = torch.randn(3, 17, layout.blocks[0].q.in_features)
+    for parts in layout.blocks:
+        after, attn, _ = attend(parts, tokens)
+        mine = after + parts.mlp(parts.norm2(after))
+        torch.testing.assert_close(mine, parts.block(tokens), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(attn.sum(-1), torch.ones(attn.shape[:-1]))
+
+
+def _hf_reference(model, x, layer: int, keep: int, score_of) -> torch.Tensor:
+    """Prune by eager ``output_attentions`` of block ``layer`` and run the remaining HF layers by hand."""
+    out = model(x, output_attentions=True, output_hidden_states=True)
+    hidden = out.hidden_states[layer + 1]  # after block `layer`, all tokens (the MLP is per token)
+    scores = score_of(out.attentions[layer])
+    idx = scores.topk(keep, dim=1).indices.sort(dim=1).values + 1
+    h = torch.cat([hidden[:, :1], hidden.gather(1, idx[..., None].expand(-1, -1, hidden.shape[-1]))], 1)
+    for blk in model.vit.layers[layer + 1 :]:
+        h = blk(h)
+    return model.classifier(model.vit.layernorm(h)[:, 0])
+
+
+@pytest.mark.parametrize(
+    "method, score_of",
+    [
+        ("cls_attention", lambda a: a[:, :, 0, 1:].mean(1)),
+        ("accumulated_attention", lambda a: a[..., 1:].sum(2).mean(1)),
+    ],
+)
+def test_pruning_matches_eager_attention_reference(method, score_of):
+    model = tiny_model("vit", layers=3, attn="eager")
+    x = torch.randn(6, 3, 16, 16)
+    pruned, _ = prune_tokens(model, method, keep=0.5, at_layers=1)
+    ref = _hf_reference(model, x, 1, 8, score_of)
+    torch.testing.assert_close(pruned(x).logits, ref, rtol=1e-4, atol=1e-5)
+    sdpa = tiny_model("vit", layers=3)  # same seed, sdpa attention: the same pruned outputs
+    torch.testing.assert_close(prune_tokens(sdpa, method, keep=0.5, at_layers=1).model(x).logits, ref)
+
+
+def test_scorers_match_eager_attention_and_are_listed():
+    model = tiny_model("vit", layers=3, attn="eager")
+    x = torch.randn(4, 3, 16, 16)
+    attns = model(x, output_attentions=True).attentions
+    cls = score(model, "cls_attention", data=x)
+    assert cls.unit == "token" and cls.values.shape == (4, 16)
+    torch.testing.assert_close(cls.values, sum(a[:, :, 0, 1:].mean(1) for a in attns))
+    got = score(model, "accumulated_attention", data=x, attn_layers=[-1]).values
+    torch.testing.assert_close(got, attns[-1][..., 1:].sum(2).mean(1))
+    a, b = (score(model, "random_tokens", data=x, seed=s).values for s in (3, 3))
+    assert torch.equal(a, b) and not torch.equal(a, score(model, "random_tokens", data=x, seed=4).values)
+    assert {"cls_attention", "token_transition", "random_tokens", "accumulated_attention"} <= set(
+        whatmatters.methods(unit="token")
+    )
+
+
+def test_token_transition_is_the_relative_change():
+    """Ground truth: with uniform attention every token gets the same update, so the smallest token moves most."""
+    model, _, _ = _case("fashion", 2)
+    parts = vit_layout(model).blocks[0]
+    tokens = torch.randn(2, 17, 64) * torch.linspace(0.5, 3, 17)[:, None].roll(5, 0)
+    with torch.no_grad():
+        parts.q.weight.zero_()
+        parts.q.bias.zero_()  # zero queries: uniform attention, one shared update for all tokens
+    after, attn, _ = attend(parts, tokens)
+    torch.testing.assert_close(attn, torch.full_like(attn, 1 / 17))
+    change = TOKEN_RULES["token_transition"](LayerView(attn, tokens, after, 1))
+    expected = (after - tokens)[:, 1:].norm(dim=-1) / tokens[:, 1:].norm(dim=-1)
+    torch.testing.assert_close(change, expected)
+    assert torch.equal(change.argmax(1), tokens[:, 1:].norm(dim=-1).argmin(1))
+
+
+def test_tome_merging_duplicates_is_exact():
+    """Ground truth: merging identical tokens with proportional attention changes no other token's output."""
+    model, _, _ = _case("fashion", 1)
+    torch.manual_seed(3)
+    distinct = torch.randn(3, 8, 64)
+    tokens = torch.cat([torch.randn(3, 1, 64), distinct.repeat_interleave(2, dim=1)], 1)  # patches 2i, 2i+1 equal
+    ref = model.blocks(tokens)[:, 0]
+    for r in (2, 8):
+        merged = merge_tokens(model, r=r, at_layers=[0]).model
+        out = merged.blocks(tokens)
+        assert out.shape[1] == 17 - r
+        torch.testing.assert_close(out[:, 0], ref, rtol=1e-5, atol=1e-5)
+    # without proportional attention the merged result would differ: the check can fail
+    pruned, _ = prune_tokens(model, "random_tokens", keep=0.5, at_layers=0)
+    assert not torch.allclose(pruned.blocks(tokens)[:, 0], ref, atol=1e-4)
+
+
+def test_batch_rows_prune_independently():
+    model, x, run = _case("fashion", 6)
+    pruned, _ = prune_tokens(model, "cls_attention", keep=0.5, schedule="progressive")
+    whole = run(pruned, x)
+    torch.testing.assert_close(torch.cat([run(pruned, x[i : i + 1]) for i in range(6)]), whole)
+
+
+def test_bad_arguments_are_refused():
+    model = _case("fashion", 2)[0]
+    with pytest.raises(InputError, match="out of range"):
+        prune_tokens(model, keep=0.5, at_layers=[4])
+    with pytest.raises(InputError, match="progressive"):
+        prune_tokens(model, keep=0.5, at_layers=[1, 2])
+    with pytest.raises(InputError, match="schedule"):
+        prune_tokens(model, keep=0.5, schedule="cascade")
+    with pytest.raises(MethodError, match="choose one of"):
+        prune_tokens(model, "cls_attentoin", keep=0.5)
+    with pytest.raises(ModelError, match="no transformer blocks"):
+        prune_tokens(torch.nn.Linear(3, 3), keep=0.5)
+    with pytest.raises(InputError, match="half"):
+        merge_tokens(model, keep=0.1, at_layers=[0, 1])
+    with pytest.raises(InputError, match="r must be"):
+        merge_tokens(model, r=-1)
+    with pytest.raises(InputError, match="already"):
+        merge_tokens(prune_tokens(model, keep=0.5).model, r=2)
+    shapes, sx, srun = _case("shapes", 2)
+    with pytest.raises(MethodError, match="CLS token"):
+        srun(prune_tokens(shapes, "cls_attention", keep=0.5).model, sx)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-3, 3), st.booleans(), st.text()))
+def test_keep_outside_unit_interval_is_refused(keep):
+    model = FashionViT(depth=1)
+    ok = isinstance(keep, (int, float)) and not isinstance(keep, bool) and 0 < keep <= 1
+    if ok:
+        assert prune_tokens(model, keep=keep, at_layers=0).report.keep == float(keep)
+    else:
+        with pytest.raises(InputError, match="keep"):
+            prune_tokens(model, keep=keep, at_layers=0)
