@@ -63,6 +63,18 @@ def test_sweep_matches_the_papers_algorithm(bits, group, sym, act_order):
     assert torch.allclose(deq, ours.weight, atol=1e-12)
 
 
+def test_a_group_size_that_does_not_divide_leaves_a_short_last_group():
+    x = correlated_inputs(256, 40)
+    w = torch.randn(8, 40, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    h = 2 * x.T @ x / len(x)
+    ours = sweep(w, h, bits=4, group_size=16)
+    assert ours.scales.shape == (8, 3) and ours.g_idx.tolist() == [0] * 16 + [1] * 16 + [2] * 8
+    assert torch.allclose(ours.weight, reference_gptq(w, h, 4, 16, True, False, 0.01), atol=1e-9)
+    rtn = round_to_nearest(w, 4, 16)
+    last = round_to_nearest(w[:, 32:], 4, 8)
+    assert torch.equal(rtn.weight[:, 32:], last.weight) and torch.equal(rtn.scales[:, 2], last.scales[:, 0])
+
+
 def test_sweep_in_float32_agrees_with_float64():
     x = correlated_inputs(256, 64)
     w = torch.randn(24, 64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -197,8 +209,8 @@ def test_bits_outside_the_packable_set_are_refused(bits):
 
 
 def test_bad_group_size_and_missing_data_are_refused():
-    with pytest.raises(InputError, match="does not divide"):
-        gptq(mlp(), 4, method="rtn", group_size=48)
+    with pytest.raises(InputError, match="group_size"):
+        gptq(mlp(), 4, method="rtn", group_size=0)
     with pytest.raises(InputError, match="calibration data"):
         gptq(mlp(), 4)
     with pytest.raises(InputError, match="damp"):
@@ -208,3 +220,38 @@ def test_bad_group_size_and_missing_data_are_refused():
 def test_few_calibration_tokens_warn():
     with pytest.warns(UserWarning, match="fewer than its 256 inputs"):
         gptq(mlp(), 4, data=torch.randn(16, 256), layers="^0$", progress=False)
+
+
+def test_a_calibration_is_accepted_as_data_and_must_match_the_model():
+    from whatmatters.compress import calibrate
+
+    model, x = mlp(), correlated_inputs(300, 256).float()
+    cal = calibrate(model, x, activations=False)
+    via_cal, _ = gptq(model, 4, data=cal, progress=False)
+    direct, _ = gptq(model, 4, data=x, batch_size=8, progress=False)
+    assert torch.equal(via_cal[0].qweight, direct[0].qweight)
+    with pytest.raises(InputError, match="another model"):
+        gptq(mlp(seed=2), 4, data=cal)
+
+
+def test_cached_block_inputs_equal_running_the_model_up_to_each_block():
+    """Both drivers see the same Hessians when each block is changed (here: RTN-rounded) before the next."""
+    from whatmatters.compress.hessian import prepare, reconstruct_sequentially
+
+    model = tiny_model("llama")
+    ids = torch.randint(0, 60, (4, 16), generator=torch.Generator().manual_seed(0))
+    seen = []
+    for cache_inputs in (True, False):
+        new, batches, layers = prepare(model, ids, None, None, 2, 128)
+        hessians = {}
+
+        def process(name, layer, hessian, tokens, hessians=hessians):
+            hessians[name] = hessian
+            layer.weight.data.copy_(round_to_nearest(layer.weight, 3, 16).weight)
+
+        reconstruct_sequentially(new, batches, layers, process, description="t", progress=False,
+                                 cache_inputs=cache_inputs)  # fmt: skip
+        seen.append(hessians)
+    assert seen[0].keys() == seen[1].keys() and len(seen[0]) == 14
+    for name in seen[0]:
+        assert torch.allclose(seen[0][name], seen[1][name], rtol=1e-5, atol=1e-6), name

@@ -56,16 +56,11 @@ class GPTQReport:
         )
 
 
-def _group(size: int | None, n_in: int, name: str) -> int:
-    if size is None or size == -1 or size >= n_in:
+def _group(size: int | None, n_in: int) -> int:
+    if size is None or size == -1:
         return n_in
-    size = whole(size, "group_size", minimum=1, meaning="inputs per quantization group, or None per row")
-    if n_in % size:
-        raise InputError(
-            f"group_size={size} does not divide the {n_in} inputs of layer {name}; choose a divisor "
-            f"(e.g. {max(d for d in range(1, min(size, n_in) + 1) if n_in % d == 0)}) or group_size=None"
-        )
-    return size
+    size = whole(size, "group_size", minimum=1, meaning="inputs per quantization group, or None for one per row")
+    return min(size, n_in)
 
 
 def _plan(bits: int | Mapping[str, int], layers: dict[str, nn.Module]) -> dict[str, int]:
@@ -106,8 +101,9 @@ def gptq(
         data: calibration data (texts with ``tokenizer``, token ids such as ``lm_windows(...)``, input
             tensors, batches or a ``Calibration``); not needed for ``method="rtn"``.
         method: ``"gptq"`` (second-order error compensation) or ``"rtn"`` (round to nearest).
-        group_size: inputs sharing one scale and zero point (must divide the layer's inputs; ``None``, -1
-            or at least the input width: one group per output row).
+        group_size: consecutive inputs sharing one scale and zero point (``None`` or -1: one group per
+            output row); when it does not divide the layer's inputs the last group is shorter, as in the
+            reference implementation (SmolLM2's 576 inputs at 128: four groups of 128 and one of 64).
         sym: symmetric ranges (``± max |w|``, zero point ``2**(bits-1)``) or asymmetric (``[min, max]``).
         act_order: quantize inputs by decreasing Hessian diagonal (often better at 3 bits and below).
         damp: dampening added to the Hessian diagonal, as a fraction of its mean.
@@ -128,7 +124,7 @@ def gptq(
     calibration = data if method == "gptq" else None
     new, batches, chosen = prepare(model, calibration, tokenizer, selected, batch_size, max_length)
     plan = _plan(bits, chosen)
-    groups = {n: _group(group_size, weight_matrix(chosen[n]).shape[1], n) for n in plan}
+    groups = {n: _group(group_size, weight_matrix(chosen[n]).shape[1]) for n in plan}
     rows: list[dict[str, Any]] = []
     report = GPTQReport(method, rows)
 

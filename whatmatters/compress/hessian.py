@@ -6,8 +6,10 @@ model order runs the calibration batches through the model *as changed so far*, 
 group, with forward hooks that accumulate each layer's ``XᵀX``. The group's layers are then processed
 (quantized or pruned) before the next group's Hessians are taken, so every block's inputs come from the
 already-compressed blocks before it, as in the reference; within a block all layers see the block's dense
-inputs (the reference without ``--true-sequential``). A group's forward stops at its end, so the cost is
-one forward pass up to each block (about ``n_blocks / 2`` full passes).
+inputs (the reference without ``--true-sequential``). When every layer is inside the blocks, the first
+block's call arguments are captured once and each block then runs on its own, on the previous block's
+outputs (two block calls per block: about two forward passes in all); otherwise the model runs up to each
+group's end (about ``n_groups / 2`` forward passes).
 """
 
 from __future__ import annotations
@@ -55,8 +57,11 @@ class HessianSum:
         return self.xtx * (2 / max(self.count, 1))
 
 
-def layer_groups(model: nn.Module, layers: Mapping[str, nn.Module]) -> list[tuple[nn.Module, list[str]]]:
-    """``(module to stop after, layer names)`` per transformer block (or per layer), in model order."""
+def layer_groups(
+    model: nn.Module, layers: Mapping[str, nn.Module]
+) -> tuple[nn.ModuleList | None, list[tuple[nn.Module, list[str]]]]:
+    """The model's ``ModuleList`` of blocks (None if none holds several selected layers) and the
+    ``(module to stop after, layer names)`` of every block (or lone layer), in model order."""
     lists = [n for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
     under = {p: sum(n.startswith(p + ".") for n in layers) for p in lists}
     blocks = max(under, key=under.get) if under and max(under.values()) > 1 else None
@@ -70,7 +75,8 @@ def layer_groups(model: nn.Module, layers: Mapping[str, nn.Module]) -> list[tupl
             groups[-1][2].append(name)
         else:
             groups.append((key, stop, [name]))
-    return [(stop, names) for _, stop, names in groups]
+    container = model.get_submodule(blocks) if blocks is not None else None
+    return container, [(stop, names) for _, stop, names in groups]
 
 
 def check_options(damp: object, block_size: object) -> int:
@@ -98,6 +104,65 @@ def prepare(
 
 
 Process = Callable[[str, nn.Module, torch.Tensor, int], None]
+Cached = list[tuple[tuple, dict[str, Any], torch.Tensor | None]]  # a block's (args, kwargs, token mask) per batch
+
+
+def _block_inputs(model: nn.Module, block: nn.Module, batches: list[Batch], device: torch.device) -> Cached:
+    """The positional and keyword arguments ``block`` is called with, for every batch (the model stops there)."""
+    cache: Cached = []
+    mask: list[torch.Tensor | None] = [None]
+
+    def grab(_m: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        cache.append((args, kwargs, mask[0]))
+        raise _Stop
+
+    with hooks(block.register_forward_pre_hook(grab, with_kwargs=True)), torch.no_grad():
+        for batch in batches:
+            batch = batch.to(device)
+            mask[0] = batch.mask
+            with contextlib.suppress(_Stop):
+                call_model(model, batch)
+    return cache
+
+
+def _next_inputs(block: nn.Module, cache: Cached) -> Cached:
+    """``block``'s outputs as the next block's hidden states (the other arguments are shared by all blocks)."""
+    out: Cached = []
+    with torch.no_grad():
+        for args, kwargs, mask in cache:
+            hidden = block(*args, **kwargs)
+            hidden = hidden[0] if isinstance(hidden, (tuple, list)) else hidden
+            if args:
+                out.append(((hidden, *args[1:]), kwargs, mask))
+            else:
+                out.append(((), {**kwargs, "hidden_states": hidden}, mask))
+    return out
+
+
+class _Collector:
+    """Hessian sums of one group of layers, checked and handed to ``process``."""
+
+    def __init__(self, layers: Mapping[str, nn.Module], process: Process, device: torch.device) -> None:
+        self.layers, self.process, self.device, self.warned = layers, process, device, False
+
+    def run(self, names: list[str], call: Callable[[dict[str, HessianSum]], None]) -> None:
+        sums = {n: HessianSum(weight_matrix(self.layers[n]).shape[1], self.device) for n in names}
+        with hooks(*[self.layers[n].register_forward_hook(sums[n]) for n in names]), torch.no_grad():
+            call(sums)
+        for name in names:
+            count, n_in = sums[name].count, sums[name].xtx.shape[0]
+            if count == 0:
+                raise ModelError(f"layer {name} was not called on the calibration data; select other layers")
+            if count < n_in and not self.warned:  # once per call: every layer sees the same tokens
+                self.warned = True
+                warnings.warn(
+                    f"layer {name} saw {count} calibration tokens, fewer than its {n_in} inputs: its Hessian "
+                    "is singular and only dampening keeps it invertible (the same may hold for other layers); "
+                    "give more calibration data",
+                    UserWarning,
+                    stacklevel=4,
+                )
+            self.process(name, self.layers[name], sums[name].hessian(), count)
 
 
 def reconstruct_sequentially(
@@ -108,40 +173,53 @@ def reconstruct_sequentially(
     *,
     description: str,
     progress: bool | None = None,
+    cache_inputs: bool = True,
 ) -> None:
     """Call ``process(name, layer, hessian, n_tokens)`` for every layer, block by block (module docstring).
 
+    When every layer is inside the model's list of blocks (``cache_inputs``), the first block's inputs are
+    captured once and each block is then run on its own, on the outputs of the processed block before it
+    (as the reference does: one pass over the blocks); otherwise the model runs up to each group's end.
     ``model`` is changed by ``process`` (it is the caller's copy); it runs in eval mode and without gradients.
     """
     device, _ = parameter_device_dtype(model)
-    groups = layer_groups(model, layers)
+    container, groups = layer_groups(model, layers)
+    children = list(container) if container is not None else []
+    cached = cache_inputs and bool(children) and all(any(stop is c for c in children) for stop, _ in groups)
+    collector = _Collector(layers, process, device)
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
+        if cached:
+            index = {id(c): i for i, c in enumerate(children)}
+            first, last = index[id(groups[0][0])], index[id(groups[-1][0])]
+            names_of = {id(stop): names for stop, names in groups}
+            cache = _block_inputs(model, children[first], batches, device)
+            for block in progress_bar(children[first : last + 1], last + 1 - first, description, progress):
+
+                def call(sums: dict[str, HessianSum], block: nn.Module = block, cache: Cached = cache) -> None:
+                    for args, kwargs, mask in cache:
+                        for s in sums.values():
+                            s.mask = mask
+                        block(*args, **kwargs)
+
+                if id(block) in names_of:
+                    collector.run(names_of[id(block)], call)
+                if block is not children[last]:
+                    cache = _next_inputs(block, cache)
+            return
         for stop, names in progress_bar(groups, len(groups), description, progress):
-            sums = {n: HessianSum(weight_matrix(layers[n]).shape[1], device) for n in names}
-            handles = [layers[n].register_forward_hook(sums[n]) for n in names]
-            handles.append(stop.register_forward_hook(_raise_stop))
-            with hooks(*handles), torch.no_grad():
-                for batch in batches:
-                    batch = batch.to(device)
-                    for s in sums.values():
-                        s.mask = batch.mask
-                    with contextlib.suppress(_Stop):
-                        call_model(model, batch)
-            for name in names:
-                count = sums[name].count
-                if count == 0:
-                    raise ModelError(f"layer {name} was not called on the calibration data; select other layers")
-                n_in = sums[name].xtx.shape[0]
-                if count < n_in:
-                    warnings.warn(
-                        f"layer {name} saw {count} calibration tokens, fewer than its {n_in} inputs: its Hessian "
-                        "is singular and only dampening keeps it invertible; give more calibration data",
-                        UserWarning,
-                        stacklevel=3,
-                    )
-                process(name, layers[name], sums[name].hessian(), count)
+
+            def call(sums: dict[str, HessianSum], stop: nn.Module = stop) -> None:
+                with hooks(stop.register_forward_hook(_raise_stop)):
+                    for batch in batches:
+                        batch = batch.to(device)
+                        for s in sums.values():
+                            s.mask = batch.mask
+                        with contextlib.suppress(_Stop):
+                            call_model(model, batch)
+
+            collector.run(names, call)
     finally:
         for m, training in modes:
             m.training = training

@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from whatmatters.core.errors import ModelError
 
@@ -62,13 +63,15 @@ def round_to_nearest(weight: torch.Tensor, bits: int, group_size: int, sym: bool
     """Group-wise round-to-nearest with the same quantizer as GPTQ (the baseline GPTQ is compared with)."""
     w = weight.detach().float()
     rows, cols = w.shape
-    groups = w.reshape(rows * (cols // group_size), group_size)
+    n_groups = -(-cols // group_size)
+    # zero padding fills a short last group: ranges always include 0, so it changes no scale
+    groups = nn.functional.pad(w, (0, n_groups * group_size - cols)).reshape(rows * n_groups, group_size)
     scale, zero = quant_params(groups, bits, sym)
     codes = to_codes(groups, scale[:, None], zero[:, None], bits)
-    deq = (scale[:, None] * (codes - zero[:, None])).reshape(rows, cols)
+    deq = (scale[:, None] * (codes - zero[:, None])).reshape(rows, -1)[:, :cols]
     g_idx = torch.arange(cols, device=w.device) // group_size
-    shape = (rows, cols // group_size)
-    return Sweep(deq, float("nan"), codes.reshape(rows, cols), scale.reshape(shape), zero.reshape(shape), g_idx)
+    codes = codes.reshape(rows, -1)[:, :cols]
+    return Sweep(deq, float("nan"), codes, scale.reshape(rows, n_groups), zero.reshape(rows, n_groups), g_idx)
 
 
 def inverse_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,7 +131,7 @@ def sweep(
         width = max(width // n_m[1], 1) * n_m[1]
     out = torch.zeros_like(w)
     codes = torch.zeros_like(w) if bits else None
-    n_groups = cols // gs
+    n_groups = -(-cols // gs)  # the last group is shorter when gs does not divide the inputs (as the reference)
     scales = torch.zeros(rows, n_groups, device=w.device, dtype=dtype) if bits else None
     zeros = torch.zeros_like(scales) if bits else None
     loss = torch.zeros((), dtype=torch.float64, device=w.device)

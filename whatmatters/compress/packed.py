@@ -32,9 +32,14 @@ def check_bits(bits: object, what: str = "bits") -> int:
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer ``codes`` ``(rows, n)`` in ``[0, 2**bits)`` into ``int32`` words ``(rows, ceil(n*bits/32))``."""
     rows, n = codes.shape
+    words = -(-n * bits // 32)
+    if 32 % bits == 0:  # whole values per word: one shift per value
+        per = 32 // bits
+        padded = nn.functional.pad(codes.long(), (0, words * per - n))
+        packed = (padded.view(rows, words, per) << torch.arange(0, 32, bits, device=codes.device)).sum(-1)
+        return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
     shifts = torch.arange(bits, device=codes.device)
     stream = ((codes.long().unsqueeze(-1) >> shifts) & 1).reshape(rows, n * bits)
-    words = -(-n * bits // 32)
     stream = nn.functional.pad(stream, (0, words * 32 - n * bits))
     packed = (stream.view(rows, words, 32) << torch.arange(32, device=codes.device)).sum(-1)
     return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
