@@ -59,7 +59,6 @@ import torch
 
 from whatmatters.compress.kvcache.eviction import (
     KVEviction,
-    _check_ids,
     _record,
     evict_scores,
     evicting_kv,
@@ -101,7 +100,8 @@ def _token_batches(task: WeightTask, method: str) -> list[torch.Tensor]:
         )
     out = []
     for batch in task.calibration.batches:
-        ids = hf.token_ids(batch.kwargs.get("input_ids", batch.args[0] if batch.args else None), task.model)
+        ids = batch.kwargs.get("input_ids", batch.args[0] if batch.args else None)
+        ids = hf.token_ids(ids, task.model, min_length=2)  # a cache needs 2 positions to score
         mask = batch.mask
         if mask is not None and not bool(mask.all()):
             raise InputError(
@@ -120,7 +120,7 @@ def _kv_scorer(task: WeightTask, policy: str, compression_ratio: float, params: 
     arch = attention_layout(task.model)
     values, layers = [], []
     for ids in _token_batches(task, policy):
-        v, layers = _record(task.model, arch, _check_ids(ids, task.model), policy, ratio, p)
+        v, layers = _record(task.model, arch, ids, policy, ratio, p)
         values.append(v)
     seq = values[0].shape[-1]
     return torch.cat(values), {

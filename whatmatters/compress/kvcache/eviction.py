@@ -248,10 +248,6 @@ def kv_eviction(model: nn.Module, *args: Any, **kwargs: Any) -> AbstractContextM
     return evicting_kv(model, *args, **kwargs)
 
 
-def _check_ids(input_ids: Any, model: nn.Module) -> torch.Tensor:
-    return hf.token_ids(input_ids, model, min_length=2)
-
-
 def _record(
     model: nn.Module, arch: AttentionLayout, input_ids: torch.Tensor, policy: str, ratio: float, p: dict[str, Any]
 ):
@@ -281,7 +277,7 @@ def evict_scores(
     ``scissorhands``); ``extra["budget"]`` is the number of positions :func:`evicting_kv` would keep per
     head. ``whatmatters.compress.score(model, policy, data=input_ids)`` returns the same values.
     """
-    input_ids = _check_ids(input_ids, model)
+    input_ids = hf.token_ids(input_ids, model, min_length=2)
     ratio = _check_ratio(compression_ratio)
     policy = _policy_name(policy)
     p = _validate(policy, params)
