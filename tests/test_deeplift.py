@@ -228,3 +228,12 @@ def test_bad_parameters_are_clear_errors(call):
     model = cnn() if data.ndim == 4 else mlp()
     with pytest.raises((MethodError, InputError)):
         wm.explain(model, data, method, **params)
+
+
+def test_an_eps_below_the_dtype_range_gives_finite_scores():
+    """Found by the parameter fuzz test: eps=3.8e-66 rounds to 0 in float32, and dx == 0 divided by 0."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    x = torch.randn(6, 3)
+    for method in ("deeplift", "deeplift_shap"):
+        assert bool(torch.isfinite(wm.explain(net, x, method, target=1, eps=3.8e-66).values).all())

@@ -38,7 +38,7 @@ def _rescale(eps: float):
     def rule(module: nn.Module, x: torch.Tensor, y: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         k = len(x) // 2
         dx, dy = x[:k] - x[k:], y[:k] - y[k:]
-        small = dx.abs() < eps
+        small = (dx == 0) | (dx.abs() < eps)  # an eps below the dtype's range must not divide by 0
         g = grad[:k]
         new = g * dy / torch.where(small, torch.ones_like(dx), dx)
         if bool(small.any()):
@@ -57,7 +57,7 @@ def _max_pool(eps: float):
         # the rise to the common maximum goes to the sample's argmax, the rest to the baseline's
         spread = local_vjp(module, x[:k], g * (top - ref)) + local_vjp(module, x[k:], g * (out - top))
         dx = x[:k] - x[k:]
-        small = dx.abs() < eps
+        small = (dx == 0) | (dx.abs() < eps)  # an eps below the dtype's range must not divide by 0
         new = torch.where(small, local_vjp(module, x[:k], g), spread / torch.where(small, torch.ones_like(dx), dx))
         return torch.cat([new, torch.zeros_like(new)])
 
