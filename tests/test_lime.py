@@ -210,3 +210,10 @@ def test_lime_bad_parameters_are_method_errors(params):
 def test_a_tiny_kernel_width_is_refused_not_nan():
     with pytest.raises(MethodError, match="kernel_width"):
         wm.explain(mlp(), torch.randn(2, 6, dtype=torch.float64), "lime", kernel_width=1e-200, n_samples=16)
+
+
+def test_a_feature_mask_numpy_cannot_hand_to_torch_is_an_input_error():
+    """Found by the parameter fuzz test: 2**63 becomes a uint64 array, which torch.as_tensor refuses."""
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2)).eval()
+    with pytest.raises(InputError, match="feature_mask must hold integer"):
+        wm.explain(net, torch.randn(4, 3), "lime", target=0, feature_mask=2**63)

@@ -63,7 +63,10 @@ def _feature_mask(task: Task, feature_mask: Any, segmentation: str, n_segments: 
     """Interpretable feature index of every unit, ``(n, *unit_shape)``, numbered from 0 in each sample."""
     x = task.inputs
     if feature_mask is not None:
-        mask = torch.as_tensor(np.asarray(feature_mask))
+        try:
+            mask = torch.as_tensor(np.asarray(feature_mask))
+        except (TypeError, ValueError, OverflowError):  # e.g. 2**63 (uint64 NumPy has no torch twin), ragged lists
+            raise InputError("feature_mask must hold integer feature indices (one per unit)") from None
         if mask.is_floating_point() or mask.dtype == torch.bool:
             raise InputError("feature_mask must hold integer feature indices (one per unit)")
         shape = tuple(mask.shape)
