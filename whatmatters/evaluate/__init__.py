@@ -23,12 +23,15 @@ from whatmatters.evaluate.metrics import (
     metric,
     metrics,
 )
+from whatmatters.evaluate.rashomon import rashomon
+from whatmatters.evaluate.rashomon_cloud import RashomonCloud
 from whatmatters.evaluate.road import noisy_linear_imputation, road_curves, road_lerf, road_morf
 from whatmatters.evaluate.robustness import cascade_layers, gradient_noise, max_sensitivity, randomization
 
 __all__ = [
     "BenchmarkResult",
     "MetricResult",
+    "RashomonCloud",
     "auc",
     "benchmark",
     "cascade_layers",
@@ -49,6 +52,7 @@ __all__ = [
     "precision_at_k",
     "randomization",
     "rank_agreement",
+    "rashomon",
     "relevance_mass",
     "road_curves",
     "road_lerf",

@@ -86,8 +86,15 @@ def labelled(importances: Sequence[Importance]) -> dict[str, Importance]:
     return out
 
 
+def _is_cloud(obj: Any) -> bool:
+    return all(hasattr(obj, a) for a in ("rank_ranges", "median_importance"))
+
+
 def _collect(result: Any) -> tuple[Any, dict[str, Importance]]:
     """(benchmark result or None, label -> Importance)."""
+    if _is_cloud(result):  # a RashomonCloud: its median importance, and its own section
+        imp = result.median_importance()
+        return None, {imp.method: imp}
     if isinstance(result, Importance):
         return None, {result.method or "importance": result}
     if _is_benchmark(result):
@@ -365,6 +372,44 @@ def _overlay_section(
     )
 
 
+def _cloud_section(cloud: Any, k: int) -> str:
+    """The cloud plot, the rank ranges (plot and table) and the interactions of a RashomonCloud."""
+    from whatmatters.report import rashomon
+
+    info = cloud.info
+    kept = len(cloud.models)
+    losses = info.get("losses")
+    note = f"{kept} models" + (
+        f" of {len(losses)} candidates within {info.get('tolerance')} of the best held-out {info.get('loss')} "
+        f"({float(np.min(losses)):.4g})"
+        if losses is not None
+        else ""
+    )
+    figs = []
+    for draw, alt in ((rashomon.cloud_plot, "importance cloud"), (rashomon.rank_plot, "rank ranges")):
+        fig = plots.new_figure(6.5, 0.32 * min(k, len(cloud.names)) + 1.3)
+        draw(cloud, ax=fig.subplots(), k=k)
+        figs.append(_img(fig, alt))
+    if cloud.pairs:
+        fig = plots.new_figure(5.5, 0.32 * min(15, len(cloud.pairs)) + 1.3)
+        rashomon.interaction_plot(cloud, ax=fig.subplots())
+        figs.append(_img(fig, "pairwise interactions"))
+    frame = cloud.rank_ranges().head(k)
+    head = "".join(f"<th>{_e(c)}</th>" for c in ["feature", *frame.columns])
+    body = "".join(
+        "<tr><td>" + _e(name) + "</td>" + "".join(f"<td>{_format(v)}</td>" for v in row) + "</tr>"
+        for name, row in zip(frame.index, frame.to_numpy())
+    )
+    return (
+        f'<section id="rashomon"><h2>Rashomon set: importance across near-equally good models</h2>'
+        f'<p class="note">{_e(note)}. Features in red (unstable = 1) reach the top in some model while '
+        "their rank moves by several places across the set: trust their rank less. Interactions: share of "
+        'the output variance due to the pair acting together.</p><div class="grid">' + "".join(figs) + "</div>"
+        f'<div class="scroll"><table class="metrics"><thead><tr>{head}</tr></thead><tbody>{body}</tbody>'
+        "</table></div></section>"
+    )
+
+
 def render_report(
     result: Any,
     title: str = "whatmatters report",
@@ -410,6 +455,10 @@ def render_report(
             "↓: lower is better; the best value of each column is highlighted. Seconds: wall time of the "
             f"scoring call.{ref_note}</p>" + _metrics_table(bench) + "</section>"
         )
+
+    if _is_cloud(result):
+        nav.append(("rashomon", "Rashomon set"))
+        sections.append(_cloud_section(result, k))
 
     ordered = [m for m in methods if m in shown] + [m for m in shown if m not in methods]
     members = _grid_members({m: shown[m] for m in ordered})
