@@ -6,6 +6,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import typer
 
 from whatmatters.cli.commands import _clean_errors, _console, escape_markup
@@ -13,7 +14,10 @@ from whatmatters.core.errors import InputError
 
 curate_app = typer.Typer(
     name="curate",
-    help="Decide which training data matter: select documents that resemble a target corpus (dsir).",
+    help=(
+        "Decide which training data matter: select documents that resemble a target corpus (dsir), score labelled "
+        "examples (score) and keep a subset by their scores (select)."
+    ),
     no_args_is_help=True,
 )
 
@@ -118,6 +122,104 @@ def dsir_cmd(
         )
     for line in summary_lines(result):
         console.print(escape_markup(line), soft_wrap=True)
+
+
+@curate_app.command("score")
+@_clean_errors
+def score_cmd(
+    data: list[str] = typer.Option(
+        ..., "--data", "-d", help="Labelled texts: JSON-lines / Parquet / CSV files, folders or quoted globs."
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="The scores file (Parquet): one row per example."),
+    text_field: str = typer.Option("text", "--text-field", help="The field (column) holding the text."),
+    label_field: str = typer.Option("label", "--label-field", help="The field (column) holding the label."),
+    model: str = typer.Option("minilm", "--model", help="Embeddings: minilm (all-MiniLM-L6-v2, offline)."),
+    method: str = typer.Option("el2n", "--method", "-m", help="loss, el2n, grand, forgetting, tracin or trak."),
+    epochs: int = typer.Option(5, "--epochs", help="Epochs of the linear head trained on the embeddings."),
+    seeds: int = typer.Option(3, "--seeds", help="Heads trained (seeds); scores are averaged over them."),
+    lr: float = typer.Option(0.5, "--lr", help="SGD learning rate of the head (embeddings have unit norm)."),
+    score_epoch: int | None = typer.Option(
+        None, "--score-epoch", help="Score the heads after this epoch (default: 2 for el2n/grand, else the last)."
+    ),
+    max_length: int = typer.Option(256, "--max-length", help="Tokens per text embedded (longer texts truncated)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the first head (the others: seed+1, ...)."),
+) -> None:
+    """Score every labelled example: embed the texts, train a small linear head, score with METHOD.
+
+    High scores mean hard, atypical or mislabelled examples. Bad lines (invalid JSON, no text or label)
+    are skipped, counted and shown. OUT holds example, file, row, label, class, score and the embedding.
+    """
+    from whatmatters.cli.curate_examples import embed_texts, score_examples, write_scores
+    from whatmatters.core.registry import get_method
+    from whatmatters.curate.labelled import read_labelled
+
+    if get_method(method).verb != "curate" or method == "lexrank":
+        raise InputError(
+            f"--method {method!r} does not score labelled examples; use loss, el2n, grand, forgetting, tracin or trak"
+        )
+    console, progress = _console(), sys.stderr.isatty()
+    texts = read_labelled(data, text_field, label_field)
+    for line in texts.summary():
+        console.print(escape_markup(line), soft_wrap=True)
+    embeddings = embed_texts(texts.texts, model, max_length, progress)
+    scored = score_examples(
+        texts, embeddings, method, epochs=epochs, seeds=seeds, lr=lr, score_epoch=score_epoch, seed=seed,
+        progress=progress,
+    )  # fmt: skip
+    meta = {"method": method, "model": model, "epochs": epochs, "seeds": seeds, "lr": lr, "bad_lines": texts.bad}
+    path = write_scores(out, texts, scored, meta)
+    top = np.argsort(-scored.scores, kind="stable")[:3]
+    console.print(
+        escape_markup(
+            f"scored: {len(scored.scores):,} examples, {len(scored.classes)} classes, {method} after epoch "
+            f"{scored.epoch} -> {path}; highest: "
+            + ", ".join(f"{texts.files[i]}:{texts.rows[i] + 1} ({scored.scores[i]:.3g})" for i in top)
+        ),
+        soft_wrap=True,
+    )
+
+
+@curate_app.command("select")
+@_clean_errors
+def select_cmd(
+    scores: Path = typer.Option(..., "--scores", "-s", help="A scores file from 'whatmatters curate score'."),
+    k: int = typer.Option(..., "-k", "--k", help="How many examples to keep."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder: selected.parquet and selection.json."),
+    strategy: str = typer.Option(
+        "ccs", "--strategy", help="top, random, ccs, k_center, facility_location, cluster_sample."
+    ),
+    embeddings: Path | None = typer.Option(
+        None, "--embeddings", help="Embeddings (.npy or Parquet with 'embedding'); default: the scores file's."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the strategy's random draws."),
+) -> None:
+    """Keep K examples of a scores file by STRATEGY (ccs: coverage-centric coreset; k_center, facility_location,
+    cluster_sample: diverse embeddings); writes the kept rows (without embeddings) and the report to OUT."""
+    from whatmatters.cli.curate_examples import read_embeddings, read_scores
+    from whatmatters.curate import select
+    from whatmatters.curate.shards import write_json, write_table
+
+    table = read_scores(scores)
+    n = table.num_rows
+    if k < 1 or k > n:
+        problem = "larger than the pool" if k > n else "not a positive count"
+        raise InputError(f"-k {k} is {problem}: {scores} holds {n:,} examples; give 1 <= k <= {n:,}")
+    x = read_embeddings(embeddings, table)
+    values = table.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
+    selection = select(values, keep=k, strategy=strategy, embeddings=x, seed=seed)
+    kept = table.drop_columns([c for c in ("embedding",) if c in table.column_names]).take(selection.indices.numpy())
+    out.mkdir(parents=True, exist_ok=True)
+    write_table(kept, out / "selected.parquet")
+    report = {**selection.report, "scores": str(scores), "mean_score_kept": float(values[selection.indices].mean())}
+    write_json(report, out / "selection.json")
+    _console().print(
+        escape_markup(
+            f"selected: {k:,} of {n:,} examples by {selection.report['strategy']} -> {out / 'selected.parquet'} "
+            f"(mean score kept {report['mean_score_kept']:.4g}, all {values.mean():.4g}); report: "
+            f"{out / 'selection.json'}"
+        ),
+        soft_wrap=True,
+    )
 
 
 def summary_lines(result) -> list[str]:
