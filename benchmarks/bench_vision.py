@@ -14,7 +14,8 @@ Cost: ``seconds`` is the benchmark's single ``explain`` call; ``median_s`` the m
 batch; ``x_fwd_bwd`` is the method's median process CPU time over the median CPU time of those passes
 (measured under the same load, so steadier than wall-clock ratios on a shared machine; the wall-clock
 ratios are in the JSON). ``--pair a,b`` (default ``cf_cam,grad_cam``) compares two methods sample by
-sample on every metric (mean difference, standard error, share of samples where ``a`` wins). Run::
+sample on every metric (mean difference, standard error, share of samples where ``a`` wins); ``--methods``
+runs only the named methods (the rows of the others do not depend on them). Run::
 
     PYTHONPATH=. python benchmarks/bench_vision.py [--images 64 --repeats 3 --out benchmarks/out/vision_report.html]
     PYTHONPATH=. python benchmarks/bench_vision.py --vit   # also the ShapesViT (trained once if not cached)
@@ -116,6 +117,11 @@ def run_model(arch: str, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]
     with torch.no_grad():
         accuracy = float((model(x).argmax(1) == y).double().mean())
     methods = wm.methods(unit="pixel")
+    if args.methods:
+        unknown = sorted(set(args.methods) - set(methods))
+        if unknown:
+            raise SystemExit(f"not registered pixel methods: {unknown}; choose from {methods}")
+        methods = [m for m in methods if m in args.methods]
     pixel_metrics = metrics(unit="pixel")  # the ground-truth ones use relevant=masks
     if args.skip_metric:
         pixel_metrics = [m for m in pixel_metrics if m not in args.skip_metric]
@@ -137,6 +143,7 @@ def run_model(arch: str, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]
         table.insert(at + i, column, [costs.get(label, {}).get(column, float("nan")) for label in table.index])
         result.metric_info[column] = ("cost", False)
     pair = [p.strip() for p in args.pair.split(",")] if args.pair else []
+    pair = pair if all(p in result.importances for p in pair) else []  # a method of the pair was not run
     comparison = paired(model, x, y, masks, result, pair, args.seed) if len(pair) == 2 else {}
     meta = {
         "model": arch,
@@ -169,6 +176,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--vit", action="store_true", help="also benchmark the ShapesViT")
     parser.add_argument("--pair", default="cf_cam,grad_cam", help="two methods compared sample by sample")
+    parser.add_argument(
+        "--methods", nargs="+", default=None, help="run only these methods (default: every pixel method)"
+    )
     parser.add_argument("--skip-metric", action="append", default=[], help="leave out a metric (repeatable)")
     parser.add_argument("--out", default="benchmarks/out/vision_report.html", help="the HTML report (CNN)")
     parser.add_argument("--json", default=None, help="also write the full JSON (with curves) to this file")
