@@ -7,6 +7,8 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_dsir_cli import assert_one_error_line, invoke
 
 TOPICS = {
@@ -99,3 +101,10 @@ def test_clear_errors(files, scores, tmp_path):
         invoke("curate", "select", "--scores", files / "nope.parquet", "-k", 1, "-o", tmp_path), "no such"
     )
     assert not out.exists()
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(k=st.one_of(st.integers(max_value=0), st.integers(min_value=17, max_value=10**9)))
+def test_select_refuses_any_k_outside_the_pool(scores, tmp_path, k):
+    result = invoke("curate", "select", "--scores", scores[0], "-k", k, "--out", tmp_path / "sel")
+    assert_one_error_line(result, f"-k {k}", "16 examples")

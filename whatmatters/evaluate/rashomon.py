@@ -247,7 +247,7 @@ def _loss(loss: Any, model: Any, estimator: Any, y_val: np.ndarray, width: int) 
         )
     classifier = _is_classifier(model, estimator, y_val, width)
     name = loss if loss is not None else ("error" if classifier else "mse")
-    classes = np.asarray(getattr(model, "classes_", np.arange(int(y_val.max()) + 1 if classifier else 0)))
+    classes = np.asarray(getattr(model, "classes_", np.arange(width)))  # a torch model: output j is class j
     probabilities = estimator is not None or hasattr(model, "predict_proba")
     if name == "mse":
         return (lambda yt, out: float(((out - yt.reshape(len(yt), -1)) ** 2).mean())), name
