@@ -228,9 +228,12 @@ def _fit_one(job: tuple) -> Any:
 def _fit_all(jobs: list[tuple], n_jobs: int | None, progress: bool | None) -> list[Any]:
     if n_jobs in (None, 1):
         return [_fit_one(j) for j in progress_bar(jobs, len(jobs), "fitting candidates", progress)]
-    from joblib import Parallel, delayed
+    from joblib import Parallel, delayed  # joblib comes with scikit-learn
 
-    results = Parallel(n_jobs=n_jobs, return_as="generator")(delayed(_fit_one)(j) for j in jobs)
+    try:  # joblib >= 1.3 yields results as they come (a live progress bar)
+        results = Parallel(n_jobs=n_jobs, return_as="generator")(delayed(_fit_one)(j) for j in jobs)
+    except TypeError:  # older joblib (scikit-learn 1.5 admits 1.2): all at once
+        results = Parallel(n_jobs=n_jobs)(delayed(_fit_one)(j) for j in jobs)
     return list(progress_bar(results, len(jobs), "fitting candidates", progress))
 
 
