@@ -1,0 +1,122 @@
+"""What a text model says about its target, read in batches: a classifier's class or a causal LM's next token.
+
+Shared by token attribution (``explain.reagent``) and text evaluation (``evaluate.text``). A model is called
+as ``model(input_ids=..., attention_mask=...)`` (or ``inputs_embeds=``) and returns ``.logits``: ``(b, C)``
+for a classifier, ``(b, L, V)`` for a causal LM, whose prediction is read at each row's last real token.
+Position ids follow the attention mask (``cumsum - 1``), so left- and right-padded rows read the same.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from whatmatters.core.errors import InputError, ModelError
+
+
+def accepts(model: nn.Module, name: str) -> bool:
+    """Whether ``model.forward`` takes the keyword ``name`` (or ``**kwargs``)."""
+    params = inspect.signature(model.forward).parameters
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of the real tokens counted from each row's first one (padding gets 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def last_real(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last real (attended) token."""
+    steps = torch.arange(1, attention_mask.shape[-1] + 1, device=attention_mask.device)
+    return (attention_mask.long() * steps).argmax(-1)
+
+
+def check_mask(input_ids: torch.Tensor, attention_mask: Any, *, min_tokens: int = 1) -> torch.Tensor:
+    """``attention_mask`` as a 0/1 long tensor of the ids' shape (all ones when None); rows need ``min_tokens``."""
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
+        raise InputError(
+            f"attention_mask must be a tensor of the input_ids' shape {tuple(input_ids.shape)}, got {shape}; "
+            "pass the tokenizer's attention_mask"
+        )
+    if attention_mask.is_floating_point() and not torch.isin(attention_mask, torch.tensor([0.0, 1.0])).all():
+        raise InputError("attention_mask must hold 0 (padding) and 1 (real token) only")
+    mask = attention_mask.long()
+    if ((mask != 0) & (mask != 1)).any():
+        raise InputError("attention_mask must hold 0 (padding) and 1 (real token) only")
+    short = (mask.sum(-1) < min_tokens).nonzero().flatten().tolist()
+    if short:
+        raise InputError(
+            f"rows {short[:10]} have fewer than {min_tokens} real token(s) (empty text or all padding); "
+            "drop empty texts before explaining or evaluating them"
+        )
+    return mask.to(input_ids.device)
+
+
+def output_size(model: nn.Module) -> int | None:
+    """Number of outputs (classes or vocabulary) the model's head gives, when it says so."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, nn.Linear):
+        return head.out_features
+    return getattr(getattr(model, "config", None), "num_labels", None)
+
+
+def check_target(model: nn.Module, target: Any, n: int, device: torch.device) -> torch.Tensor:
+    """``target`` as ``n`` output indices (one int broadcasts); ``InputError`` outside the model's outputs."""
+    t = torch.as_tensor(target, device=device)
+    if t.is_floating_point() or t.dtype == torch.bool or t.ndim > 1:
+        raise InputError(f"target must be integer output ids (one per row, or one for all), got {t.dtype} {t.shape}")
+    t = t.long().expand(n) if t.ndim == 0 else t.long()
+    if t.numel() != n:
+        raise InputError(f"target has {t.numel()} ids for {n} rows; give one per row")
+    size = output_size(model)
+    lo, hi = int(t.min()), int(t.max())
+    if lo < 0 or (size is not None and hi >= size):
+        bound = f"[0, {size})" if size is not None else "non-negative"
+        raise InputError(f"target ids must lie in {bound} (the model's outputs), got ids from {lo} to {hi}")
+    return t
+
+
+def read_logits(model: nn.Module, attention_mask: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
+    """Logits ``(b, C)`` of one forward pass: a classifier's, or a causal LM's at each row's last real token."""
+    if accepts(model, "position_ids") and "position_ids" not in inputs:
+        inputs["position_ids"] = positions(attention_mask)
+    out = model(attention_mask=attention_mask, **inputs)
+    logits = out.logits if hasattr(out, "logits") else out[0] if isinstance(out, tuple) else out
+    if not isinstance(logits, torch.Tensor) or logits.ndim not in (2, 3):
+        raise ModelError("the model must return logits (b, classes) or (b, seq_len, vocab), e.g. a transformers model")
+    if logits.ndim == 3:
+        logits = logits[torch.arange(len(logits), device=logits.device), last_real(attention_mask)]
+    return logits.float()
+
+
+@torch.no_grad()
+def batched_logits(
+    model: nn.Module, attention_mask: torch.Tensor, batch_size: int, **inputs: torch.Tensor
+) -> torch.Tensor:
+    """:func:`read_logits` of all rows, ``batch_size`` rows per forward pass."""
+    return torch.cat(
+        [
+            read_logits(
+                model, attention_mask[s : s + batch_size], **{k: v[s : s + batch_size] for k, v in inputs.items()}
+            )
+            for s in range(0, len(attention_mask), batch_size)
+        ]
+    )
+
+
+def target_probs(
+    model: nn.Module,
+    target: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    batch_size: int = 32,
+    **inputs: torch.Tensor,
+) -> torch.Tensor:
+    """Softmax probability of ``target`` for every row, ``batch_size`` rows per forward pass."""
+    return batched_logits(model, attention_mask, batch_size, **inputs).softmax(-1).gather(1, target[:, None]).squeeze(1)
