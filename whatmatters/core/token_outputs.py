@@ -58,27 +58,20 @@ def check_mask(input_ids: torch.Tensor, attention_mask: Any, *, min_tokens: int 
     return mask.to(input_ids.device)
 
 
-def output_size(model: nn.Module) -> int | None:
-    """Number of outputs (classes or vocabulary) the model's head gives, when it says so."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if isinstance(head, nn.Linear):
-        return head.out_features
-    return getattr(getattr(model, "config", None), "num_labels", None)
-
-
-def check_target(model: nn.Module, target: Any, n: int, device: torch.device) -> torch.Tensor:
-    """``target`` as ``n`` output indices (one int broadcasts); ``InputError`` outside the model's outputs."""
-    t = torch.as_tensor(target, device=device)
+def check_target(target: Any, n: int, size: int, device: torch.device) -> torch.Tensor:
+    """``target`` as ``n`` indices into the model's ``size`` outputs (one int broadcasts), else ``InputError``."""
+    try:
+        t = torch.as_tensor(target, device=device)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        raise InputError(f"target must be integer output ids (one per row, or one for all), got {target!r}") from None
     if t.is_floating_point() or t.dtype == torch.bool or t.ndim > 1:
         raise InputError(f"target must be integer output ids (one per row, or one for all), got {t.dtype} {t.shape}")
     t = t.long().expand(n) if t.ndim == 0 else t.long()
     if t.numel() != n:
         raise InputError(f"target has {t.numel()} ids for {n} rows; give one per row")
-    size = output_size(model)
     lo, hi = int(t.min()), int(t.max())
-    if lo < 0 or (size is not None and hi >= size):
-        bound = f"[0, {size})" if size is not None else "non-negative"
-        raise InputError(f"target ids must lie in {bound} (the model's outputs), got ids from {lo} to {hi}")
+    if lo < 0 or hi >= size:
+        raise InputError(f"target ids must lie in [0, {size}) (the model's outputs), got ids from {lo} to {hi}")
     return t
 
 
@@ -119,4 +112,9 @@ def target_probs(
     **inputs: torch.Tensor,
 ) -> torch.Tensor:
     """Softmax probability of ``target`` for every row, ``batch_size`` rows per forward pass."""
-    return batched_logits(model, attention_mask, batch_size, **inputs).softmax(-1).gather(1, target[:, None]).squeeze(1)
+    return probability(batched_logits(model, attention_mask, batch_size, **inputs), target)
+
+
+def probability(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Softmax probability ``(b,)`` of each row's ``target`` in ``logits`` ``(b, C)``."""
+    return logits.softmax(-1).gather(1, target[:, None]).squeeze(1)

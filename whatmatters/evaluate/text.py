@@ -33,7 +33,15 @@ from whatmatters.core.errors import InputError, ModelError
 from whatmatters.core.fractions import whole
 from whatmatters.core.importance import Importance
 from whatmatters.core.state import preserved, require_eval
-from whatmatters.core.token_outputs import accepts, batched_logits, check_mask, check_target, positions, target_probs
+from whatmatters.core.token_outputs import (
+    accepts,
+    batched_logits,
+    check_mask,
+    check_target,
+    positions,
+    probability,
+    target_probs,
+)
 from whatmatters.evaluate.agreement import spearman, topk_overlap
 from whatmatters.evaluate.metrics import metric
 
@@ -61,13 +69,14 @@ class Eraser:
 
 @dataclass
 class _Rows:
-    """Checked token rows: ids, mask, scores ``(n, L)``, scorable positions, target ids."""
+    """Checked token rows: ids, mask, scores ``(n, L)``, scorable positions, target ids and their probabilities."""
 
     ids: torch.Tensor
     mask: torch.Tensor
     scores: torch.Tensor
     scorable: torch.Tensor
     target: torch.Tensor
+    full: torch.Tensor
 
 
 def _score_tensor(scores: Any, shape: tuple[int, ...]) -> torch.Tensor:
@@ -87,7 +96,9 @@ def _score_tensor(scores: Any, shape: tuple[int, ...]) -> torch.Tensor:
     return values.double()
 
 
-def _rows(model: nn.Module, input_ids: Any, scores: Any, target: Any, attention_mask: Any, protected: Any) -> _Rows:
+def _rows(
+    model: nn.Module, input_ids: Any, scores: Any, target: Any, attention_mask: Any, protected: Any, batch_size: int
+) -> _Rows:
     ids = hf.token_ids(input_ids, model)
     mask = check_mask(ids, attention_mask)
     values = _score_tensor(scores, tuple(ids.shape)).to(ids.device)
@@ -106,9 +117,11 @@ def _rows(model: nn.Module, input_ids: Any, scores: Any, target: Any, attention_
     require_eval(model)
     if target is None and isinstance(scores, Importance):
         target = scores.target
+    logits = batched_logits(model, mask, batch_size, input_ids=ids)
     if target is None or isinstance(target, str):
-        target = batched_logits(model, mask, 32, input_ids=ids).argmax(-1)
-    return _Rows(ids, mask, values, scorable, check_target(model, target, len(ids), ids.device))
+        target = logits.argmax(-1)
+    target = check_target(target, len(ids), logits.shape[-1], ids.device)
+    return _Rows(ids, mask, values, scorable, target, probability(logits, target))
 
 
 def _check_levels(levels: Any) -> tuple[float, ...]:
@@ -187,16 +200,15 @@ def eraser(
     _check_removal(removal, replacement_id, model)
     batch_size = whole(batch_size, "batch_size")
     with preserved(model, weights=False), torch.no_grad():
-        rows = _rows(model, input_ids, scores, target, attention_mask, protected)
+        rows = _rows(model, input_ids, scores, target, attention_mask, protected, batch_size)
         n, m, length = len(rows.ids), len(levels), rows.ids.shape[1]
         top = top_tokens(rows.scores, rows.scorable, levels)  # (n, m, L)
         drop = torch.cat([top, rows.scorable[:, None] & ~top], 1).reshape(n * 2 * m, length)
         ids = rows.ids.repeat_interleave(2 * m, 0)
         mask = rows.mask.repeat_interleave(2 * m, 0)
-        full = _probabilities(model, rows, {"input_ids": rows.ids, "attention_mask": rows.mask}, batch_size)
         part = _probabilities(model, rows, removed(ids, mask, drop, removal, replacement_id), batch_size)
-    drops = full[:, None] - part.reshape(n, 2 * m)
-    return Eraser(levels, full, drops[:, :m], drops[:, m:])
+    drops = rows.full[:, None] - part.reshape(n, 2 * m)
+    return Eraser(levels, rows.full, drops[:, :m], drops[:, m:])
 
 
 def soft_eraser(
@@ -220,7 +232,7 @@ def soft_eraser(
     if not accepts(model, "inputs_embeds") or not hasattr(model, "get_input_embeddings"):
         raise ModelError("soft comprehensiveness/sufficiency feed input embeddings: the model needs inputs_embeds=")
     with preserved(model, weights=False), torch.no_grad():
-        rows = _rows(model, input_ids, scores, target, attention_mask, protected)
+        rows = _rows(model, input_ids, scores, target, attention_mask, protected, batch_size)
         embeds = model.get_input_embeddings()(rows.ids)
         s = _minmax(rows.scores, rows.scorable).to(embeds.dtype)
         gen = torch.Generator().manual_seed(seed)
@@ -232,9 +244,8 @@ def soft_eraser(
         masked = embeds[:, None] * torch.cat([keep, empty], 1)
         variants = masked.reshape(n * (2 * samples + 1), length, d)
         mask = rows.mask.repeat_interleave(2 * samples + 1, 0)
-        full = target_probs(model, rows.target, rows.mask, batch_size=batch_size, inputs_embeds=embeds)
         prob = _probabilities(model, rows, {"inputs_embeds": variants, "attention_mask": mask}, batch_size)
-    fall = (full[:, None] - prob.reshape(n, 2 * samples + 1)).clamp_min(0)
+    fall = (rows.full[:, None] - prob.reshape(n, 2 * samples + 1)).clamp_min(0)
     comp, suff = fall[:, :samples].mean(1), 1 - fall[:, samples : 2 * samples].mean(1)
     room = fall[:, -1]  # 1 - S(x, 0)
     nan = torch.full_like(room, float("nan"))

@@ -27,7 +27,7 @@ from whatmatters.core.fractions import whole
 from whatmatters.core.importance import Importance
 from whatmatters.core.state import preserved, require_eval
 from whatmatters.core.task import progress_bar
-from whatmatters.core.token_outputs import batched_logits, check_mask, check_target, positions, target_probs
+from whatmatters.core.token_outputs import batched_logits, check_mask, check_target, positions, probability
 
 _EPS = 1e-6
 
@@ -61,7 +61,7 @@ def replacement_candidates(
         starts = m.cumsum(-1) == 1  # each row's first real token has no real prefix
         shifted = torch.where(starts[..., None], first.expand_as(shifted), shifted)
         shifted.scatter_(-1, ids[..., None], 0.0)  # never "replace" a token by itself
-        top = shifted.topk(candidates, dim=-1)
+        top = shifted.topk(min(candidates, shifted.shape[-1] - 1), dim=-1)
         ids_out.append(top.indices)
         probs_out.append(top.values.clamp_min(1e-12))
     return torch.cat(ids_out), torch.cat(probs_out)
@@ -129,10 +129,13 @@ def reagent(
     check_replacer(model, replacer)
     require_eval(model)
     require_eval(replacer)
-    target = check_target(model, target_ids, len(ids), ids.device)
+    with torch.no_grad():
+        logits = batched_logits(model, mask, opt["batch"], input_ids=ids)
+    target = check_target(target_ids, len(ids), logits.shape[-1], ids.device)
     start = time.perf_counter()
     with preserved(model, weights=False), preserved(replacer, weights=False), torch.no_grad():
-        values, stopped, steps = _run(model, replacer, ids, mask, target, ratio, opt, seed, progress)
+        p0 = probability(logits, target)
+        values, stopped, steps = _run(model, replacer, ids, mask, target, p0, ratio, opt, seed, progress)
     extra: dict[str, Any] = {"stopped": stopped.tolist(), "steps": steps}
     if tokenizer is not None:
         extra["tokens"] = [tokenizer.convert_ids_to_tokens(row) for row in ids.tolist()]
@@ -154,6 +157,7 @@ def _run(
     ids: torch.Tensor,
     mask: torch.Tensor,
     target: torch.Tensor,
+    p0: torch.Tensor,
     ratio: float,
     opt: dict[str, int],
     seed: int,
@@ -165,7 +169,7 @@ def _run(
     rows = n * probes
     ids_r, mask_r, target_r = (t.repeat_interleave(probes, 0) for t in (ids, mask, target))
     cand_ids, cand_p = cand_ids.repeat_interleave(probes, 0), cand_p.repeat_interleave(probes, 0)
-    p0 = target_probs(model, target, mask, batch_size=opt["batch"], input_ids=ids).repeat_interleave(probes)
+    p0 = p0.repeat_interleave(probes)
     scores = torch.rand(rows, length, generator=gen).to(device)
     keep_n = mask_r.sum(-1).clamp_max(opt["keep"])
     done = torch.zeros(rows, dtype=torch.bool, device=device)
