@@ -79,13 +79,29 @@ def read_logits(model: nn.Module, attention_mask: torch.Tensor, **inputs: torch.
     """Logits ``(b, C)`` of one forward pass: a classifier's, or a causal LM's at each row's last real token."""
     if accepts(model, "position_ids") and "position_ids" not in inputs:
         inputs["position_ids"] = positions(attention_mask)
+    last = last_real(attention_mask)
+    # a causal LM whose rows all end at the last position computes the vocabulary head there only
+    if (
+        bool((last == attention_mask.shape[-1] - 1).all())
+        and "logits_to_keep" in inspect.signature(model.forward).parameters
+    ):
+        inputs["logits_to_keep"] = 1
+        last = torch.zeros_like(last)
     out = model(attention_mask=attention_mask, **inputs)
     logits = out.logits if hasattr(out, "logits") else out[0] if isinstance(out, tuple) else out
     if not isinstance(logits, torch.Tensor) or logits.ndim not in (2, 3):
         raise ModelError("the model must return logits (b, classes) or (b, seq_len, vocab), e.g. a transformers model")
     if logits.ndim == 3:
-        logits = logits[torch.arange(len(logits), device=logits.device), last_real(attention_mask)]
+        logits = logits[torch.arange(len(logits), device=logits.device), last]
     return logits.float()
+
+
+@torch.no_grad()
+def reads_sequence(model: nn.Module, input_ids: torch.Tensor) -> bool:
+    """Whether the model returns per-position logits (a causal LM) rather than one row of class logits."""
+    out = model(input_ids=input_ids[:1, :2])
+    logits = out.logits if hasattr(out, "logits") else out[0] if isinstance(out, tuple) else out
+    return isinstance(logits, torch.Tensor) and logits.ndim == 3
 
 
 @torch.no_grad()

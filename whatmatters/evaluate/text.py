@@ -12,10 +12,11 @@
 * :func:`disagreement`: pairwise Spearman and top-k overlap of several methods' scores on the same rows.
 
 Removal (``removal=``): ``"delete"`` (default) takes the tokens out of the sequence (the others close up,
-the attention mask shortens: as if the words were deleted from the text); ``"mask"`` leaves them in place
-with attention mask 0 (positions unchanged); ``"replace"`` swaps them for ``replacement_id`` (a pad or
-``[MASK]`` id). ``protected`` positions (e.g. ``[CLS]``/``[SEP]``, the tokenizer's special tokens mask) are
-never removed and never counted. Every row needs at least 2 scorable tokens.
+left-padded for a causal LM, right-padded for a classifier, the attention mask shortens: as if the words were
+deleted from the text);
+``"mask"`` leaves them in place with attention mask 0 (positions unchanged); ``"replace"`` swaps them for
+``replacement_id`` (a pad or ``[MASK]`` id). ``protected`` positions (e.g. ``[CLS]``/``[SEP]``: the
+tokenizer's special tokens mask) are never removed and never counted. Every row needs at least 2 scorable tokens.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from whatmatters.core.token_outputs import (
     check_target,
     positions,
     probability,
+    reads_sequence,
     target_probs,
 )
 from whatmatters.evaluate.agreement import spearman, topk_overlap
@@ -77,6 +79,7 @@ class _Rows:
     scorable: torch.Tensor
     target: torch.Tensor
     full: torch.Tensor
+    causal: bool
 
 
 def _score_tensor(scores: Any, shape: tuple[int, ...]) -> torch.Tensor:
@@ -121,7 +124,7 @@ def _rows(
     if target is None or isinstance(target, str):
         target = logits.argmax(-1)
     target = check_target(target, len(ids), logits.shape[-1], ids.device)
-    return _Rows(ids, mask, values, scorable, target, probability(logits, target))
+    return _Rows(ids, mask, values, scorable, target, probability(logits, target), reads_sequence(model, ids))
 
 
 def _check_levels(levels: Any) -> tuple[float, ...]:
@@ -147,15 +150,22 @@ def top_tokens(scores: torch.Tensor, scorable: torch.Tensor, levels: Sequence[fl
 
 
 def removed(
-    ids: torch.Tensor, mask: torch.Tensor, drop: torch.Tensor, removal: str, replacement_id: int | None
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    drop: torch.Tensor,
+    removal: str,
+    replacement_id: int | None = None,
+    *,
+    causal: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Model inputs with the ``drop`` tokens removed the ``removal`` way."""
+    """Model inputs with the ``drop`` tokens removed the ``removal`` way (``causal``: a causal LM's, left-padded)."""
     if removal == "replace":
         return {"input_ids": torch.where(drop, replacement_id, ids), "attention_mask": mask}
     keep = (mask == 1) & ~drop
     if removal == "mask":
         return {"input_ids": ids, "attention_mask": keep.long(), "position_ids": positions(mask)}
-    order = (~keep).long().argsort(dim=1, stable=True)  # kept tokens first, in their order
+    # kept tokens in their order: last for a causal LM (left padding), first for a classifier (its [CLS] stays first)
+    order = (keep if causal else ~keep).long().argsort(dim=1, stable=True)
     return {"input_ids": ids.gather(1, order), "attention_mask": keep.gather(1, order).long()}
 
 
@@ -206,7 +216,9 @@ def eraser(
         drop = torch.cat([top, rows.scorable[:, None] & ~top], 1).reshape(n * 2 * m, length)
         ids = rows.ids.repeat_interleave(2 * m, 0)
         mask = rows.mask.repeat_interleave(2 * m, 0)
-        part = _probabilities(model, rows, removed(ids, mask, drop, removal, replacement_id), batch_size)
+        part = _probabilities(
+            model, rows, removed(ids, mask, drop, removal, replacement_id, causal=rows.causal), batch_size
+        )
     drops = rows.full[:, None] - part.reshape(n, 2 * m)
     return Eraser(levels, rows.full, drops[:, :m], drops[:, m:])
 
