@@ -11,7 +11,6 @@ model from the package's encoder and the cached head. The model is HF-style:
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -26,7 +25,7 @@ from torch import nn
 
 from whatmatters.core.errors import InputError
 from whatmatters.core.fractions import whole
-from whatmatters.text.pretrained import cache_root, load_minilm, mean_pool, orange_text_files
+from whatmatters.text.pretrained import cache_root, load_minilm, mean_pool
 
 NEWS_CATEGORIES = ("comp.graphics", "rec.sport.hockey", "sci.med", "sci.space", "talk.politics.mideast")
 CACHE_VERSION = 1
@@ -73,16 +72,16 @@ class TrainedClassifier(NamedTuple):
 
 def news_data(categories: Sequence[str], split: str, per_class: int) -> tuple[list[str], torch.Tensor]:
     """The first ``per_class`` documents of each category of the 20 Newsgroups ``split`` and their labels."""
-    import pandas as pd
+    from whatmatters.tune.finetune import labelled_texts
 
-    files = orange_text_files()
-    frame = pd.read_csv(files[f"20newsgroups-{split}"], sep="\t", skiprows=[1, 2], quoting=csv.QUOTE_NONE, dtype=str)
-    unknown = sorted(set(categories) - set(frame["Category"]))
+    texts, labels, classes = labelled_texts("20newsgroups", split)
+    unknown = sorted(set(categories) - set(classes))
     if unknown:
-        raise InputError(f"unknown 20 Newsgroups categories {unknown}; choose from {sorted(set(frame['Category']))}")
-    frame = frame[frame["Category"].isin(categories)].groupby("Category", sort=False).head(per_class)
-    labels = torch.tensor([list(categories).index(c) for c in frame["Category"]])
-    return [" ".join(str(t).split()) for t in frame["Text"].fillna("")], labels
+        raise InputError(f"unknown 20 Newsgroups categories {unknown}; choose from {classes}")
+    picked = [torch.nonzero(labels == classes.index(c)).flatten()[:per_class] for c in categories]
+    return [" ".join(str(texts[i]).split()) for i in torch.cat(picked).tolist()], torch.arange(
+        len(categories)
+    ).repeat_interleave(torch.tensor([len(p) for p in picked]))
 
 
 @torch.no_grad()
