@@ -116,10 +116,11 @@ def reagent(
     """ReAGent importance of every context token for the next-token ``target_ids``: unit ``token``, ``(n, seq_len)``.
 
     ``input_ids`` ``(n, seq_len)`` (left or right padded, with ``attention_mask``), ``target_ids`` one token id
-    per prompt (e.g. the first generated token). Defaults follow inseq's (``ratio=0.3``, ``keep=5``,
-    ``top_k=3``, 16 probes, up to 3000 steps there); ``min_steps`` (5) makes a probe update its random start
-    at least that often before the stop rule may end it (``min_steps=1``: the paper's rule). Scores of a prompt
-    sum to 1 over its real tokens; padding scores 0. ``extra["stopped"]`` is each prompt's share of probes that
+    per prompt (e.g. the first generated token). ``ratio``, ``keep`` and ``top_k`` default to inseq's values
+    (inseq also runs 16 probes and up to 3000 steps; here 8 and 100, for CPU budgets). ``min_steps`` (5) makes a
+    probe update its random start at least that often before the stop rule may end it (``min_steps=1``: the
+    paper's rule). Scores of a prompt sum to 1 over its real tokens; padding scores 0. ``extra["stopped"]`` is
+    each prompt's share of probes that
     met the stop rule, ``extra["steps"]`` the steps run.
     """
     ids = hf.token_ids(input_ids, model)
