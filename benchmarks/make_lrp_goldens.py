@@ -100,10 +100,12 @@ def fold_fixture(model: nn.Sequential) -> nn.Sequential:
 
 
 def zennit_available() -> bool:
-    """Whether zennit imports (with a ``torchvision.models.resnet`` stand-in when torchvision is absent)."""
+    """Whether zennit imports. Without torchvision, a stand-in for ``torchvision.models.resnet`` is in
+    ``sys.modules`` only while zennit is imported (other libraries, transformers, must not see it)."""
     if importlib.util.find_spec("zennit") is None:
         return False
-    if importlib.util.find_spec("torchvision") is None and "torchvision" not in sys.modules:
+    stand_in: dict[str, types.ModuleType] = {}
+    if "zennit" not in sys.modules and importlib.util.find_spec("torchvision") is None:
         resnet = types.ModuleType("torchvision.models.resnet")
         resnet.BasicBlock = type("BasicBlock", (nn.Module,), {})  # only zennit's torchvision canonizers use these
         resnet.Bottleneck = type("Bottleneck", (nn.Module,), {})
@@ -111,7 +113,13 @@ def zennit_available() -> bool:
         models.resnet = resnet
         vision = types.ModuleType("torchvision")
         vision.models = models
-        sys.modules.update({"torchvision": vision, "torchvision.models": models, "torchvision.models.resnet": resnet})
+        stand_in = {"torchvision": vision, "torchvision.models": models, "torchvision.models.resnet": resnet}
+        sys.modules.update(stand_in)
+    try:
+        import zennit  # noqa: F401
+    finally:
+        for name in stand_in:
+            sys.modules.pop(name, None)
     return True
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import small_cnn
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import whatmatters as wm
 
@@ -73,3 +75,19 @@ def test_a_bad_target_is_still_refused_without_a_probe_row(counted):
             wm.explain(model, X, method, target=3)
     with pytest.raises(wm.InputError, match="failed on an input of shape"):  # the model's own failure, named
         wm.explain(model, X[:, :2], "saliency", target=1)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    target=st.one_of(st.integers(-(2**70), 2**70), st.lists(st.integers(-4, 6), max_size=7)),
+    method=st.sampled_from(["saliency", "grad_cam", "lrp_epsilon", "integrated_gradients"]),
+)
+def test_any_target_is_checked_on_the_methods_own_forward(target, method):
+    model = small_cnn()
+    params = {"layer": "2"} if method == "grad_cam" else {"steps": 2} if method == "integrated_gradients" else {}
+    values = target if isinstance(target, list) else [target] * len(X)
+    if len(values) == len(X) and all(0 <= v < 3 for v in values):
+        assert wm.explain(model, X, method, target=target, **params).values.shape[0] == len(X)
+    else:
+        with pytest.raises(wm.TargetError, match="target"):
+            wm.explain(model, X, method, target=target, **params)
