@@ -22,7 +22,7 @@ BLOCK = re.compile(r"(<!-- results:(\w+) -->\n)(.*?)(<!-- /results -->)", re.DOT
 
 
 def _spread(row: dict[str, Any], key: str = "ratio") -> str:
-    return f"{row[key]:.2f} ({row['low']:.2f}-{row['high']:.2f})"
+    return f"{row[key]:.2f} ({row['low']:.2f} to {row['high']:.2f})"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -38,19 +38,24 @@ def render(name: str, results: dict[str, Any]) -> str:
     if "skipped" in anchor:
         return f"*skipped in this run: {anchor['skipped']}*\n"
     m = results["machine"]
+    note = f"; {m['note']}" if m.get("note") else ""
+    what = (
+        "added = ours - full cache, per round, CPU time"
+        if name == "kv_eviction"
+        else f"ratio: whatmatters / {anchor['reference']}, per round"
+    )
     head = (
-        f"*{'`--quick`, ' if results['quick'] else ''}{results['repeats']} paired rounds; ratio: median whatmatters / "
-        f"{anchor['reference']} (min-max over rounds); goal {anchor['goal']}; {m['cpu_count']} CPUs, "
-        f"{m['torch_threads']} torch thread(s), load {m['load_average_at_start'][0]}"
-        f"{'; ' + m['note'] if m.get('note') else ''}.*"
+        f"*{'`--quick`, ' if results['quick'] else ''}at least {results['repeats']} paired rounds (more until 1 s); "
+        f"{what}: median (min to max); goal {anchor['goal']}; {m['cpu_count']} CPUs, {m['torch_threads']} torch "
+        f"thread(s), load average {m['load_average_at_start'][0]} at the start{note}.*"
     )
     rows = anchor["rows"]
     if name == "kv_eviction":
         header = [
             "case",
             "full cache ms/token",
-            "added ms/token (min-max)",
-            "full cache prefill ms",
+            "added ms/token",
+            "full prefill ms",
             "added prefill ms",
         ]
         body = [
@@ -59,9 +64,9 @@ def render(name: str, results: dict[str, Any]) -> str:
             for r in rows
         ]  # fmt: skip
         lines = _table(header, body)
-        return "\n".join([head, anchor.get("note", ""), "", *lines]) + "\n"
+        return "\n".join([head, "", anchor.get("note", "") + ".", "", *lines]) + "\n"
     extra = "x_forward_backward" in rows[0]
-    header = ["case", "whatmatters ms", "reference ms", "ratio (min-max)"] + (["x forward+backward"] if extra else [])
+    header = ["case", "whatmatters ms", "reference ms", "ratio"] + (["x forward+backward"] if extra else [])
     body = [
         [r["case"], f"{r['ours_ms']:.1f}", f"{r['ref_ms']:.1f}", _spread(r)]
         + ([f"{r['x_forward_backward']:.2f}"] if extra else [])
