@@ -1,9 +1,9 @@
 """LRP speed: whatmatters vs zennit side by side, and as a multiple of one forward+backward pass.
 
-zennit imports torchvision, so run this from the venv described in make_lrp_goldens.py, with the
-repository on the path::
+zennit 0.5.1 needs ``pip install --no-deps zennit`` (torchvision is replaced by a stand-in, see
+make_lrp_goldens.py); ``run_all.py`` runs the same comparison for the README::
 
-    PYTHONPATH=. /tmp/venv-zennit-tv/bin/python benchmarks/bench_lrp.py [--batch 16] [--repeats 5]
+    PYTHONPATH=. python benchmarks/bench_lrp.py [--batch 16] [--repeats 5]
 
 Model: the project's ShapesCNN (5 conv + BatchNorm + ReLU blocks, width 16) on 3 x 32 x 32 images.
 Both libraries merge BatchNorm (canonize) on every call. Prints JSON and a table.
@@ -58,6 +58,8 @@ def main() -> None:
     spec = importlib.util.spec_from_file_location("make_lrp_goldens", HERE / "make_lrp_goldens.py")
     goldens = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(goldens)
+    if not goldens.zennit_available():
+        raise SystemExit("zennit is not installed: pip install --no-deps zennit==0.5.1")
 
     torch.manual_seed(0)
     model = ShapesCNN(n_classes=5, width=16).eval()

@@ -1,9 +1,10 @@
 """What a score costs beyond the model's own work: ``wm.explain`` time / the minimal torch work, per method.
 
 The minimal work is written by hand for each method: one forward + one backward to the input (saliency,
-gradient x input, LRP: one modified backward), ``steps`` x rows of forward + backward in one batch
-(integrated gradients, SmoothGrad), a forward + the backward from the class score to the CAM layer only
-(the Grad-CAM family), and one batched forward over all perturbed rows (ablation). Cases: an MLP on 256
+gradient x input, DeepLIFT and LRP: one modified backward), ``steps`` x rows of forward + backward in one
+batch (integrated gradients, SmoothGrad), a forward + the backward from the class score to the CAM layer
+only (the Grad-CAM family), one forward (Eigen-CAM), and one batched forward over all perturbed rows
+(ablation). No text model: MiniLM token attribution has no explain path on main yet. Cases: an MLP on 256
 rows, ResNet-18 (torchvision's layout, random weights, ``benchmarks/nets.py``) at 96 px x 8 images and
 224 px x 16 images. Both sides are timed alternately, best of ``--runs``, one torch thread by default, in
 CPU time of the process (``time.process_time``: on a shared machine other processes' load does not count).
@@ -45,6 +46,17 @@ def layer_gradient(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch
     return grad
 
 
+def layer_output(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    seen: dict[str, torch.Tensor] = {}
+    handle = layer.register_forward_hook(lambda _m, _i, out: seen.setdefault("a", out))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        handle.remove()
+    return seen["a"]
+
+
 def batched_gradient(model: nn.Module, x: torch.Tensor, steps: int) -> torch.Tensor:
     return input_gradient(model, x.repeat(steps, *[1] * (x.ndim - 1)))
 
@@ -77,7 +89,10 @@ def cases(quick: bool) -> list[tuple[str, nn.Module, torch.Tensor, str, dict, Ca
     out = []
     for name, params, minimal in [
         ("saliency", {}, lambda m, x: input_gradient(m, x)),
+        ("gradient_x_input", {}, lambda m, x: input_gradient(m, x)),
         ("integrated_gradients", {"steps": 16}, lambda m, x: batched_gradient(m, x, 16)),
+        ("smoothgrad", {"n_samples": 16}, lambda m, x: batched_gradient(m, x, 16)),
+        ("deeplift", {}, lambda m, x: input_gradient(m, x)),
         ("lrp_epsilon", {}, lambda m, x: input_gradient(m, x)),
         ("ablation", {"baseline": "zero"}, lambda m, x: forward_rows(m, x)),
     ]:
@@ -88,7 +103,10 @@ def cases(quick: bool) -> list[tuple[str, nn.Module, torch.Tensor, str, dict, Ca
         for name, params, minimal in [
             ("saliency", {}, lambda m, x: input_gradient(m, x)),
             ("integrated_gradients", {"steps": 8}, lambda m, x: batched_gradient(m, x, 8)),
+            ("smoothgrad", {"n_samples": 8}, lambda m, x: batched_gradient(m, x, 8)),
+            ("deeplift", {}, lambda m, x: input_gradient(m, x)),
             ("grad_cam", {"layer": "layer4"}, lambda m, x: layer_gradient(m, m.layer4, x)),
+            ("eigen_cam", {"layer": "layer4"}, lambda m, x: layer_output(m, m.layer4, x)),
             ("lrp_epsilon", {}, lambda m, x: input_gradient(m, x)),
         ]:
             out.append((label, net, x, name, params, (lambda f=minimal, x=x: f(net, x))))

@@ -161,9 +161,10 @@ def test_budget_is_honoured_in_model_rows():
             imp = wm.explain(f, X[:n], method, background=X[-nb:], max_evals=budget)
             evals = imp.extra["evaluations"]
             assert evals <= budget and (method == "shapley_sampling" or evals == budget)
-            # one row probes the model; v(empty) and v(full) take one pass over the background and the
-            # samples; every other coalition one pass over the background per sample
-            assert sum(rows) - 1 - nb - n == n * (evals - 2) * nb
+            # one prediction of the n samples resolves the target (and gives the output count: no probe row);
+            # v(empty) and v(full) take one pass over the background and the samples; every other coalition
+            # one pass over the background per sample
+            assert sum(rows) - n - nb - n == n * (evals - 2) * nb
 
 
 def test_seed_controls_the_draw(nonlinear):

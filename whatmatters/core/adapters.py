@@ -75,6 +75,10 @@ class Model:
         self._n_outputs = int(out.shape[1])
         return out
 
+    def known_outputs(self, count: int) -> None:
+        """Record the output count seen in a prediction, so that no probe row is needed."""
+        self._n_outputs = count
+
     def n_outputs(self, example: torch.Tensor) -> int:
         """Number of outputs, from one row of ``example`` the first time it is asked."""
         self.probe(example)

@@ -25,6 +25,7 @@ class Method:
     per_sample: bool = True
     aliases: tuple[str, ...] = ()
     extras: tuple[str, ...] = ()  # optional dependencies it imports, e.g. ("shap",)
+    checks_target: bool = False  # checks a given target on its own first forward: make_task needs no probe row
 
     @property
     def summary(self) -> str:
@@ -161,16 +162,19 @@ def scorer(
     per_sample: bool = True,
     aliases: tuple[str, ...] = (),
     extras: tuple[str, ...] = (),
+    checks_target: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register ``fn`` as a scorer called ``name``.
 
     The function's keyword-only parameters are the method's parameters; their defaults are the
-    method's defaults and appear in ``whatmatters.describe(name)``.
+    method's defaults and appear in ``whatmatters.describe(name)``. ``checks_target``: every model output
+    the method reads goes through ``Task.forward_target`` / ``Task.check_first_outputs``, so a given target
+    is range-checked on the method's own forward instead of a probe row.
     """
 
     def register(fn: Callable[..., Any]) -> Callable[..., Any]:
         unit_tuple = (units,) if isinstance(units, str) else tuple(units)
-        SCORERS.add(Method(name, fn, verb, unit_tuple, family, needs, per_sample, aliases, extras))
+        SCORERS.add(Method(name, fn, verb, unit_tuple, family, needs, per_sample, aliases, extras, checks_target))
         return fn
 
     return register

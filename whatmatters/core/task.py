@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numbers
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
@@ -49,7 +49,7 @@ class Task:
     seed: int = 0
     batch_size: int | None = None
     progress: bool | None = None
-    n_outputs: int | None = None  # the model's output count, found once by make_task
+    n_outputs: int | None = None  # the model's output count: found by make_task, or (None) at the first forward
 
     @property
     def n(self) -> int:
@@ -108,8 +108,23 @@ class Task:
         """Differentiable target outputs ``(len(x),)`` of a torch model (targets default to the task's)."""
         model = self.torch_model
         out = model.forward(x)
+        self.check_first_outputs(out)
         tgt = (self.target if target is None else target).to(out.device, torch.long)
         return out.gather(1, tgt.unsqueeze(1)).squeeze(1)
+
+    def check_first_outputs(self, outputs: torch.Tensor) -> None:
+        """For a task made without a probe row (``n_outputs`` None): the method's own first outputs must be
+        finite and have the target among them (``TargetError`` otherwise); then the output count is known."""
+        if self.n_outputs is not None:
+            return
+        if not bool(torch.isfinite(outputs.detach()).all()):
+            check_outputs(self.model.predict(self.inputs))  # names the samples that fail (on the way to an error)
+            raise ModelError(
+                "the model returned NaN or infinite outputs for inputs the method made from the samples "
+                "(baselines, perturbed or interpolated rows), not for the samples themselves; choose another baseline"
+            )
+        checked_target(self.target, self.n, int(outputs.shape[1]))
+        self.n_outputs = int(outputs.shape[1])
 
 
 def as_indices(target: Any, error: type[WhatMattersError] = TargetError) -> torch.Tensor:
@@ -139,23 +154,35 @@ def as_indices(target: Any, error: type[WhatMattersError] = TargetError) -> torc
 
 
 def resolve_target(target: Any, model: Model, inputs: torch.Tensor, *, n_outputs: int | None = None) -> torch.Tensor:
-    """One output index per sample: given, or the predicted class (argmax) when ``target`` is None."""
-    n_out = probe(model, inputs) if n_outputs is None else n_outputs
+    """One output index per sample: given (checked against the output count, from one probe row when not
+    known), or the predicted class (argmax) when ``target`` is None: one prediction of all rows, which also
+    gives the output count (no probe row)."""
     n = inputs.shape[0]
     if target is None:
-        if n_out == 1:
+        if n_outputs == 1:
             return torch.zeros(n, dtype=torch.long)
-        outputs = model.predict(inputs)
+        outputs = _calling_model(model, inputs, lambda: model.predict(inputs))
         check_outputs(outputs)
+        model.known_outputs(int(outputs.shape[1]))
         return outputs.argmax(1).cpu()
+    n_out = probe(model, inputs) if n_outputs is None else n_outputs
+    return checked_target(target, n, n_out)
+
+
+def checked_target(target: Any, n: int, n_outputs: int | None) -> torch.Tensor:
+    """``target`` as ``n`` output indices: one int (for every sample) or one per sample, non-negative, and
+    below ``n_outputs`` when it is known (None: checked later against the method's own outputs)."""
     tgt = as_indices(target)
     if tgt.ndim == 0:
         tgt = tgt.expand(n).clone()
     if tgt.shape != (n,):
         raise TargetError(f"target has shape {tuple(tgt.shape)}; give one int or one per sample ({n})")
-    if bool((tgt < 0).any()) or bool((tgt >= n_out).any()):
-        bad = int(tgt[(tgt < 0) | (tgt >= n_out)][0])
-        raise TargetError(f"target {bad} is out of range: the model has {n_out} output(s), indices 0..{n_out - 1}")
+    top = n_outputs if n_outputs is not None else 2**63 - 1
+    if bool((tgt < 0).any()) or bool((tgt >= top).any()):
+        bad = int(tgt[(tgt < 0) | (tgt >= top)][0])
+        if n_outputs is None:
+            raise TargetError(f"target {bad} is out of range: output indices are 0 or more")
+        raise TargetError(f"target {bad} is out of range: the model has {top} output(s), indices 0..{top - 1}")
     return tgt
 
 
@@ -178,15 +205,24 @@ def probe(model: Model, inputs: torch.Tensor) -> int:
 
     The row's outputs must be finite; when they are not, the samples are predicted to name how many fail.
     """
-    expected = getattr(getattr(model, "estimator", None), "n_features_in_", None)
-    if expected is not None and inputs.ndim == 2 and inputs.shape[1] != expected:
-        raise InputError(f"data has {inputs.shape[1]} columns but the model was fitted on {expected} features")
-    try:
+
+    def first_row() -> int:
         first = model.probe(inputs)
         if first is not None and not bool(torch.isfinite(first).all()):  # count the failing rows, then fail
             check_outputs(model.predict(inputs))  # the only extra call, on the way to an error
             check_outputs(first)  # (a model that is not deterministic: the probe row alone)
         return model.n_outputs(inputs)
+
+    return _calling_model(model, inputs, first_row)
+
+
+def _calling_model(model: Model, inputs: torch.Tensor, call: Callable[[], T]) -> T:
+    """``call()`` (a model call on ``inputs``); the model's own failure becomes an error naming the input shape."""
+    expected = getattr(getattr(model, "estimator", None), "n_features_in_", None)
+    if expected is not None and inputs.ndim == 2 and inputs.shape[1] != expected:
+        raise InputError(f"data has {inputs.shape[1]} columns but the model was fitted on {expected} features")
+    try:
+        return call()
     except (InputError, ModelError, TargetError):
         raise
     except Exception as err:  # the model's own error, re-raised with the shape that caused it
@@ -311,6 +347,7 @@ def make_task(
     batch_size: Any = None,
     progress: bool | None = None,
     method: tuple[str, Sequence[str]] | None = None,
+    checks_target: bool = False,
 ) -> Task:
     """The one place where a request's inputs are checked, converted and its target resolved.
 
@@ -322,7 +359,9 @@ def make_task(
 
     A model that knows its feature names gets its columns by name (:func:`align_columns`): the task's
     inputs and names are in the model's order. The outputs of the model calls made here (the probe row,
-    the prediction of the target) must be finite (:func:`check_outputs`).
+    the prediction of the target) must be finite (:func:`check_outputs`). ``checks_target`` (a method that
+    checks the target against its own first forward, :meth:`Task.check_first_outputs`) on a torch model with
+    a given target: no probe row at all, the task's ``n_outputs`` stays None until that forward.
     """
     seed = _check_int(seed, "seed", positive=False)
     batch_size = _check_int(batch_size, "batch_size", positive=True)
@@ -341,6 +380,10 @@ def make_task(
     labels = to_tensor(y, "y")[0] if y is not None else None
     if labels is not None and len(labels) != len(inputs):
         raise InputError(f"y has {len(labels)} labels for {len(inputs)} samples")
-    n_out = probe(adapted, inputs)
-    tgt = resolve_target(target, adapted, inputs, n_outputs=n_out)
+    if checks_target and target is not None and isinstance(adapted, TorchModel):
+        n_out, tgt = None, checked_target(target, len(inputs), None)
+    else:
+        n_out = None if target is None else probe(adapted, inputs)
+        tgt = resolve_target(target, adapted, inputs, n_outputs=n_out)
+        n_out = adapted.n_outputs(inputs)  # known by now: no model call
     return Task(adapted, inputs, tgt, bg, labels, names, seed, batch_size, progress, n_out)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from whatmatters.core.errors import MethodError, ModelError
+from whatmatters.core.errors import MethodError, ModelError, WhatMattersError
 from whatmatters.core.importance import Importance
 from whatmatters.core.params import check_params
 from whatmatters.core.registry import get_method
-from whatmatters.core.task import Task, check_units, guarded, make_task, torch_module
+from whatmatters.core.task import Task, check_units, guarded, make_task, probe, torch_module
 
 
 def explain(
@@ -71,9 +71,17 @@ def explain(
             task = make_task(
                 model, data, target, y=y, background=background, feature_names=feature_names,
                 seed=seed, batch_size=batch_size, progress=progress, method=(info.name, info.units),
+                checks_target=info.checks_target,
             )  # fmt: skip
         start = time.perf_counter()
-        out = info.fn(task, **params)
+        try:
+            out = info.fn(task, **params)
+        except WhatMattersError:
+            raise
+        except Exception:
+            if task.n_outputs is None:  # no probe row was run: if the model fails on one row, say so with its shape
+                probe(task.model, task.inputs)
+            raise
         seconds = time.perf_counter() - start
     unique = task.target.unique()
     return info.to_importance(

@@ -127,12 +127,14 @@ def _layer_pass(
     target: torch.Tensor,
     gradients: bool,
     full_graph: bool = False,
+    check: Callable[[torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The layer's output for ``x`` and, when ``gradients``, the gradient of each row's target output.
 
     By default the pass runs without autograd up to the layer. With ``full_graph`` it runs with
     autograd from an input that requires grad, for modules that skip the hooked submodule (a fused
-    inference kernel) when autograd is off; the backward pass still stops at the layer.
+    inference kernel) when autograd is off; the backward pass still stops at the layer. ``check`` sees the
+    model's outputs first (``Task.check_first_outputs``: the target is checked on this forward).
     """
     probe = _LayerProbe(cut=gradients)
     if full_graph and x.is_floating_point():
@@ -149,6 +151,8 @@ def _layer_pass(
             f"layer {name!r} runs {probe.calls} times per forward pass (a shared module), so its output is "
             "ambiguous; choose a layer that runs once, e.g. the block that contains it"
         )
+    if check is not None:
+        check(out)
     if not gradients:
         return probe.output.detach(), None
     score = out.gather(1, target.view(-1, 1).to(out.device))
@@ -195,12 +199,12 @@ def class_activation_map(
         x = model.to_model(task.inputs[s])
         target = task.target[s].to(model.device)
         try:
-            acts, grads = _layer_pass(model, module, name, x, target, gradients, full_graph)
+            acts, grads = _layer_pass(model, module, name, x, target, gradients, full_graph, task.check_first_outputs)
         except _LayerDidNotRun:
             if full_graph:
                 raise
             full_graph = True  # a fused fast path skipped the layer: record the whole graph from now on
-            acts, grads = _layer_pass(model, module, name, x, target, gradients, full_graph)
+            acts, grads = _layer_pass(model, module, name, x, target, gradients, full_graph, task.check_first_outputs)
         work = torch.promote_types(acts.dtype, torch.float32)
         acts = to_spatial(acts, size, reshape, f"layer {name!r}").to(work)
         if grads is not None:
@@ -217,6 +221,8 @@ def class_activation_map(
 
 
 # --------------------------------------------------------------------------------------------- methods
+# the CAMs that use gradients: their one forward (through _layer_pass) checks a given target (no probe row)
+GRADIENT_CAM: dict[str, Any] = {"family": "cam", "units": "pixel", "needs": "module", "checks_target": True}
 # Shared parameters of every CAM: the layer, how to reshape its output, how to normalise the maps.
 _LAYER_DOC = """
     Args:
@@ -256,7 +262,7 @@ def _layer_cam_map(b: CamBatch) -> torch.Tensor:
     return weighted_sum(b.gradients.clamp_min(0), b.activations)
 
 
-@scorer("grad_cam", family="cam", units="pixel", needs="module", aliases=("gradcam",))
+@scorer("grad_cam", aliases=("gradcam",), **GRADIENT_CAM)
 @_doc
 def grad_cam(
     task: Task, *, layer: str | nn.Module | None = None, reshape: Reshape | None = None, normalize: bool | str = True
@@ -267,7 +273,7 @@ def grad_cam(
     )
 
 
-@scorer("grad_cam_plus_plus", family="cam", units="pixel", needs="module", aliases=("gradcam++", "grad_cam++"))
+@scorer("grad_cam_plus_plus", aliases=("gradcam++", "grad_cam++"), **GRADIENT_CAM)
 @_doc
 def grad_cam_plus_plus(
     task: Task, *, layer: str | nn.Module | None = None, reshape: Reshape | None = None, normalize: bool | str = True
@@ -288,7 +294,7 @@ def grad_cam_plus_plus(
     )
 
 
-@scorer("xgrad_cam", family="cam", units="pixel", needs="module", aliases=("xgradcam",))
+@scorer("xgrad_cam", aliases=("xgradcam",), **GRADIENT_CAM)
 @_doc
 def xgrad_cam(
     task: Task, *, layer: str | nn.Module | None = None, reshape: Reshape | None = None, normalize: bool | str = True
@@ -299,7 +305,7 @@ def xgrad_cam(
     )
 
 
-@scorer("layer_cam", family="cam", units="pixel", needs="module", aliases=("layercam",))
+@scorer("layer_cam", aliases=("layercam",), **GRADIENT_CAM)
 @_doc
 def layer_cam(
     task: Task, *, layer: str | nn.Module | None = None, reshape: Reshape | None = None, normalize: bool | str = True

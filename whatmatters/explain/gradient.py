@@ -39,6 +39,13 @@ NO_GRADIENT = (
 )
 
 GRADIENT_UNITS = ("feature", "pixel")
+# every one reads model outputs through Task.forward_target: a given target is checked there (no probe row)
+GRADIENT_METHOD: dict[str, Any] = {
+    "family": "gradient",
+    "units": GRADIENT_UNITS,
+    "needs": "gradients",
+    "checks_target": True,
+}
 
 
 def rows_per_call(task: Task, row_numel: int, limit: int | None = None) -> int:
@@ -130,7 +137,7 @@ def _layer_doc(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-@scorer("saliency", family="gradient", units=GRADIENT_UNITS, needs="gradients")
+@scorer("saliency", **GRADIENT_METHOD)
 @_layer_doc
 def saliency(
     task: Task, *, abs: bool = True, layer: str | None = None, neuron: NeuronIndex | None = None
@@ -139,7 +146,7 @@ def saliency(
     return gradient_map(task, lambda x, g: g.abs() if abs else g, "saliency", layer, neuron)
 
 
-@scorer("gradient_x_input", family="gradient", units=GRADIENT_UNITS, needs="gradients", aliases=("input_x_gradient",))
+@scorer("gradient_x_input", aliases=("input_x_gradient",), **GRADIENT_METHOD)
 @_layer_doc
 def gradient_x_input(
     task: Task, *, layer: str | None = None, neuron: NeuronIndex | None = None
@@ -251,7 +258,7 @@ def path_sum(
     return total
 
 
-@scorer("integrated_gradients", family="gradient", units=GRADIENT_UNITS, needs="gradients", aliases=("ig",))
+@scorer("integrated_gradients", aliases=("ig",), **GRADIENT_METHOD)
 @_layer_doc
 def integrated_gradients(
     task: Task,
@@ -305,8 +312,8 @@ def integrated_gradients(
             def grad_at(path: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
                 return input_gradients(task, path, task.target[i])
 
-            f_x = _target_outputs(task, task.inputs, task.target, rows)
-            f_b = _target_outputs(task, b_all.expand_as(x_all), task.target, rows)
+            ends = torch.cat([x_all, b_all.expand_as(x_all)])  # both ends in one forward call
+            f_x, f_b = _target_outputs(task, ends, task.target.repeat(2), rows).chunk(2)
         else:
 
             def grad_at(path: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
@@ -349,7 +356,7 @@ def _noise_sigma(task: Task, noise: float) -> torch.Tensor:
 SMOOTHGRAD_BASES = ("saliency", "gradient", "gradient_x_input")
 
 
-@scorer("smoothgrad", family="gradient", units=GRADIENT_UNITS, needs="gradients", aliases=("smooth_grad",))
+@scorer("smoothgrad", aliases=("smooth_grad",), **GRADIENT_METHOD)
 def smoothgrad(
     task: Task, *, base: str = "saliency", n_samples: int = 50, noise: float = 0.15
 ) -> tuple[torch.Tensor, dict[str, Any]]:

@@ -47,7 +47,7 @@ def _run(task: Task, composite: str, canonize: bool, params: dict[str, Any]) -> 
     return values, {"relevance_sum": total.tolist()}
 
 
-@scorer("lrp", family="lrp", units=("feature", "pixel"), needs="module")
+@scorer("lrp", family="lrp", units=("feature", "pixel"), needs="module", checks_target=True)
 def lrp_scorer(
     task: Task,
     *,
@@ -73,7 +73,7 @@ def lrp_scorer(
     return _run(task, composite, canonize, params)
 
 
-@scorer("lrp_epsilon", family="lrp", units=("feature", "pixel"), needs="module")
+@scorer("lrp_epsilon", family="lrp", units=("feature", "pixel"), needs="module", checks_target=True)
 def lrp_epsilon(task: Task, *, epsilon: float = 1e-6, canonize: bool = True) -> tuple[torch.Tensor, dict]:
     """LRP-epsilon on every Linear and Conv layer (``epsilon=0``: LRP-0)."""
     return _run(task, "epsilon", canonize, {"epsilon": epsilon})

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from whatmatters.core.errors import InputError, MethodError, ModelError
+from whatmatters.core.errors import InputError, MethodError, ModelError, TargetError
 from whatmatters.core.state import hooks, preserved
-from whatmatters.core.task import as_indices
+from whatmatters.core.task import as_indices, check_outputs
 from whatmatters.explain._lrp.canonizers import canonized
 from whatmatters.explain._lrp.composites import Composite, get_composite
 from whatmatters.explain._lrp.rules import RULES, Rule, stabilize
@@ -178,9 +178,13 @@ def _relevance(out: Any, x: Tensor, target: Tensor | None, state: dict) -> Tenso
     logits = _logits(out)
     if logits.ndim != 2:
         raise ModelError(f"LRP needs outputs of shape (n, classes); the model returned {tuple(logits.shape)}")
+    check_outputs(logits.detach())
     rows = logits.detach().argmax(1) if target is None else target.to(logits.device)
     if target is not None and int(rows.max()) >= logits.shape[1]:
-        raise InputError(f"target must be a class index in [0, {logits.shape[1]}); got {int(rows.max())}")
+        top = logits.shape[1]
+        raise TargetError(
+            f"target {int(rows.max())} is out of range: the model has {top} output(s), indices 0..{top - 1}"
+        )
     onehot = torch.zeros_like(logits).scatter_(1, rows.unsqueeze(1), 1.0)
     if not logits.requires_grad:
         raise ModelError("the model's output does not depend differentiably on its input, so LRP cannot run")
