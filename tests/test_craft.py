@@ -9,6 +9,7 @@ the analytic total indices of an additive function.
 import numpy as np
 import pytest
 import torch
+from helpers import html_tags
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -153,3 +154,14 @@ def test_any_crop_setting_gives_scores_or_a_clear_error(tiny, crop, stride, k):
         assert any(w in str(err) for w in ("crop", "stride", "concepts", "n_concepts"))
         return
     assert imp.values.shape == (k,) and bool(torch.isfinite(imp.values).all()) and bool((imp.values >= 0).all())
+
+
+def test_report_shows_each_concepts_crops_and_maps(fashion, tmp_path):
+    from whatmatters.report import write_report
+
+    _, images, imp = fashion
+    text = write_report(imp, tmp_path / "craft.html", data=images).read_text()
+    alts = [tag["alt"] for tag in html_tags(text, "img")]
+    for c in range(5):
+        assert sum(f"c{c} crop" in a for a in alts) == 6 and sum(f"c{c} on image" in a for a in alts) == 4
+    assert "most representative crops" in text and "ranked bar chart" in " ".join(alts)

@@ -153,7 +153,7 @@ def _check_crops(task: Task, site: LayerSite, crop_size: int, stride: int, n_con
         )
 
 
-def _crop_activations(task: Task, site: LayerSite, crops: torch.Tensor, resize: bool, rows: int) -> torch.Tensor:
+def crop_activations(task: Task, site: LayerSite, crops: torch.Tensor, resize: bool, rows: int) -> torch.Tensor:
     if resize:
         crops = F.interpolate(crops, size=task.unit_shape[-2:], mode="bilinear", align_corners=False)
         return layer_activations(task, site, crops, rows)
@@ -217,7 +217,7 @@ def craft(
     _check_crops(task, site, crop_size, stride, n_concepts)
     rows = task.rows_per_call()
     crops, boxes = cut_crops(task.inputs, crop_size, stride)
-    crop_acts = _checked(_crop_activations(task, site, crops, resize_crops, rows), site, negative)
+    crop_acts = _checked(crop_activations(task, site, crops, resize_crops, rows), site, negative)
     a = crop_acts.flatten(2).mean(2) if crop_acts.ndim > 2 else crop_acts
     u, bank = nmf(a, n_concepts, iters=nmf_iters, generator=task.generator())
     error = float(torch.linalg.matrix_norm(a - u @ bank) / torch.linalg.matrix_norm(a).clamp_min(1e-30))
