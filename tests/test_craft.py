@@ -72,15 +72,19 @@ def test_removing_top_concepts_lowers_the_class_score_more_than_random(fashion):
     assert top[1] < random[1]  # the first concept removed matters more than a random one
 
 
-def test_maps_crops_and_model_left_alone(fashion):
+def test_maps_crops_and_model_left_alone(fashion, tmp_path):
     model, images, imp = fashion
     maps = imp.extra["maps"]
     assert maps.shape == (16, 5, 7, 7) and bool((maps >= 0).all())
     torch.testing.assert_close(concept_maps(model, images, imp), maps, atol=1e-3, rtol=1e-2)
+    loaded = wm.Importance.load(imp.save(tmp_path / "craft.parquet"))  # the bank travels through the file
+    torch.testing.assert_close(concept_maps(model, images[:2], loaded), maps[:2], atol=1e-3, rtol=1e-2)
     crops = concept_crops(images, imp)
     assert crops.shape == (5, 8, 1, 14, 14)
     i, top, left = imp.extra["crops"][0, 0].tolist()
     torch.testing.assert_close(crops[0, 0], images[i, :, top : top + 14, left : left + 14])
+    with pytest.raises(InputError, match="keep must be"):
+        concept_outputs(model, images, imp, torch.ones(10))
     assert all(p.requires_grad for p in model.parameters()) and not model.training
     assert not any(m._forward_hooks for m in model.modules())
 

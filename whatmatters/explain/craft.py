@@ -250,7 +250,8 @@ def _concept_task(model: Any, data: Any, importance: Importance, target: Any) ->
 
 
 def concept_maps(model: Any, data: Any, importance: Importance) -> torch.Tensor:
-    """Where each concept of a CRAFT ``importance`` is in new images: ``(n, k, h, w)`` at the layer's resolution."""
+    """Where each concept of a CRAFT ``importance`` is in new images: ``(n, k, h, w)`` at the layer's resolution
+    (negative activations set to 0, as ``negative="clamp"`` does)."""
     with guarded(model):
         task, site, bank = _concept_task(model, data, importance, 0)
         acts = layer_activations(task, site, task.inputs, task.rows_per_call()).clamp_min(0)
@@ -263,7 +264,9 @@ def concept_outputs(model: Any, data: Any, importance: Importance, keep: Any, ta
     with guarded(model):
         task, site, bank = _concept_task(model, data, importance, target)
         acts = layer_activations(task, site, task.inputs, task.rows_per_call()).clamp_min(0)
-        masks = torch.as_tensor(keep, dtype=torch.float32).reshape(-1, len(bank))
+        masks = torch.as_tensor(keep, dtype=torch.float32)
+        if masks.ndim != 2 or masks.shape[1] != len(bank) or not bool(torch.isfinite(masks).all()):
+            raise InputError(f"keep must be finite, (r, {len(bank)}): one factor per concept in each of r rows")
         return _masked_outputs(task, site, coefficients(acts, bank), bank, masks, task.rows_per_call())
 
 

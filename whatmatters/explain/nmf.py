@@ -17,9 +17,12 @@ def _error(a: torch.Tensor, u: torch.Tensor, h: torch.Tensor) -> float:
 
 
 def project(
-    a: torch.Tensor, h: torch.Tensor, *, iters: int = 300, tol: float = 1e-6, u: torch.Tensor | None = None
+    a: torch.Tensor, h: torch.Tensor, *, iters: int = 500, tol: float = 0.0, u: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``U >= 0`` minimizing ``||A - U H||`` for fixed ``H`` (rows of ``A``: ``(m, C)``, ``H``: ``(k, C)``)."""
+    """``U >= 0`` minimizing ``||A - U H||`` for fixed ``H`` (rows of ``A``: ``(m, C)``, ``H``: ``(k, C)``).
+
+    By default all ``iters`` run, so each row's result is the same whatever rows it is projected with; a
+    positive ``tol`` stops early when the total error falls less than that (relative) over 20 iterations."""
     hht, aht = h @ h.T, a @ h.T
     if u is None:  # a positive start: the least-squares solution clipped, plus a small floor
         u = (aht @ torch.linalg.pinv(hht)).clamp_min(0) + 1e-3 * aht.mean().clamp_min(EPS)
