@@ -57,6 +57,7 @@ def main() -> None:
     from whatmatters.explain.nmf import nmf
     from whatmatters.vision.pretrained import load_fashion_mnist
 
+    torch.set_num_threads(1)  # as scikit-learn's NMF here; also steadier on a shared machine
     start = time.perf_counter()
     model = train_cnn(10_000, 4)
     train_s = time.perf_counter() - start
