@@ -70,7 +70,7 @@ def _random_sets(task: Task, random: Any, n_sets: int, size: int) -> tuple[torch
     return pool.to(task.inputs.dtype), index
 
 
-def _fit_cav(positive: np.ndarray, negative: np.ndarray, classifier: str, seed: int) -> tuple[np.ndarray, float]:
+def fit_cav(positive: np.ndarray, negative: np.ndarray, classifier: str, seed: int) -> tuple[np.ndarray, float]:
     """Unit normal (towards ``positive``) of a linear classifier, and its accuracy on every third example held out."""
     from sklearn.linear_model import LogisticRegression, SGDClassifier
 
@@ -165,7 +165,7 @@ def tcav(
             [torch.randperm(len(p), generator=g)[: max(2, len(p) // 2)] for _ in range(n_random)] for p in positives
         ]
         pairs = [(p[halves[k][i]], random_acts[i + 1]) for k, p in enumerate(positives) for i in range(n_random)]
-        cavs, accs = zip(*[_fit_cav(a, b, classifier, task.seed) for a, b in pairs])
+        cavs, accs = zip(*[fit_cav(a, b, classifier, task.seed) for a, b in pairs])
         grads = _input_gradients_at(task, site, rows)
         share = ((grads @ torch.from_numpy(np.stack(cavs)).T) > 0).double().mean(0).numpy()
         scores[:, j] = share[: len(sets) * n_random].reshape(len(sets), n_random)

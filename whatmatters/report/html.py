@@ -17,6 +17,7 @@ from whatmatters._version import __version__
 from whatmatters.core.errors import InputError
 from whatmatters.core.importance import Importance
 from whatmatters.report import plots
+from whatmatters.report.concepts import concept_cells, is_concept_bank
 
 _CSS = """
 :root { color-scheme: light; }
@@ -61,6 +62,7 @@ table.overlays th, table.overlays td { padding: 2px 3px; }
 table.overlays th[scope=row] { text-align: right; font-weight: 600; padding-right: 8px; white-space: nowrap; }
 table.overlays thead th { font-weight: normal; color: #56606b; }
 table.overlays img { display: block; image-rendering: pixelated; }
+table.concepts img { display: inline-block; margin-right: 2px; }
 footer { color: #7a848e; font-size: .8em; margin-top: 28px; text-align: center; }
 """
 
@@ -312,11 +314,30 @@ def _method_section(
         fig = plots.new_figure(2.0 * n_maps + 1.0, 2.5)
         plots.sample_maps(imp, fig=fig, max_samples=8, title=f"{label}: per-sample maps", images=data)
         figures.append(_img(fig, f"per-sample attribution maps of {label}"))
+    if is_concept_bank(imp):
+        figures.append(_concept_gallery(label, imp, data))
     anchor = "m-" + "".join(c if c.isalnum() else "-" for c in label)
     return (
         f'<div class="method" id="{_e(anchor)}"><h3>{_e(label)}</h3>{_provenance(imp)}'
         + ('<p class="prov">Maps: see <a href="#overlays">the overlays</a>.</p>' if in_grid else "")
         + f'<div class="grid">{"".join(figures)}</div></div>'
+    )
+
+
+def _concept_gallery(label: str, imp: Importance, images: Any) -> str:
+    """A table with one row per concept: its importance, most representative crops, and maps over images."""
+    if images is None:
+        return '<p class="prov">Pass the explained images as <code>data=</code> to see the concepts\' crops.</p>'
+    rows = []
+    for name, value, crops, maps in concept_cells(imp, images):
+        crop_html = "".join(_png_img(c, f"{label} {name} crop {i}", "input") for i, c in enumerate(crops))
+        map_html = "".join(_png_img(c, f"{label} {name} on image {i}", "overlay") for i, c in enumerate(maps))
+        rows.append(f'<tr><th scope="row">{_e(name)}<br>{value:.3f}</th><td>{crop_html}</td><td>{map_html}</td></tr>')
+    return (
+        '<div class="scroll"><table class="overlays concepts"><thead><tr><th>concept, importance</th>'
+        "<th>most representative crops</th><th>where it is (layer resolution)</th></tr></thead><tbody>"
+        + "".join(rows)
+        + "</tbody></table></div>"
     )
 
 
