@@ -164,6 +164,19 @@ class LIFT(SparseTuner):
             if state is not None:
                 state.pop(layer.values, None)
 
+    def layer_rows(self) -> list[dict[str, Any]]:
+        """Per tuned layer: its shape, the rank of the approximation, the entries updated, their mean change."""
+        return [
+            {
+                "layer": name,
+                "shape": "x".join(map(str, layer.weight.shape)),
+                "rank": default_rank(layer.weight.shape) if self.rank is None else self.rank,
+                "entries updated": layer.values.numel(),
+                "mean |change|": f"{float(layer.values.detach().abs().mean()):.2e}",
+            }
+            for name, layer in self.layers.items()
+        ]
+
     def masks(self) -> dict[str, torch.Tensor]:
         """Each tuned layer's boolean ``(out, in)`` mask of the entries it updates."""
         out = {}

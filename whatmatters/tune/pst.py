@@ -158,7 +158,19 @@ class PST(SparseTuner):
             plain.bias.copy_(module.bias)
         return plain
 
+    def layer_rows(self) -> list[dict[str, Any]]:
+        """Per tuned layer: its shape, the sparsity reached and the numbers its learned importance holds."""
+        rows = []
+        for name, layer in self.layers.items():
+            with torch.no_grad():
+                kept = float(layer.mask().mean())
+            score = sum(p.numel() for n, p in layer.named_parameters() if n.startswith("score"))
+            shape = "x".join(map(str, layer.weight.shape))
+            rows.append({"layer": name, "shape": shape, "sparsity now": f"{1 - kept:.3f}", "score numbers": score})
+        return rows
+
     def score_parameters(self) -> int:
         """How many numbers the learned importance holds (0 for magnitude)."""
-        names = ("score_P", "score_Q", "score_row", "score_col", "score")
-        return sum(p.numel() for layer in self.layers.values() for n, p in layer.named_parameters() if n in names)
+        return sum(
+            p.numel() for layer in self.layers.values() for n, p in layer.named_parameters() if n.startswith("score")
+        )

@@ -71,6 +71,7 @@ class SparseTuner:
         self.model = new
         self.steps = 0
         self._optimizer: Any = None
+        self.sparsities: list[float] = []
         self.peak = {"gradients": 0, "optimizer_state": 0}
 
     def wrap(self, name: str, linear: nn.Linear) -> nn.Module:
@@ -97,8 +98,17 @@ class SparseTuner:
             optimizer.step()
             self._measure("optimizer_state", optimizer)
             optimizer.zero_grad(set_to_none=True)
+        self._advance(optimizer)
+
+    def _advance(self, optimizer: Any) -> None:
         self.steps += 1
         self.after_step(optimizer)
+        self.sparsities.append(self.sparsity)
+
+    @property
+    def sparsity(self) -> float:
+        """The share of each tuned matrix pruned now (0 unless the tuner prunes)."""
+        return 0.0
 
     def _measure(self, what: str, optimizer: Any) -> None:
         self.peak[what] = max(self.peak[what], training_bytes(self.model, optimizer)[what])
@@ -134,8 +144,7 @@ class SparseTuner:
                 tuner._measure("optimizer_state", tuner._optimizer)
 
             def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any):
-                tuner.steps += 1
-                tuner.after_step(tuner._optimizer)
+                tuner._advance(tuner._optimizer)
 
         return SparseTunerCallback()
 
