@@ -180,3 +180,41 @@ def test_pst_refuses_a_sparsity_outside_zero_one(sparsity):
         return
     with pytest.raises(InputError, match="sparsity"):
         PST(mlp(), sparsity=sparsity, steps=5, rank=2, score_rank=2)
+
+
+def test_trainer_callback_runs_the_sparsity_schedule():
+    transformers = pytest.importorskip("transformers")
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = mlp()
+
+        def forward(self, x, labels=None):
+            logits = self.net(x)
+            return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+    class Data(torch.utils.data.Dataset):
+        def __len__(self):
+            return 24
+
+        def __getitem__(self, i):
+            g = torch.Generator().manual_seed(i)
+            return {"x": torch.randn(12, generator=g), "labels": torch.tensor(i % 3)}
+
+    tuner = PST(Net(), sparsity=0.5, steps=6, rank=2, score_rank=2, modules=r"net\.[02]$")
+    args = transformers.TrainingArguments(
+        output_dir="/tmp/wm-tune-sparse-trainer",
+        max_steps=6,
+        per_device_train_batch_size=4,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        logging_strategy="no",
+        learning_rate=1e-2,
+    )
+    transformers.Trainer(model=tuner.model, args=args, train_dataset=Data(), callbacks=[tuner.callback()]).train()
+    assert tuner.steps == 6 and tuner.sparsities[-1] == 0.5
+    assert tuner.peak["gradients"] > 0 and tuner.peak["optimizer_state"] > 0
+    weight = tuner.merged().net[0].weight
+    assert int((weight == 0).sum()) == weight.numel() // 2
