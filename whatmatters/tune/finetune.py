@@ -53,6 +53,13 @@ class SentenceClassifier(nn.Module):
         return out
 
 
+def minilm_classifier(n_classes: int, *, seed: int = 0) -> SentenceClassifier:
+    """MiniLM, every weight trainable, with a new linear head (seeded)."""
+    torch.manual_seed(seed)
+    encoder, _ = load_minilm()
+    return SentenceClassifier(encoder, n_classes)
+
+
 def lora_minilm(n_classes: int, *, r: int = 8, seed: int = 0) -> SentenceClassifier:
     """MiniLM with LoRA (rank ``r``) on every query, key, value and dense projection, plus a trainable head."""
     from peft import LoraConfig, get_peft_model
@@ -72,6 +79,84 @@ def encode(texts: list[str], max_length: int = 64) -> dict[str, torch.Tensor]:
         tokenizer = AutoTokenizer.from_pretrained(minilm_dir(), local_files_only=True)
     enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+@dataclass
+class Split:
+    """Encoded training and test documents of a labelled corpus."""
+
+    train: dict[str, torch.Tensor]
+    labels: torch.Tensor
+    test: dict[str, torch.Tensor]
+    test_labels: torch.Tensor
+    n_classes: int
+
+
+def load_split(data: str, n_train: int, n_test: int, max_length: int, label_noise: float, seed: int) -> Split:
+    """``n_train`` / ``n_test`` documents drawn (seeded) from ``data``; ``label_noise`` of training labels redrawn."""
+    g = torch.Generator().manual_seed(seed)
+    texts, labels, classes = labelled_texts(data, "train")
+    pick = torch.randperm(len(texts), generator=g)[:n_train]
+    y = labels[pick].clone()
+    if label_noise:
+        flip = torch.rand(len(y), generator=g) < label_noise
+        y[flip] = torch.randint(0, len(classes), (int(flip.sum()),), generator=g)
+    test_texts, test_labels, _ = labelled_texts(data, "test")
+    test_pick = torch.randperm(len(test_texts), generator=g)[:n_test]
+    test = encode([test_texts[i] for i in test_pick], max_length)
+    return Split(encode([texts[i] for i in pick], max_length), y, test, test_labels[test_pick], len(classes))
+
+
+def train_loop(
+    model: nn.Module,
+    split: Split,
+    on_step: Any,
+    *,
+    steps: int,
+    batch_size: int,
+    reweight: bool = False,
+    seed: int = 0,
+    desc: str = "tune",
+    progress: bool | None = None,
+) -> list[float]:
+    """``steps`` steps on seeded random batches: forward, (weighted) loss, backward, then ``on_step(loss, batch)``
+    (the optimizer's step); returns the losses."""
+    g = torch.Generator().manual_seed(seed + 1)
+    order = torch.randint(0, len(split.labels), (steps, batch_size), generator=g)
+    losses: list[float] = []
+    model.train()
+    for idx in progress_bar(order, steps, desc, progress):
+        batch = {k: v[idx] for k, v in split.train.items()} | {"labels": split.labels[idx]}
+        per_example = model(**batch, reduction="none")["loss"]
+        loss = weighted_loss(per_example) if reweight else per_example.mean()
+        loss.backward()
+        losses.append(float(loss.detach()))
+        on_step(loss, batch)
+    return losses
+
+
+def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, peak: dict[str, int]) -> None:
+    """``optimizer.step()`` and ``zero_grad``, with the peak gradient and optimizer-state bytes kept in ``peak``."""
+    peak["gradients"] = max(peak["gradients"], training_bytes(model)["gradients"])
+    optimizer.step()
+    peak["optimizer_state"] = max(peak["optimizer_state"], training_bytes(model, optimizer)["optimizer_state"])
+    optimizer.zero_grad(set_to_none=True)
+
+
+@torch.no_grad()
+def held_out_accuracy(model: nn.Module, split: Split, batch_size: int = 64) -> float:
+    """Share of the test documents ``model`` (in eval mode meanwhile) labels right."""
+    training = model.training
+    model.eval()
+    n = len(split.test_labels)
+    pred = torch.cat(
+        [
+            model(**{k: v[i : i + batch_size] for k, v in split.test.items()})["logits"].argmax(1)
+            for i in range(0, n, batch_size)
+        ]
+    )
+    model.train(training)
+    return float((pred == split.test_labels).float().mean())
 
 
 @dataclass
@@ -122,48 +207,33 @@ def finetune(
     }
     if method not in makers:
         raise InputError(f"unknown tuning method {method!r}; choose one of {', '.join(makers)}")
-    g = torch.Generator().manual_seed(seed)
-    texts, labels, classes = labelled_texts(data, "train")
-    pick = torch.randperm(len(texts), generator=g)[:n_train]
-    train = encode([texts[i] for i in pick], max_length)
-    y = labels[pick].clone()
-    if label_noise:
-        flip = torch.rand(len(y), generator=g) < label_noise
-        y[flip] = torch.randint(0, len(classes), (int(flip.sum()),), generator=g)
-    test_texts, test_labels, _ = labelled_texts(data, "test")
-    test_pick = torch.randperm(len(test_texts), generator=g)[:n_test]
-    test = encode([test_texts[i] for i in test_pick], max_length)
-    model = lora_minilm(len(classes), seed=seed).train()
+    split = load_split(data, n_train, n_test, max_length, label_noise, seed)
+    model = lora_minilm(split.n_classes, seed=seed).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     tuner = makers[method](model, opt)
     peak = {"gradients": 0, "optimizer_state": 0}
-    losses: list[float] = []
-    start = time.perf_counter()
-    order = torch.randint(0, len(y), (steps, batch_size), generator=g)
-    for idx in progress_bar(order, steps, f"tune {method}", progress):
-        batch = {k: v[idx] for k, v in train.items()} | {"labels": y[idx]}
-        per_example = model(**batch, reduction="none")["loss"]
-        loss = weighted_loss(per_example) if reweight else per_example.mean()
-        loss.backward()
-        losses.append(float(loss.detach()))
+
+    def on_step(loss: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
         if tuner is not None:
             tuner.step(loss, batch)
-        else:
-            peak["gradients"] = max(peak["gradients"], training_bytes(model)["gradients"])
-            opt.step()
-            peak["optimizer_state"] = max(peak["optimizer_state"], training_bytes(model, opt)["optimizer_state"])
-            opt.zero_grad(set_to_none=True)
+            return
+        optimizer_step(model, opt, peak)
+
+    start = time.perf_counter()
+    losses = train_loop(
+        model,
+        split,
+        on_step,
+        steps=steps,
+        batch_size=batch_size,
+        reweight=reweight,
+        seed=seed,
+        desc=f"tune {method}",
+        progress=progress,
+    )
     seconds = time.perf_counter() - start
     if tuner is not None:
         peak = dict(tuner.peak)
         tuner.close()
-    model.eval()
-    with torch.no_grad():
-        pred = torch.cat(
-            [
-                model(**{k: v[i : i + 64] for k, v in test.items()})["logits"].argmax(1)
-                for i in range(0, len(test_pick), 64)
-            ]
-        )
-    accuracy = float((pred == test_labels[test_pick]).float().mean())
+    accuracy = held_out_accuracy(model, split)
     return FineTune(method, accuracy, peak["gradients"], peak["optimizer_state"], seconds, tuner, losses)

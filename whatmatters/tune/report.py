@@ -78,7 +78,54 @@ def render_tune_report(tuner: Any, title: str = "whatmatters tune", summary: dic
 
 def write_tune_report(tuner: Any, path: str | Path, title: str = "whatmatters tune", **kwargs: Any) -> Path:
     """Write :func:`render_tune_report` to ``path`` (parent folders created) and return the path."""
-    text = render_tune_report(tuner, title, **kwargs)
+    return write_page(render_tune_report(tuner, title, **kwargs), path)
+
+
+def _loss_figure(losses: list[float], sparsities: list[float] | None):
+    from whatmatters.report import plots
+
+    fig = plots.new_figure(7.5, 3.2)
+    ax = fig.subplots()
+    ax.plot(range(1, len(losses) + 1), losses, lw=1.2, label="training loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    if sparsities:
+        twin = ax.twinx()
+        twin.plot(range(1, len(sparsities) + 1), sparsities, color="#c0392b", lw=1.4, label="sparsity")
+        twin.set_ylabel("sparsity (schedule)")
+    return fig
+
+
+def render_sparse_report(
+    rows: list[dict[str, Any]],
+    losses: list[float],
+    title: str = "whatmatters tune",
+    summary: dict[str, Any] | None = None,
+    sparsities: list[float] | None = None,
+) -> str:
+    """The page of a weight-level sparse fine-tune (LIFT, PST): a summary, the loss (and sparsity) over steps and
+    one row per tuned layer."""
+    from whatmatters.report import plots
+
+    if not losses or not rows:
+        raise InputError("the sparse tuner has run no steps or tunes no layer; train it before writing its report")
+    e = html.escape
+    head = "".join(f"<tr><th>{e(str(k))}</th><td>{e(str(v))}</td></tr>" for k, v in (summary or {}).items())
+    columns = list(rows[0])
+    table = "<tr>" + "".join(f"<th>{e(c)}</th>" for c in columns) + "</tr>"
+    table += "".join("<tr>" + "".join(f"<td>{e(str(r[c]))}</td>" for c in columns) + "</tr>" for r in rows)
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>'
+        f"<style>{_CSS}</style></head><body><h1>{e(title)}</h1><table>{head}</table>"
+        "<h2>Loss over steps</h2>"
+        f'<img alt="loss over steps" src="{plots.figure_to_data_uri(_loss_figure(losses, sparsities))}">'
+        f"<h2>Tuned layers</h2><table>{table}</table>"
+        f'<p class="note">made with whatmatters {e(__version__)}</p></body></html>\n'
+    )
+
+
+def write_page(text: str, path: str | Path) -> Path:
+    """Write a rendered page to ``path`` (parent folders created) and return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
