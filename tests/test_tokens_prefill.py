@@ -140,6 +140,19 @@ def test_generate_after_pruned_prefill_matches_feeding_the_cache_by_hand():
     assert torch.equal(gen[:, 16], nxt) and torch.equal(gen[:, 17], step.logits[:, -1].argmax(-1))
 
 
+def test_continuation_on_the_pruned_cache_equals_the_layers_run_on_kept_prompt_plus_new_tokens():
+    model = _lm()
+    ids = torch.randint(0, 60, (2, 24))
+    with torch.no_grad():
+        with pruning_tokens(model, keep=0.5, at_layers=2) as report:
+            cache = hf.cache_kwargs(model, hf.new_cache(model))
+            model(ids[:, :16], use_cache=True, **cache)
+            cont = model(ids[:, 16:], use_cache=True, **cache).logits  # 8 new tokens in one call
+        kept = torch.cat([report.kept_positions, torch.arange(16, 24).expand(2, -1)], 1)
+        ref = _reference(model, ids, 2, kept)[:, -8:]
+    torch.testing.assert_close(cont, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_cascade_prunes_progressively_and_random_is_seeded():
     model = _lm(layers=6)
     ids = torch.randint(0, 60, (2, 27))
@@ -157,16 +170,26 @@ def test_cascade_prunes_progressively_and_random_is_seeded():
 
 
 def test_cascade_scores_accumulate_over_the_steps():
-    """With a first step that drops nothing, cascade's second step ranks by layer-0 + layer-1 attention."""
+    """keep=0.951 of 20 tokens at layers [1, 2]: step 1 drops nothing, step 2 drops one token -- cascade the one
+    with the least layer-0 + layer-1 attention, fastv the one with the least layer-1 attention (eager weights)."""
     model = tiny_model("llama", layers=3, kv_heads=2, positions=64, attn="eager")
-    ids = torch.randint(0, 60, (2, 20))
+    ids = torch.randint(0, 60, (8, 20))
     with torch.no_grad():
+        for layer in model.model.layers:  # sharper, content-dependent attention than the random init's
+            layer.self_attn.q_proj.weight.mul_(8)
         att = model(ids, output_attentions=True).attentions
-        with pruning_tokens(model, keep=0.25, method="cascade", at_layers=[1, 2]) as report:
-            model(ids)
-    seen_by = torch.arange(20, 0, -1)
-    first = select(att[0].mean(1).sum(1) / seen_by, torch.ones(2, 20, dtype=torch.bool), torch.full((2,), 10))
-    assert report.kept_positions.shape[1] == 5 and set(report.kept_positions[0].tolist()) <= set(first[0].tolist())
+        dropped = {}
+        for method in ("cascade", "fastv"):
+            with pruning_tokens(model, keep=0.951, method=method, at_layers=[1, 2]) as report:
+                model(ids)
+            assert [t for _, t in report.last_forward] == [20, 20, 19]
+            gone = torch.ones(8, 20, dtype=torch.bool).scatter(1, report.kept_positions, False)
+            dropped[method] = gone.float().argmax(1)
+    mean = [a.mean(1).sum(1) / torch.arange(20, 0, -1) for a in att[:2]]  # per layer, (b, 20)
+    inner = slice(1, 19)  # the first and last tokens are always kept
+    assert torch.equal(dropped["cascade"], (mean[0] + mean[1])[:, inner].argmin(1) + 1)
+    assert torch.equal(dropped["fastv"], mean[1][:, inner].argmin(1) + 1)
+    assert not torch.equal(dropped["cascade"], dropped["fastv"])
 
 
 # ------------------------------------------------------------------------------------------- bad input
