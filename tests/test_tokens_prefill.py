@@ -10,7 +10,7 @@ from helpers import tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from whatmatters.compress import pruning_tokens
+from whatmatters.compress import pruning_tokens, score
 from whatmatters.compress.tokens_prefill import select
 from whatmatters.core import hf
 from whatmatters.core.errors import InputError, MethodError, ModelError
@@ -107,6 +107,16 @@ def test_fastv_keeps_the_tokens_with_most_attention_in_eager_attention_weights()
     seen_by = torch.arange(24, 0, -1)
     mean = att.mean(1).sum(1) / seen_by  # mean over heads and over the queries that see each token
     expected = select(mean, torch.ones_like(mean, dtype=torch.bool), torch.full((3,), 6))
+    assert torch.equal(report.kept_positions, expected)
+
+
+def test_fastv_ranks_by_the_registered_accumulated_attention_score_of_layer_k_minus_1():
+    model = _lm()
+    ids = torch.randint(0, 60, (2, 20))
+    imp = score(model, "accumulated_attention", data=ids, attn_layers=[1], normalize=True)
+    with torch.no_grad(), pruning_tokens(model, keep=0.3, at_layers=2) as report:
+        model(ids)
+    expected = select(imp.values, torch.ones(2, 20, dtype=torch.bool), torch.full((2,), 6))
     assert torch.equal(report.kept_positions, expected)
 
 
