@@ -8,7 +8,8 @@ neurons or layers of transformers, ``prune_channels`` conv / linear channels of 
 fake-quantized mixed-precision copy; ``gptq`` real packed low-bit weights (``QuantLinear``,
 ``save_quantized`` / ``load_quantized``); ``sparsegpt`` second-order one-shot pruning; ``evicting_kv``
 evicts KV-cache entries during ``generate``; ``prune_tokens`` / ``merge_tokens`` give a ViT whose forward
-drops or merges patch tokens.
+drops or merges patch tokens; ``pruning_tokens`` prunes an LM's prompt tokens during the prefill (FastV,
+cascade, random) and ``compress_prompt`` drops its least surprising prompt tokens (LLMLingua-style).
 ``calibrate(model, data)`` computes activation / gradient statistics once for several scores. Every
 module in this package is imported on first use of the registry.
 """
@@ -27,13 +28,17 @@ from whatmatters.compress.quantize import Quantized, QuantizeReport, allocate_bi
 from whatmatters.compress.remove import StructuredPruned, StructuredReport, load_pruned, prune_structured
 from whatmatters.compress.sparsegpt import sparsegpt
 from whatmatters.compress.token_pruning import TokenReport, merge_tokens, prune_tokens
+from whatmatters.compress.tokens_prefill import PrefillReport, pruning_tokens
+from whatmatters.compress.tokens_prompt import CompressedPrompt, compress_prompt
 
 __all__ = [
     "Calibration",
     "ChannelPruned",
     "ChannelReport",
+    "CompressedPrompt",
     "GPTQReport",
     "ModelImportance",
+    "PrefillReport",
     "PruneReport",
     "Pruned",
     "QuantLinear",
@@ -46,6 +51,7 @@ __all__ = [
     "average_bits",
     "calibrate",
     "channels_by_layer",
+    "compress_prompt",
     "evict_scores",
     "evicting_kv",
     "gptq",
@@ -61,6 +67,7 @@ __all__ = [
     "prune_experts",
     "prune_structured",
     "prune_tokens",
+    "pruning_tokens",
     "quantize",
     "save_quantized",
     "score",
