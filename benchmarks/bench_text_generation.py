@@ -10,9 +10,9 @@ supported"). Both explain the probability of each target token (inseq's default 
 Agreement: per prompt and generated token, the Spearman rank correlation of the two methods' scores over
 the context positions (saliency: L2 norm of the gradient over the embedding; integrated gradients: the sum),
 averaged. Prompts whose continuation inseq re-tokenizes differently are left out of the comparison (counted).
-Expected: saliency >= 0.99 (the same gradient); integrated gradients >= 0.95 (same zero baseline and
-steps; inseq takes the path on the whole input embedding, position embeddings included only where the
-model adds them after the word embedding, as Llama does not: same path).
+Expected: saliency >= 0.99 (the same gradient); integrated gradients >= 0.95 (inseq's baseline: the UNK
+token's embedding at every position but end-of-sequence tokens, whatmatters' ``baseline="unk"`` (special
+tokens kept); the same steps and Gauss-Legendre rule).
 
 Needs inseq: ``pip install inseq`` (it is in the ``bench`` extra). Prints a table and one JSON line.
 
@@ -113,7 +113,7 @@ def main() -> None:
     rows = []
     for method, reduce, params in (
         ("saliency", "norm", {}),
-        ("integrated_gradients", "sum", {"steps": args.steps, "rule": "gausslegendre"}),
+        ("integrated_gradients", "sum", {"steps": args.steps, "rule": "gausslegendre", "baseline": "unk"}),
     ):
         start = time.perf_counter()
         imp = wm.explain(lm, texts, method=method, tokenizer=tok, generate=args.new_tokens, **params)

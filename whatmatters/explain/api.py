@@ -140,6 +140,8 @@ def explain_text(
         raise MethodError(f"{info.name} does not score text; token methods: {', '.join(token_methods)}")
     params = check_params(info.name, dict(params or {}), keyword_defaults(fn), fn=fn)
     with guarded(model, allow_train_mode):
+        for p in model.parameters():  # gradients reach the embeddings only (flags restored by guarded)
+            p.requires_grad_(False)
         task = make_text_task(model, data, target, **options)
         start = time.perf_counter()
         out = fn(task, **params)
