@@ -156,8 +156,8 @@ def _all_scores(task: TextTask, embeds: torch.Tensor | None) -> torch.Tensor:
 
 
 def _variants(task: TextTask, window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Windows of ``window`` tokens: (sample (R,), hidden mask (R, S), cover (n, m, S) float) for every window that
-    hides at least one real, non-special token; ``cover[i, j]`` is what window ``j`` hides in sample ``i``."""
+    """Windows of ``window`` tokens that hide at least one real, non-special token: their sample and start
+    ``(R,)`` each, and ``cover`` ``(n, m, S)`` float, what window ``j`` hides in sample ``i`` (0 for the others)."""
     width = task.input_ids.shape[1]
     occludable = task.attention_mask.bool() & ~task.special
     m = max(1, width - window + 1)
@@ -166,7 +166,7 @@ def _variants(task: TextTask, window: int) -> tuple[torch.Tensor, torch.Tensor, 
     cover = windows[None, :, :] & occludable[:, None, :]  # (n, m, S)
     valid = cover.any(-1)  # (n, m)
     sample, start = valid.nonzero(as_tuple=True)
-    return sample, cover[sample, start], cover.float() * valid[..., None]
+    return sample, start, cover.float() * valid[..., None]
 
 
 @text_scorer("occlusion", family="perturbation", aliases=("leave_one_out",))
@@ -186,7 +186,8 @@ def token_occlusion(
     """
     window = whole(window, "window")
     replace = None if isinstance(baseline, str) and baseline == "remove" else baseline_ids(task, baseline)
-    sample, hidden, cover = _variants(task, window)
+    sample, start, cover = _variants(task, window)
+    hidden = cover[sample, start].bool()
     full = _all_scores(task, None)  # (n, T)
     chunks = row_slices(len(sample), task.rows_per_call())
     drops = torch.empty((len(sample), task.n_slots))
@@ -197,7 +198,6 @@ def token_occlusion(
             mask = task.attention_mask[i] * (~h).long() if replace is None else task.attention_mask[i]
             drops[s] = full[i] - task.scores(i, ids=ids, mask=mask).float().cpu()
     per_window = torch.zeros((*cover.shape[:2], task.n_slots))  # (n, m, T)
-    _, start = (cover.any(-1)).nonzero(as_tuple=True)
     per_window[sample, start] = drops
     covered = torch.einsum("nmt,nms->nts", per_window, cover)
     counts = cover.sum(1).clamp_min(1)[:, None, :]
