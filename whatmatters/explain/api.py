@@ -68,7 +68,9 @@ def explain(
         hint = "whatmatters.compress.score(model, method, data=...)" if info.verb == "compress" else info.verb
         raise MethodError(f"{method!r} is a {info.verb} method, not an explain method; use {hint} for it")
     text = dict(tokenizer=tokenizer, attention_mask=attention_mask, generate=generate, output=output)
-    if is_text_request(data, tokenizer, attention_mask, generate) or _token_ids_for(info, model, data):
+    text_data = is_text_request(data, tokenizer, attention_mask, generate) or _token_ids_for(info, model, data)
+    wants_text = "token" in info.variants or tokenizer is not None  # else a string is non-numeric data
+    if text_data and wants_text and torch_module(model) is not None:
         return explain_text(
             model, data, info, target, **text, max_length=max_length, seed=seed, batch_size=batch_size,
             progress=progress, allow_train_mode=allow_train_mode, params=params,
