@@ -31,7 +31,6 @@ def explain(
     tokenizer: Any = None,
     attention_mask: Any = None,
     generate: int | None = None,
-    output: str | None = None,
     max_length: int | None = None,
     **params: Any,
 ) -> Importance:
@@ -53,8 +52,9 @@ def explain(
         seed: seed of every random draw, for reproducible results.
         batch_size: rows per model call (memory bound).
         progress: show progress bars (default: on a terminal, for long work).
-        tokenizer, attention_mask, generate, output, max_length: text (see :func:`explain_text`): ``data``
-            may be a string, a list of strings (with ``tokenizer``) or token ids of a Hugging Face model.
+        tokenizer, attention_mask, generate, max_length: text (see :func:`explain_text`): ``data`` may be a
+            string, a list of strings (with ``tokenizer``) or token ids of a Hugging Face model; on text,
+            ``output=`` (in ``params``) is what an LM explains per token.
         **params: the method's own parameters (``whatmatters.describe(method)`` lists them); values of
             the wrong type, NaN or infinite ones raise :class:`~whatmatters.core.errors.ParameterError`.
 
@@ -67,10 +67,11 @@ def explain(
     if info.verb != "explain":
         hint = "whatmatters.compress.score(model, method, data=...)" if info.verb == "compress" else info.verb
         raise MethodError(f"{method!r} is a {info.verb} method, not an explain method; use {hint} for it")
-    text = dict(tokenizer=tokenizer, attention_mask=attention_mask, generate=generate, output=output)
+    text = dict(tokenizer=tokenizer, attention_mask=attention_mask, generate=generate)
     text_data = is_text_request(data, tokenizer, attention_mask, generate) or _token_ids_for(info, model, data)
     wants_text = "token" in info.variants or tokenizer is not None  # else a string is non-numeric data
     if text_data and wants_text and torch_module(model) is not None:
+        text["output"] = params.pop("output", None)  # on text, output= is a task option, not a method's
         return explain_text(
             model, data, info, target, **text, max_length=max_length, seed=seed, batch_size=batch_size,
             progress=progress, allow_train_mode=allow_train_mode, params=params,
