@@ -21,7 +21,8 @@ DeepSeek-V3 routing groups) and are not supported: ``pyproject.toml`` asks for `
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -140,6 +141,31 @@ def token_ids(input_ids: Any, model: nn.Module | None = None, *, min_length: int
     return input_ids
 
 
+@contextmanager
+def attention_weights(model: nn.Module) -> Iterator[None]:
+    """While open, the Hugging Face model inside ``model`` runs eager attention, so ``output_attentions=True``
+    returns the weights; on exit its attention implementation is set back and the output-capturing hooks
+    transformers installed on first use are forgotten (``preserved`` removes hooks added inside it, so
+    transformers must install them again next time, or ``output_attentions`` would silently return nothing)."""
+    inner = next((m for m in model.modules() if callable(getattr(m, "set_attn_implementation", None))), None)
+    if inner is None:
+        yield
+        return
+    flag = "_output_capturing_hooks_installed"
+    had = {id(m) for m in model.modules() if getattr(m, flag, False)}
+    before = getattr(inner.config, "_attn_implementation", None)
+    if before != "eager":
+        inner.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        if before not in (None, "eager"):
+            inner.set_attn_implementation(before)
+        for m in model.modules():
+            if getattr(m, flag, False) and id(m) not in had:
+                delattr(m, flag) if flag in vars(m) else setattr(m, flag, False)
+
+
 def tiny_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
     """A one-sample input for a smoke forward pass: 4 token ids, or a zero image of the configured size."""
     config = model.config
@@ -166,6 +192,7 @@ def output_shape(model: nn.Module, feature: str) -> tuple[int, ...]:
 
 __all__ = [
     "TESTED",
+    "attention_weights",
     "cache_kwargs",
     "cache_layer",
     "cache_length",

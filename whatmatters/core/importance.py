@@ -18,6 +18,7 @@ UNITS = (
     "feature",
     "pixel",
     "token",
+    "word",
     "concept",
     "weight",
     "neuron",
@@ -222,6 +223,35 @@ class Importance:
         else:
             raise InputError(f"unknown normalization {how!r}; choose max_abs, sum_abs, minmax or zscore")
         return self._with(out.reshape(self.values.shape), params={**self.params, "normalize": how})
+
+    def to_words(self, how: Literal["sum", "mean"] = "sum") -> Importance:
+        """Token scores aggregated to words: sub-word scores summed (``how="sum"``, the default) or averaged.
+
+        Needs a token importance with ``extra["word_ids"]`` (one word index per token, ``-1`` for special and
+        padding tokens, as token attribution writes it). Values keep their leading axes: ``(n, words)`` or
+        ``(n, generated, words)``, padded with 0 after a text's last word; ``extra["words"]`` holds the words.
+        """
+        word_ids = self.extra.get("word_ids")
+        if self.unit != "token" or word_ids is None or not self.per_sample:
+            raise InputError("to_words needs per-sample token scores with extra['word_ids'] (from token attribution)")
+        if how not in ("sum", "mean"):
+            raise InputError(f"unknown word aggregation {how!r}; choose 'sum' or 'mean'")
+        ids = torch.as_tensor(word_ids, dtype=torch.long, device=self.values.device)
+        if ids.shape != (self.values.shape[0], self.values.shape[-1]):
+            raise InputError(f"word_ids of shape {tuple(ids.shape)} do not match values {tuple(self.values.shape)}")
+        n_words = int(ids.max()) + 1 if ids.numel() else 0
+        bucket = torch.where(ids >= 0, ids, n_words)  # tokens of no word go to a bucket that is dropped
+        flat = self.values.reshape(self.values.shape[0], -1, self.values.shape[-1])
+        index = bucket[:, None, :].expand_as(flat)
+        total = torch.zeros((*flat.shape[:2], n_words + 1), dtype=flat.dtype, device=flat.device)
+        total.scatter_add_(2, index, flat)
+        if how == "mean":
+            counts = torch.zeros_like(total).scatter_add_(2, index, torch.ones_like(flat))
+            total = total / counts.clamp_min(1)
+        values = total[..., :n_words].reshape(*self.values.shape[:-1], n_words)
+        extra = {**self.extra, "word_aggregation": how}
+        extra.pop("word_ids")
+        return self._with(values, unit="word", names=None, extra=extra)
 
     def agreement(self, other: Importance, k: int | None = None) -> dict[str, float]:
         """Rank agreement with another importance over the same units.

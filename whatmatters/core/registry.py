@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from whatmatters.core.errors import MethodError
@@ -26,6 +26,12 @@ class Method:
     aliases: tuple[str, ...] = ()
     extras: tuple[str, ...] = ()  # optional dependencies it imports, e.g. ("shap",)
     checks_target: bool = False  # checks a given target on its own first forward: make_task needs no probe row
+    # unit -> the function that scores that unit where it is not ``fn`` (``"token"``: it takes a TextTask)
+    variants: dict[str, Callable[..., Any]] = field(default_factory=dict, compare=False, hash=False)
+
+    def fn_for(self, unit: str | None) -> Callable[..., Any]:
+        """The function that scores ``unit`` (``fn`` unless a variant is registered for it)."""
+        return self.variants.get(unit, self.fn) if unit is not None else self.fn
 
     @property
     def summary(self) -> str:
@@ -109,6 +115,18 @@ class Registry:
         for alias in getattr(entry, "aliases", ()):
             self.alias_of[alias] = entry.name
 
+    def extend(self, name: str, unit: str, fn: Callable[..., Any], aliases: tuple[str, ...] = ()) -> None:
+        """Entry ``name`` also scores ``unit``, with ``fn`` (a :class:`Method`'s ``variants``); ``aliases`` added."""
+        entry = self.entries[name]
+        for alias in aliases:
+            if alias in self.entries or alias in self.alias_of:
+                raise RuntimeError(f"{self.kind} {alias!r} is registered twice")
+            self.alias_of[alias] = name
+        units = entry.units if unit in entry.units else (*entry.units, unit)
+        self.entries[name] = replace(
+            entry, units=units, aliases=(*entry.aliases, *aliases), variants={**entry.variants, unit: fn}
+        )
+
     def load(self) -> None:
         """Import every module of ``packages`` (once)."""
         if self._loaded:
@@ -145,7 +163,12 @@ class Registry:
         """An entry's header line, its parameters with their defaults, and its documentation."""
         e = self.get(name)
         params = ", ".join(f"{k}={v!r}" for k, v in e.defaults.items()) or "none"
-        return f"{e.header}\nparameters: {params}\n\n{inspect.getdoc(e.fn) or ''}"
+        text = f"{e.header}\nparameters: {params}\n\n{inspect.getdoc(e.fn) or ''}"
+        for unit, fn in getattr(e, "variants", {}).items():
+            if fn is not e.fn:
+                shown = ", ".join(f"{k}={v!r}" for k, v in keyword_defaults(fn).items()) or "none"
+                text += f"\n\non {unit}s (parameters: {shown}):\n{inspect.getdoc(fn) or ''}"
+        return text
 
 
 VERB_PACKAGES = ("explain", "compress", "tune", "curate")

@@ -5,11 +5,14 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import torch
+
 from whatmatters.core.errors import MethodError, ModelError, WhatMattersError
 from whatmatters.core.importance import Importance
 from whatmatters.core.params import check_params
-from whatmatters.core.registry import get_method
+from whatmatters.core.registry import get_method, keyword_defaults
 from whatmatters.core.task import Task, check_units, guarded, make_task, probe, torch_module
+from whatmatters.core.text import is_text_request, make_text_task
 
 
 def explain(
@@ -25,6 +28,10 @@ def explain(
     batch_size: int | None = None,
     progress: bool | None = None,
     allow_train_mode: bool = False,
+    tokenizer: Any = None,
+    attention_mask: Any = None,
+    generate: int | None = None,
+    max_length: int | None = None,
     **params: Any,
 ) -> Importance:
     """Score the inputs of ``model`` on ``data`` with ``method``.
@@ -45,6 +52,9 @@ def explain(
         seed: seed of every random draw, for reproducible results.
         batch_size: rows per model call (memory bound).
         progress: show progress bars (default: on a terminal, for long work).
+        tokenizer, attention_mask, generate, max_length: text (see :func:`explain_text`): ``data`` may be a
+            string, a list of strings (with ``tokenizer``) or token ids of a Hugging Face model; on text,
+            ``output=`` (in ``params``) is what an LM explains per token.
         **params: the method's own parameters (``whatmatters.describe(method)`` lists them); values of
             the wrong type, NaN or infinite ones raise :class:`~whatmatters.core.errors.ParameterError`.
 
@@ -57,6 +67,15 @@ def explain(
     if info.verb != "explain":
         hint = "whatmatters.compress.score(model, method, data=...)" if info.verb == "compress" else info.verb
         raise MethodError(f"{method!r} is a {info.verb} method, not an explain method; use {hint} for it")
+    text = dict(tokenizer=tokenizer, attention_mask=attention_mask, generate=generate)
+    text_data = is_text_request(data, tokenizer, attention_mask, generate) or _token_ids_for(info, model, data)
+    wants_text = "token" in info.variants or tokenizer is not None  # else a string is non-numeric data
+    if text_data and wants_text and torch_module(model) is not None:
+        text["output"] = params.pop("output", None)  # on text, output= is a task option, not a method's
+        return explain_text(
+            model, data, info, target, **text, max_length=max_length, seed=seed, batch_size=batch_size,
+            progress=progress, allow_train_mode=allow_train_mode, params=params,
+        )  # fmt: skip
     params = check_params(info.name, params, info.defaults, fn=info.fn)
     if info.needs in ("gradients", "module") and torch_module(model) is None:
         raise ModelError(
@@ -92,6 +111,65 @@ def explain(
         seed=task.seed,
         seconds=seconds,
         target=int(unique[0]) if len(unique) == 1 else task.target.tolist(),
+    )
+
+
+def _token_ids_for(info: Any, model: Any, data: Any) -> bool:
+    """Integer ``(n, seq_len)`` ids given to a token method of a model with an embedding layer."""
+    return (
+        "token" in info.variants
+        and isinstance(data, torch.Tensor)
+        and data.ndim == 2
+        and not data.is_floating_point()
+        and callable(getattr(model, "get_input_embeddings", None))
+    )
+
+
+def explain_text(
+    model: Any,
+    data: Any,
+    method: Any,
+    target: Any = None,
+    *,
+    params: dict[str, Any] | None = None,
+    allow_train_mode: bool = False,
+    **options: Any,
+) -> Importance:
+    """Token attribution: ``method`` (a name or its registry entry) on the text or token ids ``data``.
+
+    The :class:`~whatmatters.core.text.TextTask` is built by :func:`~whatmatters.core.text.make_text_task`
+    (``tokenizer``, ``attention_mask``, ``generate``, ``output``, ``max_length``, ``seed``, ``batch_size``,
+    ``progress`` are its options). Values are ``(n, seq_len)`` for classifiers, ``(n, generated, seq_len)``
+    for causal LMs, aligned to the padded ``extra["input_ids"]``; ``extra["tokens"]`` holds the token strings.
+    """
+    info = get_method(method) if isinstance(method, str) else method
+    fn = info.variants.get("token")
+    if fn is None:
+        from whatmatters.core.registry import methods
+
+        token_methods = [m for m in methods(unit="token", verb="explain") if "token" in get_method(m).variants]
+        raise MethodError(f"{info.name} does not score text; token methods: {', '.join(token_methods)}")
+    params = check_params(info.name, dict(params or {}), keyword_defaults(fn), fn=fn)
+    with guarded(model, allow_train_mode):
+        for p in model.parameters():  # gradients reach the embeddings only (flags restored by guarded)
+            p.requires_grad_(False)
+        task = make_text_task(model, data, target, **options)
+        start = time.perf_counter()
+        out = fn(task, **params)
+        seconds = time.perf_counter() - start
+    target_out = task.target[:, 0].tolist() if task.kind == "classifier" else "continuation"
+    if task.kind == "classifier" and len(set(target_out)) == 1:
+        target_out = target_out[0]
+    values, extra = out
+    return Importance(
+        values=values,
+        unit="token",
+        method=info.name,
+        params={**keyword_defaults(fn), **params},
+        target=target_out,
+        seed=task.seed,
+        seconds=seconds,
+        extra=extra,
     )
 
 

@@ -17,6 +17,7 @@ from whatmatters._version import __version__
 from whatmatters.core.errors import InputError
 from whatmatters.core.importance import Importance
 from whatmatters.report import plots
+from whatmatters.report import text as text_heatmaps
 from whatmatters.report.concepts import concept_cells, is_concept_bank
 
 _CSS = """
@@ -63,6 +64,9 @@ table.overlays th[scope=row] { text-align: right; font-weight: 600; padding-righ
 table.overlays thead th { font-weight: normal; color: #56606b; }
 table.overlays img { display: block; image-rendering: pixelated; }
 table.concepts img { display: inline-block; margin-right: 2px; }
+.heatmap { font-family: ui-monospace, "SFMono-Regular", Menlo, monospace; font-size: .9em; line-height: 2; }
+.textrow { white-space: pre-wrap; } .textrow .idx { color: #9aa3ab; margin-right: 8px; }
+.tok { border-radius: 3px; padding: 1px 0; } .gen { font-weight: 700; color: #1d3557; }
 footer { color: #7a848e; font-size: .8em; margin-top: 28px; text-align: center; }
 """
 
@@ -292,6 +296,12 @@ def _method_section(
     label: str, imp: Importance, k: int, max_samples: int, data: Any = None, in_grid: bool = False
 ) -> str:
     figures = []
+    if text_heatmaps.is_text(imp):  # tokens / words: the text itself, coloured
+        return (
+            f'<div class="method"><h3>{_e(label)}</h3>{_provenance(imp)}'
+            + text_heatmaps.html_heatmap(imp, max_samples)
+            + "</div>"
+        )
     if len(imp.unit_shape) == 1:
         n_bars = min(k, imp.n_units)
         fig = plots.new_figure(4.2, 0.22 * n_bars + 1.1)
@@ -350,7 +360,11 @@ def _png_img(array: np.ndarray, alt: str, cls: str) -> str:
 
 def _grid_members(shown: Mapping[str, Importance]) -> dict[str, Importance]:
     """The per-sample importances with 2-D (or channels x 2-D) units: drawn in the overlay grid."""
-    return {label: imp for label, imp in shown.items() if imp.per_sample and len(imp.unit_shape) in (2, 3)}
+    return {
+        label: imp
+        for label, imp in shown.items()
+        if imp.per_sample and len(imp.unit_shape) in (2, 3) and not text_heatmaps.is_text(imp)
+    }
 
 
 def _overlay_section(
@@ -524,13 +538,22 @@ def render_report(
     ordered = [m for m in methods if m in shown] + [m for m in shown if m not in methods]
     images = _images(data)
     notes = []
-    if any(len(imp.unit_shape) == 1 for imp in shown.values()):
+    if any(text_heatmaps.is_text(imp) for imp in shown.values()):
+        notes.append(
+            "Text: each token (or word) on a background that is red where it raises the explained output and blue "
+            "where it lowers it, strongest at the line's largest |score| (hover for the score); a generative "
+            "model's lines explain the token after the arrow."
+        )
+    if any(len(imp.unit_shape) == 1 and not text_heatmaps.is_text(imp) for imp in shown.values()):
         notes.append(
             "Bars: the most important units (length: mean |score| over samples; red if the unit raises the "
             "explained output on average, blue if it lowers it; methods that give one score per unit are drawn "
             "as they are, grey when no score is negative). Heatmap: the score of every shown sample and unit."
         )
-    if any(len(imp.unit_shape) > 1 and label not in members for label, imp in shown.items()):
+    if any(
+        len(imp.unit_shape) > 1 and label not in members and not text_heatmaps.is_text(imp)
+        for label, imp in shown.items()
+    ):
         notes.append(
             "Maps: scores per pixel (channels summed"
             + (", over the input image" if images is not None else "")

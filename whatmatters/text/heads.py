@@ -1,0 +1,57 @@
+"""A text classifier from a sentence encoder: mean pooling and a linear head (e.g. MiniLM + a head).
+
+:class:`PooledClassifier` is an ``nn.Module`` with the Hugging Face classifier interface token attribution
+reads (``input_ids`` / ``attention_mask`` in, ``.logits`` out, ``get_input_embeddings()``, ``config``).
+:func:`fit_head` fits the head in closed form (ridge regression on one-hot labels) from labelled texts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from whatmatters.core.errors import InputError
+from whatmatters.text.pretrained import embed, mean_pool
+
+
+class PooledClassifier(nn.Module):
+    """``head(normalize(mean_pool(encoder(ids))))``: logits ``(n, n_classes)`` of a sentence encoder's embedding."""
+
+    def __init__(self, encoder: nn.Module, n_classes: int = 2, *, labels: Sequence[str] | None = None) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.config = encoder.config
+        self.head = nn.Linear(int(encoder.config.hidden_size), n_classes)
+        self.labels = list(labels) if labels is not None else [str(i) for i in range(n_classes)]
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.encoder.get_input_embeddings()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        out = self.encoder(input_ids=input_ids, attention_mask=mask, **kwargs)
+        pooled = nn.functional.normalize(mean_pool(out.last_hidden_state, mask), dim=-1)
+        return SequenceClassifierOutput(logits=self.head(pooled), attentions=getattr(out, "attentions", None))
+
+
+def fit_head(
+    model: PooledClassifier, tokenizer: Any, texts: Sequence[str], labels: Sequence[int], *, ridge: float = 1e-2
+) -> PooledClassifier:
+    """Set the head to the ridge-regression fit of one-hot ``labels`` on the texts' embeddings; returns ``model``."""
+    y = torch.as_tensor(list(labels), dtype=torch.long)
+    if len(texts) != len(y) or len(y) == 0:
+        raise InputError(f"fit_head needs one label per text, got {len(texts)} texts and {len(y)} labels")
+    x = embed(model.encoder, tokenizer, list(texts)).float()
+    x = torch.cat([x, torch.ones(len(x), 1)], 1)
+    onehot = nn.functional.one_hot(y, model.head.out_features).float() * 2 - 1
+    gram = x.T @ x + ridge * torch.eye(x.shape[1])
+    w = torch.linalg.solve(gram, x.T @ onehot)  # (d + 1, classes)
+    with torch.no_grad():
+        model.head.weight.copy_(w[:-1].T)
+        model.head.bias.copy_(w[-1])
+    return model
