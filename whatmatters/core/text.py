@@ -561,7 +561,9 @@ def text_scorer(
         if name in SCORERS.entries:
             SCORERS.extend(name, "token", fn, aliases)
         else:
-            SCORERS.add(Method(name, fn, "explain", ("token",), family, "module", True, aliases, (), {"token": fn}))
+            SCORERS.add(
+                Method(name, fn, "explain", ("token",), family, "module", aliases=aliases, variants={"token": fn})
+            )
         return fn
 
     return register
