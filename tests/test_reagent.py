@@ -81,3 +81,29 @@ def test_reagent_target_outside_the_vocabulary_is_refused(target):
     ids, _ = key_rows(n=1)
     with pytest.raises(InputError, match="target"):
         reagent(KeyLM().eval(), ids, target)
+
+
+def test_explain_reagent_attributes_each_generated_token_to_its_context():
+    """``wm.explain(..., method="reagent", generate=2)``: slot t is the direct reagent run on the context before it."""
+    import whatmatters as wm
+
+    lm = tiny_model("llama", vocab=40)
+    ids = torch.tensor([[5, 9, 12, 3], [0, 0, 11, 4]])
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    opts = {"max_steps": 4, "probes": 3}
+    imp = wm.explain(lm, ids, method="reagent", attention_mask=mask, generate=2, **opts)
+    assert imp.method == "reagent" and imp.values.shape == (2, 2, 6)
+    targets = torch.tensor(imp.extra["target_ids"])
+    first = reagent(lm, ids, targets[:, 0], attention_mask=mask, seed=0, **opts)
+    torch.testing.assert_close(imp.values[:, 0, :4], first.values.float())
+    assert (imp.values[:, 0, 4:] == 0).all() and (imp.values[:, 1, 5:] == 0).all()
+    torch.testing.assert_close(imp.values[:, 1].sum(-1), torch.ones(2))  # each slot's context sums to 1
+    assert (imp.values[1, :, :2] == 0).all()  # left padding scores 0
+
+
+def test_explain_reagent_refuses_a_classifier():
+    import whatmatters as wm
+    from whatmatters.core.errors import MethodError
+
+    with pytest.raises(MethodError, match="causal"):
+        wm.explain(tiny_model("bert"), torch.randint(5, 60, (2, 6)), method="reagent")

@@ -22,11 +22,12 @@ import torch
 from torch import nn
 
 from whatmatters.core import hf
-from whatmatters.core.errors import InputError, ModelError
+from whatmatters.core.errors import InputError, MethodError, ModelError
 from whatmatters.core.fractions import whole
 from whatmatters.core.importance import Importance
 from whatmatters.core.state import preserved, require_eval
 from whatmatters.core.task import progress_bar
+from whatmatters.core.text import TextTask, text_scorer
 from whatmatters.core.token_outputs import batched_logits, check_mask, check_target, positions, probability
 
 _EPS = 1e-6
@@ -208,4 +209,44 @@ def _rank_order(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return scores.masked_fill(mask == 0, float("-inf")).argsort(-1, descending=True)
 
 
-__all__ = ["check_replacer", "reagent", "replacement_candidates"]
+@text_scorer("reagent", family="perturbation")
+def token_reagent(
+    task: TextTask,
+    *,
+    replacer: Any = None,
+    ratio: float = 0.3,
+    keep: int = 5,
+    top_k: int = 3,
+    max_steps: int = 100,
+    min_steps: int = 5,
+    probes: int = 8,
+    candidates: int = 32,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """ReAGent through ``wm.explain(lm, prompts, method="reagent", tokenizer=tok, generate=N)`` (see :func:`reagent`).
+
+    Each generated (or given) target token is attributed to the context before it: one :func:`reagent` run per
+    target position, every prompt and probe of it batched. ``extra["stopped"]`` is ``(n, generated)``.
+    """
+    if task.kind != "lm":
+        raise MethodError(
+            "reagent explains the next tokens of a generative (causal) LM; for a classifier use occlusion, "
+            "integrated_gradients or attention_rollout"
+        )
+    out = torch.zeros((task.n, task.n_slots, task.input_ids.shape[1]))
+    stopped = torch.zeros((task.n, task.n_slots))
+    device = task.device
+    for t in range(task.n_slots):
+        rows = task.target_mask[:, t].nonzero().flatten()
+        end = task.prompt_len + t  # the target at slot t is predicted from the positions before it
+        imp = reagent(
+            task.model, task.input_ids[rows, :end].to(device), task.target[rows, t].to(device),
+            attention_mask=task.attention_mask[rows, :end].to(device), replacer=replacer, ratio=ratio, keep=keep,
+            top_k=top_k, max_steps=max_steps, min_steps=min_steps, probes=probes, candidates=candidates,
+            batch=task.rows_per_call(), seed=task.seed + t, progress=task.progress,
+        )  # fmt: skip
+        out[rows, t, :end] = imp.values.float().cpu()
+        stopped[rows, t] = torch.tensor(imp.extra["stopped"])
+    return task.values(out), {**task.extra(), "stopped": stopped.tolist()}
+
+
+__all__ = ["check_replacer", "reagent", "replacement_candidates", "token_reagent"]
