@@ -6,7 +6,10 @@ other model parts (heads, neurons, layers, experts, tokens, KV entries). Actions
 neurons or layers of transformers, ``prune_channels`` conv / linear channels of plain PyTorch models
 (traced with torch.fx) and ``prune_experts`` MoE experts; ``allocate_bits`` + ``quantize`` give a
 fake-quantized mixed-precision copy; ``gptq`` real packed low-bit weights (``QuantLinear``,
-``save_quantized`` / ``load_quantized``); ``sparsegpt`` second-order one-shot pruning; ``evicting_kv``
+``save_quantized`` / ``load_quantized``), ``rsq`` the same after folded Hadamard rotations (``rotate``) with
+importance-weighted calibration tokens; ``sparsegpt`` second-order one-shot pruning; ``merge`` one model
+from several fine-tunes (PCB, TIES, task arithmetic); ``unlearn`` forgets a text by updating only the
+weights attributed to it (WAGLE); ``evicting_kv``
 evicts KV-cache entries during ``generate``; ``prune_tokens`` / ``merge_tokens`` give a ViT whose forward
 drops or merges patch tokens; ``pruning_tokens`` prunes an LM's prompt tokens during the prefill (FastV,
 cascade, random) and ``compress_prompt`` drops its least surprising prompt tokens (LLMLingua-style).
@@ -22,14 +25,18 @@ from whatmatters.compress.experts import prune_experts
 from whatmatters.compress.gptq import GPTQReport, gptq
 from whatmatters.compress.kvcache import evict_scores, evicting_kv, kv_eviction
 from whatmatters.compress.layer_scoring import layer_scores
+from whatmatters.compress.merge import MergeReport, merge
 from whatmatters.compress.packed import QuantLinear, load_quantized, save_quantized
 from whatmatters.compress.prune import Pruned, PruneReport, measure, prune
 from whatmatters.compress.quantize import Quantized, QuantizeReport, allocate_bits, average_bits, quantize
 from whatmatters.compress.remove import StructuredPruned, StructuredReport, load_pruned, prune_structured
+from whatmatters.compress.rotation import rotate
+from whatmatters.compress.rsq import rsq
 from whatmatters.compress.sparsegpt import sparsegpt
 from whatmatters.compress.token_pruning import TokenReport, merge_tokens, prune_tokens
 from whatmatters.compress.tokens_prefill import PrefillReport, pruning_tokens
 from whatmatters.compress.tokens_prompt import CompressedPrompt, compress_prompt
+from whatmatters.compress.unlearn import UnlearnReport, unlearn
 
 __all__ = [
     "Calibration",
@@ -37,6 +44,7 @@ __all__ = [
     "ChannelReport",
     "CompressedPrompt",
     "GPTQReport",
+    "MergeReport",
     "ModelImportance",
     "PrefillReport",
     "PruneReport",
@@ -47,6 +55,7 @@ __all__ = [
     "StructuredPruned",
     "StructuredReport",
     "TokenReport",
+    "UnlearnReport",
     "allocate_bits",
     "average_bits",
     "calibrate",
@@ -61,6 +70,7 @@ __all__ = [
     "load_pruned",
     "load_quantized",
     "measure",
+    "merge",
     "merge_tokens",
     "prune",
     "prune_channels",
@@ -69,7 +79,10 @@ __all__ = [
     "prune_tokens",
     "pruning_tokens",
     "quantize",
+    "rotate",
+    "rsq",
     "save_quantized",
     "score",
     "sparsegpt",
+    "unlearn",
 ]

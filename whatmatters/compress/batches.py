@@ -21,11 +21,13 @@ from whatmatters.core.errors import InputError, ModelError
 
 @dataclass
 class Batch:
-    """One model call: positional ``args`` or keyword ``kwargs``, optional ``labels``, token ``mask``."""
+    """One model call: positional ``args`` or keyword ``kwargs``, optional ``labels``, token ``mask`` and
+    ``weights`` (``(batch, seq_len)``: each token's share in a layer Hessian, as RSQ scales them)."""
 
     args: tuple = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
     labels: Any = None
+    weights: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -51,6 +53,7 @@ class Batch:
                 tuple(cut(a, slice(i, i + size)) for a in self.args),
                 {k: cut(v, slice(i, i + size)) for k, v in self.kwargs.items()},
                 cut(self.labels, slice(i, i + size)),
+                cut(self.weights, slice(i, i + size)),
             )
             for i in range(0, n, size)
         ]
@@ -59,7 +62,8 @@ class Batch:
         def move(x: Any) -> Any:
             return x.to(device) if isinstance(x, torch.Tensor) else x
 
-        return Batch(tuple(move(a) for a in self.args), {k: move(v) for k, v in self.kwargs.items()}, move(self.labels))
+        args, kwargs = tuple(move(a) for a in self.args), {k: move(v) for k, v in self.kwargs.items()}
+        return Batch(args, kwargs, move(self.labels), move(self.weights))
 
 
 def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,7 +136,9 @@ def as_batches(data: Any, tokenizer: Any = None, *, batch_size: int = 8, max_len
         raise InputError(f"cannot use {type(data).__name__} as calibration data; give texts, tensors or batches")
     batches: list[Batch] = []
     for item in data:
-        if isinstance(item, torch.Tensor):
+        if isinstance(item, Batch):
+            batches.append(item)
+        elif isinstance(item, torch.Tensor):
             batches += _from_tensor(item, len(item) if item.ndim else 1)
         elif isinstance(item, Mapping):
             batches += _from_mapping(item, 1 << 30)

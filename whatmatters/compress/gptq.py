@@ -36,6 +36,7 @@ class GPTQReport:
     float_bytes: int = 0
     packed_bytes: int = 0
     seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. RSQ's rotation and token scores
 
     @property
     def average_bits(self) -> float:

@@ -31,6 +31,8 @@ from whatmatters.core.fractions import whole
 from whatmatters.core.state import hooks, parameter_device_dtype
 from whatmatters.core.task import progress_bar
 
+Rows = tuple[torch.Tensor | None, torch.Tensor | None]  # a batch's token mask and token weights
+
 
 class _Stop(Exception):
     """Raised by a forward hook at the end of a group: the rest of the model is not needed."""
@@ -41,16 +43,27 @@ def _raise_stop(*_: Any) -> None:
 
 
 class HessianSum:
-    """Forward hook state: ``XᵀX`` (float32) and the token count of one layer's inputs (padding left out)."""
+    """Forward hook state: ``XᵀX`` (float32) and the token count of one layer's inputs (padding left out);
+    with token ``weights`` ``(batch, seq_len)``, ``Xᵀ diag(r) X`` (RSQ's scaled tokens)."""
 
     def __init__(self, n: int, device: torch.device) -> None:
         self.xtx = torch.zeros(n, n, device=device)
         self.count = 0
         self.mask: torch.Tensor | None = None
+        self.weights: torch.Tensor | None = None
+
+    def see(self, rows: Rows) -> None:
+        self.mask, self.weights = rows
 
     def __call__(self, _module: nn.Module, inputs: tuple, _output: Any) -> None:
         x = token_rows(inputs[0], self.mask)
-        self.xtx.addmm_(x.T, x)
+        if self.weights is None:
+            self.xtx.addmm_(x.T, x)
+        else:
+            r = token_rows(self.weights.unsqueeze(-1), self.mask).reshape(-1)
+            if r.shape[0] != x.shape[0]:
+                raise ModelError(f"{r.shape[0]} token weights for a layer input of {x.shape[0]} tokens")
+            self.xtx.addmm_((x * r[:, None]).T, x)
         self.count += x.shape[0]
 
     def hessian(self) -> torch.Tensor:
@@ -104,22 +117,22 @@ def prepare(
 
 
 Process = Callable[[str, nn.Module, torch.Tensor, int], None]
-Cached = list[tuple[tuple, dict[str, Any], torch.Tensor | None]]  # a block's (args, kwargs, token mask) per batch
+Cached = list[tuple[tuple, dict[str, Any], Rows]]  # a block's (args, kwargs, token mask and weights) per batch
 
 
 def _block_inputs(model: nn.Module, block: nn.Module, batches: list[Batch], device: torch.device) -> Cached:
     """The positional and keyword arguments ``block`` is called with, for every batch (the model stops there)."""
     cache: Cached = []
-    mask: list[torch.Tensor | None] = [None]
+    rows: list[Rows] = [(None, None)]
 
     def grab(_m: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        cache.append((args, kwargs, mask[0]))
+        cache.append((args, kwargs, rows[0]))
         raise _Stop
 
     with hooks(block.register_forward_pre_hook(grab, with_kwargs=True)), torch.no_grad():
         for batch in batches:
             batch = batch.to(device)
-            mask[0] = batch.mask
+            rows[0] = (batch.mask, batch.weights)
             with contextlib.suppress(_Stop):
                 call_model(model, batch)
     return cache
@@ -129,13 +142,13 @@ def _next_inputs(block: nn.Module, cache: Cached) -> Cached:
     """``block``'s outputs as the next block's hidden states (the other arguments are shared by all blocks)."""
     out: Cached = []
     with torch.no_grad():
-        for args, kwargs, mask in cache:
+        for args, kwargs, rows in cache:
             hidden = block(*args, **kwargs)
             hidden = hidden[0] if isinstance(hidden, (tuple, list)) else hidden
             if args:
-                out.append(((hidden, *args[1:]), kwargs, mask))
+                out.append(((hidden, *args[1:]), kwargs, rows))
             else:
-                out.append(((), {**kwargs, "hidden_states": hidden}, mask))
+                out.append(((), {**kwargs, "hidden_states": hidden}, rows))
     return out
 
 
@@ -198,9 +211,9 @@ def reconstruct_sequentially(
             for block in progress_bar(children[first : last + 1], last + 1 - first, description, progress):
 
                 def call(sums: dict[str, HessianSum], block: nn.Module = block, cache: Cached = cache) -> None:
-                    for args, kwargs, mask in cache:
+                    for args, kwargs, rows in cache:
                         for s in sums.values():
-                            s.mask = mask
+                            s.see(rows)
                         block(*args, **kwargs)
 
                 if id(block) in names_of:
@@ -215,7 +228,7 @@ def reconstruct_sequentially(
                     for batch in batches:
                         batch = batch.to(device)
                         for s in sums.values():
-                            s.mask = batch.mask
+                            s.see((batch.mask, batch.weights))
                         with contextlib.suppress(_Stop):
                             call_model(model, batch)
 
