@@ -15,7 +15,8 @@ import json
 import os
 import re
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -65,22 +66,32 @@ def _check_target(path: Path) -> None:
         raise InputError(f"cannot write {path}: {ancestor} is a file, not a folder")
 
 
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write; renamed onto ``path`` on success, removed on any error.
+
+    A reader (or a parallel writer) never sees half a file, and a crash never clobbers the old one. An
+    overwritten file keeps its permissions; missing folders are created.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        yield tmp
+        if path.exists():
+            os.chmod(tmp, path.stat().st_mode & 0o7777)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _write_atomically(table: Any, path: Path) -> None:
     import pyarrow.parquet as pq
 
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    file = tmp.open("xb")  # created with the usual permissions (umask)
-    try:
-        with file:
-            pq.write_table(table, file)
-            file.flush()
-            os.fsync(file.fileno())
-        if path.exists():
-            os.chmod(tmp, path.stat().st_mode & 0o7777)  # overwriting keeps the old file's permissions
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp, tmp.open("xb") as file:  # created with the usual permissions (umask)
+        pq.write_table(table, file)
+        file.flush()
+        os.fsync(file.fileno())
 
 
 def content_digest(table: Any, raw_meta: bytes) -> str:

@@ -21,7 +21,6 @@ import gzip
 import json
 import math
 import os
-import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from whatmatters.core.errors import InputError
+from whatmatters.core.storage import atomic_file
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -452,24 +452,14 @@ def records_to_table(records: list[dict[str, Any]]):
 
 
 # ------------------------------------------------------------------ atomic files
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-
-
 def write_table(table: Any, path: Path, meta: dict[str, Any] | None = None) -> Path:
     """Write a pyarrow table as Parquet, atomically (a temporary file renamed onto ``path``)."""
     import pyarrow.parquet as pq
 
     if meta is not None:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"whatmatters": json.dumps(meta)})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    try:
+    with atomic_file(path) as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -486,15 +476,8 @@ def read_meta(path: Path) -> dict[str, Any] | None:
 
 def write_bytes(data: bytes, path: Path) -> Path:
     """Write ``data`` to ``path`` atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp, open(tmp, "xb") as f:
+        f.write(data)
     return path
 
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import secrets
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,46 +23,16 @@ from torch import nn
 
 from whatmatters.core.errors import InputError
 from whatmatters.core.fractions import whole
-from whatmatters.text.pretrained import cache_root, load_minilm, mean_pool
+from whatmatters.core.storage import atomic_file
+from whatmatters.text.heads import PooledClassifier
+from whatmatters.text.pretrained import cache_root, load_minilm
 
 NEWS_CATEGORIES = ("comp.graphics", "rec.sport.hockey", "sci.med", "sci.space", "talk.politics.mideast")
 CACHE_VERSION = 1
 
 
-class MiniLMClassifier(nn.Module):
-    """MiniLM encoder, mean pooling over real tokens, L2 normalisation, then a linear head: ``.logits (b, C)``."""
-
-    main_input_name = "input_ids"
-
-    def __init__(self, encoder: nn.Module, labels: Sequence[str]) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.head = nn.Linear(encoder.config.hidden_size, len(labels))
-        self.config = encoder.config.__class__.from_dict(
-            {**encoder.config.to_dict(), "num_labels": len(labels), "id2label": dict(enumerate(labels))}
-        )
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.encoder.get_input_embeddings()
-
-    def pooled(self, input_ids=None, attention_mask=None, inputs_embeds=None, position_ids=None) -> torch.Tensor:
-        ref = input_ids if input_ids is not None else inputs_embeds[..., 0]
-        mask = torch.ones(ref.shape, dtype=torch.long, device=ref.device) if attention_mask is None else attention_mask
-        hidden = self.encoder(
-            input_ids=input_ids, attention_mask=mask, inputs_embeds=inputs_embeds, position_ids=position_ids
-        ).last_hidden_state
-        return nn.functional.normalize(mean_pool(hidden, mask), dim=-1)
-
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, position_ids=None) -> Any:
-        from transformers.modeling_outputs import SequenceClassifierOutput
-
-        return SequenceClassifierOutput(
-            logits=self.head(self.pooled(input_ids, attention_mask, inputs_embeds, position_ids))
-        )
-
-
 class TrainedClassifier(NamedTuple):
-    model: MiniLMClassifier
+    model: PooledClassifier
     tokenizer: Any
     accuracy: float
     info: dict[str, Any]
@@ -85,11 +53,11 @@ def news_data(categories: Sequence[str], split: str, per_class: int) -> tuple[li
 
 
 @torch.no_grad()
-def _embed(model: MiniLMClassifier, tokenizer: Any, texts: list[str], max_length: int, batch: int = 32) -> torch.Tensor:
+def _embed(model: PooledClassifier, tokenizer: Any, texts: list[str], max_length: int, batch: int = 32) -> torch.Tensor:
     out = []
     for s in range(0, len(texts), batch):
         enc = tokenizer(texts[s : s + batch], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        out.append(model.pooled(enc["input_ids"], enc["attention_mask"]))
+        out.append(model.pooled(enc["input_ids"], enc["attention_mask"])[0])
     return torch.cat(out)
 
 
@@ -138,7 +106,7 @@ def load_news_classifier(
         int(seed),
     )
     encoder, tokenizer = load_minilm()
-    model = MiniLMClassifier(encoder, list(categories)).eval()
+    model = PooledClassifier(encoder, len(categories), labels=list(categories)).eval()
     path = cache_file(settings, cache)
     if path.exists() and not retrain:
         stored = torch.load(path, map_location="cpu", weights_only=True)
@@ -150,7 +118,7 @@ def load_news_classifier(
     return TrainedClassifier(model, tokenizer, info["accuracy"], {**info, "cache_path": str(path)})
 
 
-def _train(model: MiniLMClassifier, tokenizer: Any, settings: dict[str, Any]) -> dict[str, Any]:
+def _train(model: PooledClassifier, tokenizer: Any, settings: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     cats, length = settings["categories"], settings["max_length"]
     train_x, train_y = news_data(cats, "train", settings["per_class"])
@@ -171,13 +139,8 @@ def _train(model: MiniLMClassifier, tokenizer: Any, settings: dict[str, Any]) ->
 
 
 def _save(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
+    with atomic_file(path) as tmp:  # a parallel reader never sees half a file
         torch.save(payload, tmp)
-        os.replace(tmp, path)  # atomic: a parallel reader never sees half a file
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
-__all__ = ["NEWS_CATEGORIES", "MiniLMClassifier", "TrainedClassifier", "load_news_classifier", "news_data"]
+__all__ = ["NEWS_CATEGORIES", "TrainedClassifier", "load_news_classifier", "news_data"]

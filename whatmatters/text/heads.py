@@ -18,24 +18,44 @@ from whatmatters.text.pretrained import embed, mean_pool
 
 
 class PooledClassifier(nn.Module):
-    """``head(normalize(mean_pool(encoder(ids))))``: logits ``(n, n_classes)`` of a sentence encoder's embedding."""
+    """``head(normalize(mean_pool(encoder(ids))))``: logits ``(n, n_classes)`` of a sentence encoder's embedding.
+
+    ``input_ids`` or ``inputs_embeds`` in (other keyword arguments, e.g. ``output_attentions``, go to the
+    encoder), a ``SequenceClassifierOutput`` out (``.logits``, and the encoder's ``.attentions`` when asked).
+    ``config`` is the encoder's with ``num_labels`` / ``id2label`` set.
+    """
+
+    main_input_name = "input_ids"
 
     def __init__(self, encoder: nn.Module, n_classes: int = 2, *, labels: Sequence[str] | None = None) -> None:
         super().__init__()
-        self.encoder = encoder
-        self.config = encoder.config
-        self.head = nn.Linear(int(encoder.config.hidden_size), n_classes)
         self.labels = list(labels) if labels is not None else [str(i) for i in range(n_classes)]
+        if len(self.labels) != n_classes:
+            raise InputError(f"labels has {len(self.labels)} names for {n_classes} classes; give one per class")
+        self.encoder = encoder
+        self.head = nn.Linear(int(encoder.config.hidden_size), n_classes)
+        self.config = encoder.config.__class__.from_dict(
+            {**encoder.config.to_dict(), "num_labels": n_classes, "id2label": dict(enumerate(self.labels))}
+        )
 
     def get_input_embeddings(self) -> nn.Module:
         return self.encoder.get_input_embeddings()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
+    def pooled(
+        self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, **kwargs: Any
+    ) -> tuple[torch.Tensor, Any]:
+        """The normalised mean-pooled embedding ``(n, hidden)`` and the encoder's output."""
+        ref = input_ids if input_ids is not None else kwargs["inputs_embeds"][..., 0]
+        mask = torch.ones(ref.shape, dtype=torch.long, device=ref.device) if attention_mask is None else attention_mask
+        out = self.encoder(input_ids=input_ids, attention_mask=mask, **kwargs)
+        return nn.functional.normalize(mean_pool(out.last_hidden_state, mask), dim=-1), out
+
+    def forward(
+        self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, **kwargs: Any
+    ) -> Any:
         from transformers.modeling_outputs import SequenceClassifierOutput
 
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        out = self.encoder(input_ids=input_ids, attention_mask=mask, **kwargs)
-        pooled = nn.functional.normalize(mean_pool(out.last_hidden_state, mask), dim=-1)
+        pooled, out = self.pooled(input_ids, attention_mask, **kwargs)
         return SequenceClassifierOutput(logits=self.head(pooled), attentions=getattr(out, "attentions", None))
 
 

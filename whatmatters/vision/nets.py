@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from whatmatters.core.errors import InputError
+from whatmatters.core.storage import atomic_file
 from whatmatters.vision.shapes import CLASSES, make_shapes
 
 # defaults per architecture: image size, training images, epochs, batch size
@@ -457,9 +458,7 @@ def load_or_train(
     if verbose:
         print(f"training the {DATASETS[arch]} {arch} (once; cached in {folder}) ...")
     model, info = train_shapes(arch, size=size, n_train=n_train, epochs=epochs, seed=seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"state_dict": model.state_dict(), "info": json.dumps(info)}, tmp)
-    tmp.replace(path)  # atomic: a parallel reader never sees half a file
+    with atomic_file(path) as tmp:  # a parallel reader (or trainer) never sees half a file
+        torch.save({"state_dict": model.state_dict(), "info": json.dumps(info)}, tmp)
     info["cache_path"] = str(path)
     return model, info
