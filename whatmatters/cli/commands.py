@@ -343,14 +343,15 @@ def describe_cmd(method: str = typer.Argument(..., help="A method name from `wha
 
 @app.command(
     "explain",
-    help="Score the features of a saved model on a data file, or the tokens of a text (--text, MODEL minilm or "
-    "smollm2).\n\n" + PICKLE_WARNING,
+    help="Score the features of a saved model on a data file, or the tokens of a text (--text, MODEL minilm, "
+    "news or smollm2).\n\n" + PICKLE_WARNING,
 )
 @_clean_errors
 def explain_cmd(
     model: Path = typer.Argument(
         ...,
-        help="Model file: .joblib / .pkl (scikit-learn) or .pt (torch.save(model)); with --text: minilm or smollm2.",
+        help="Model file: .joblib / .pkl (scikit-learn) or .pt (torch.save(model)); "
+        "with --text: minilm, news or smollm2.",
     ),
     data: list[Path] | None = typer.Argument(
         None, help="Data file: .csv or .parquet, one row per sample; or one or more image files (.png, .jpg)."
@@ -370,7 +371,7 @@ def explain_cmd(
     image_norm: str = typer.Option("imagenet", "--image-norm", help="Images: 'imagenet' mean/std or 'none' ([0, 1])."),
     overlay: Path | None = typer.Option(None, "--overlay", help="Images: PNG of the maps; default: METHOD.png."),
     text: list[str] | None = typer.Option(
-        None, "--text", help="A text to explain (repeatable); MODEL: minilm/smollm2."
+        None, "--text", help="A text to explain (repeatable); MODEL: minilm/news/smollm2."
     ),
     text_file: Path | None = typer.Option(None, "--text-file", help="A file of texts to explain, one per line."),
     generate: int | None = typer.Option(None, "--generate", help="smollm2: tokens to generate and explain (8)."),
@@ -385,7 +386,9 @@ def explain_cmd(
         explain_texts(str(model), text, text_file, method, target, generate, params, out, report, batch_size, seed)
         return
     if not data:
-        raise InputError("give a data file (.csv / .parquet) or image files, or --text with MODEL minilm or smollm2")
+        raise InputError(
+            "give a data file (.csv / .parquet) or image files, or --text with MODEL minilm, news or smollm2"
+        )
     estimator = load_model(model)
     # --- vision: image files are loaded as one batch (n, 3, size, size) and their maps drawn as overlays
     from whatmatters.vision.transforms import is_image_file, load_images, normalization

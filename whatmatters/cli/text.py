@@ -1,7 +1,9 @@
 """``whatmatters explain MODEL --text ...``: token attribution of the offline text models from the command line.
 
 ``minilm``: all-MiniLM-L6-v2 with a demo sentiment head (positive / negative) fitted in closed form on the
-few labelled sentences below; ``smollm2``: SmolLM2-135M, which greedily generates ``--generate`` tokens
+few labelled sentences below; ``news``: the project's 20 Newsgroups topic classifier
+(:func:`~whatmatters.text.classifier.load_news_classifier`: MiniLM + a trained head, cached; about a minute the
+first time); ``smollm2``: SmolLM2-135M, which greedily generates ``--generate`` tokens
 (default 8) per text, or explains ``--target``, a continuation, and attributes each one to the text.
 """
 
@@ -12,7 +14,7 @@ from typing import Any
 
 from whatmatters.core.errors import InputError
 
-TEXT_MODELS = ("minilm", "smollm2")
+TEXT_MODELS = ("minilm", "news", "smollm2")
 # The demo head's training sentences: (text, 1 = positive / 0 = negative).
 DEMO_SENTIMENT = [
     ("a wonderful, moving film", 1),
@@ -36,6 +38,11 @@ def text_model(name: str) -> tuple[Any, Any]:
         from whatmatters.text.pretrained import load_smollm2
 
         return load_smollm2()
+    if name == "news":
+        from whatmatters.text.classifier import load_news_classifier
+
+        news = load_news_classifier()
+        return news.model, news.tokenizer
     if name == "minilm":
         from whatmatters.text.heads import PooledClassifier, fit_head
         from whatmatters.text.pretrained import load_minilm
@@ -93,7 +100,7 @@ def explain_texts(
     out = out if out is not None else Path(f"{importance.method}.parquet")
     importance.save(out)
     console = _console()
-    if name == "minilm":
+    if name in ("minilm", "news"):
         target_class = importance.target if isinstance(importance.target, list) else [importance.target] * len(items)
         console.print("explained: " + ", ".join(f"[{i}] {model.labels[c]}" for i, c in enumerate(target_class)))
     console.print(rich_heatmap(importance, max_samples=20))
