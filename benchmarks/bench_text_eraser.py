@@ -30,8 +30,14 @@ import torch
 from whatmatters.core.token_outputs import target_probs
 from whatmatters.evaluate.text import LEVELS, disagreement, eraser, removed, soft_eraser
 
-CLASSIFIER_METHODS = ("random", "leave_one_out")
-GENERATION_METHODS = ("random", "leave_one_out", "reagent", "attnlrp")
+CLASSIFIER_METHODS = (
+    "random", "leave_one_out", "saliency", "gradient_x_input", "integrated_gradients", "occlusion",
+    "attention_rollout",
+)  # fmt: skip
+GENERATION_METHODS = (
+    "random", "leave_one_out", "reagent", "attnlrp", "saliency", "gradient_x_input", "integrated_gradients",
+    "attention_rollout",
+)  # fmt: skip
 
 
 def random_scores(model, batch: dict[str, Any], seed: int = 0) -> torch.Tensor:
@@ -72,8 +78,11 @@ def registered(name: str) -> Callable[..., torch.Tensor]:
     def run(model, batch: dict[str, Any]) -> torch.Tensor:
         import whatmatters as wm
 
-        imp = wm.explain(model, batch["texts"], method=name, tokenizer=batch["tokenizer"], target=batch["target"])
-        return imp.values
+        ids, mask, target = batch["input_ids"], batch["attention_mask"], batch["target"]
+        if not batch["causal"]:  # the benchmark's own token ids, so every method scores the same tokens
+            return wm.explain(model, ids, method=name, attention_mask=mask, target=target).values
+        imp = wm.explain(model, ids, method=name, attention_mask=mask, target=target[:, None].tolist())
+        return imp.values[:, 0, : ids.shape[1]]  # the one target token, scored over the prompt
 
     return run
 
