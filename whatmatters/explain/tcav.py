@@ -132,7 +132,10 @@ def tcav(
     Values: the mean TCAV score over the random sets, one per ``"concept@layer"`` (``unit="concept"``).
     ``extra``: ``p_values`` (two-sided t-test against random-vs-random scores), ``significant``
     (``p < alpha``), ``scores`` (per random set), ``random_scores`` (the null, per layer), ``cav_accuracy``
-    (held-out accuracy of each linear classifier), ``concepts`` and ``layers``.
+    (held-out accuracy of each linear classifier), ``magnitudes`` (per random set, the mean directional
+    derivative ``grad_A f(x) . v`` over the inputs: captum's "magnitude" score), ``cavs`` (per
+    ``"concept@layer"``, the ``(n_random, D)`` unit CAVs of the runs, on the flattened layer output),
+    ``concepts`` and ``layers``.
     """
     if classifier not in CLASSIFIERS:
         raise MethodError(f"classifier must be one of {list(CLASSIFIERS)}, got {classifier!r}")
@@ -151,7 +154,8 @@ def tcav(
     examples = torch.cat([*sets.values(), pool])
     bounds = np.cumsum([0, *(len(x) for x in sets.values())])
     scores = np.empty((len(sets), len(names), n_random))
-    accuracy = np.empty_like(scores)
+    accuracy, magnitude = np.empty_like(scores), np.empty_like(scores)
+    cav_list: list[list[np.ndarray]] = [[] for _ in sets]
     null = np.empty((len(names), n_random))
     for j, name in enumerate(names):
         site = layer_site(task, name)
@@ -167,9 +171,13 @@ def tcav(
         pairs = [(p[halves[k][i]], random_acts[i + 1]) for k, p in enumerate(positives) for i in range(n_random)]
         cavs, accs = zip(*[fit_cav(a, b, classifier, task.seed) for a, b in pairs])
         grads = _input_gradients_at(task, site, rows)
-        share = ((grads @ torch.from_numpy(np.stack(cavs)).T) > 0).double().mean(0).numpy()
+        derivatives = (grads @ torch.from_numpy(np.stack(cavs)).T).numpy()  # (n, runs): grad_A f(x) . v
+        share = (derivatives > 0).mean(0)
         scores[:, j] = share[: len(sets) * n_random].reshape(len(sets), n_random)
+        magnitude[:, j] = derivatives.mean(0)[: len(sets) * n_random].reshape(len(sets), n_random)
         null[j] = share[len(sets) * n_random :]
+        for c in range(len(sets)):
+            cav_list[c].append(np.stack(cavs[c * n_random : (c + 1) * n_random]))
         accuracy[:, j] = np.asarray(accs[: len(sets) * n_random]).reshape(len(sets), n_random)
     p = np.array([[_p_value(scores[c, j], null[j]) for j in range(len(names))] for c in range(len(sets))])
     extra = {
@@ -179,6 +187,8 @@ def tcav(
         "scores": scores.reshape(-1, n_random),
         "random_scores": null,
         "cav_accuracy": accuracy.reshape(-1, n_random),
+        "magnitudes": magnitude.reshape(-1, n_random),
+        "cavs": [cav for per_concept in cav_list for cav in per_concept],
         "concepts": list(sets),
         "layers": names,
         "unit": "concept",
