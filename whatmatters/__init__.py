@@ -35,6 +35,7 @@ _LAZY = {
     "layer_relevance": "whatmatters.explain.lrp",
     "select_features": "whatmatters.explain.select",
     "score_features": "whatmatters.explain.select",
+    "sequential_select": "whatmatters.explain.select",
 }
 
 

@@ -4,6 +4,8 @@
   e.g. the ``kan_*`` selectors) and returns an :class:`Importance`; no model is needed.
 * :func:`select_features` keeps the top features of any importance (a fraction, a count, or
   named features) and, given the data, returns it reduced to those columns in its own type.
+* :func:`sequential_select` adds features in the importance's order (e.g. SHAP) while the
+  cross-validated score of an estimator keeps improving: importance-guided forward selection.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from whatmatters.core.params import check_params
 from whatmatters.core.registry import SCORERS, get_method
 from whatmatters.core.task import Task
 
-__all__ = ["Selection", "score_features", "select_features"]
+__all__ = ["Selection", "score_features", "select_features", "sequential_select"]
 
 
 def score_features(
@@ -91,7 +93,8 @@ class Selection:
     ``indices``: column positions; ``names``: their names (``None`` when the importance has none
     and no DataFrame was given); ``scores``: the aggregated scores used to rank; ``rank``: each
     kept feature's rank among all features (0 = most important); ``data``: the given data reduced
-    to the kept columns, in its own type (``None`` when no data was given).
+    to the kept columns, in its own type (``None`` when no data was given); ``curve``: for
+    :func:`sequential_select`, the cross-validated score after adding each feature in rank order.
     """
 
     indices: list[int]
@@ -100,6 +103,7 @@ class Selection:
     rank: list[int]
     n_features: int
     data: Any = None
+    curve: list[float] | None = None
 
     @property
     def mask(self) -> np.ndarray:
@@ -229,3 +233,56 @@ def select_features(importance: Importance, keep: Any = 0.4, data: Any = None) -
         n_features=d,
         data=_reduce(data, idx, names, d) if data is not None else None,
     )
+
+
+def sequential_select(
+    importance: Importance,
+    estimator: Any,
+    X: Any,
+    y: Any,
+    *,
+    cv: Any = 5,
+    scoring: Any = None,
+    tol: float = 1e-3,
+    patience: int = 2,
+    max_features: int | None = None,
+) -> Selection:
+    """Importance-guided forward selection: add features from most to least important while CV improves.
+
+    Features are added one at a time in the order of ``importance`` (e.g. ``wm.explain(model, X,
+    "tree_shap")``); after each, ``estimator`` (a fresh clone) is scored by scikit-learn's
+    ``cross_val_score(..., cv=cv, scoring=scoring)``. The search stops once ``patience`` additions in a row
+    fail to beat the best mean score by more than ``tol`` (or at ``max_features``); the smallest prefix
+    with the best score is kept. One fit per fold and step: ``k`` steps cost ``k * cv`` fits, not the
+    ``d^2 * cv`` of exhaustive forward selection. Returns a :class:`Selection` with ``curve`` (the score of
+    every prefix tried) and ``data`` (``X`` reduced to the kept columns).
+    """
+    from sklearn.base import clone
+    from sklearn.model_selection import cross_val_score
+
+    ranked = select_features(importance, keep=1.0)
+    d = ranked.n_features
+    if not isinstance(patience, numbers.Integral) or isinstance(patience, bool) or patience < 1:
+        raise InputError(f"patience must be a whole number >= 1, got {patience!r}")
+    if not isinstance(tol, numbers.Real) or not math.isfinite(tol) or tol < 0:
+        raise InputError(f"tol must be a finite number >= 0, got {tol!r}")
+    limit = d if max_features is None else _count(max_features, d)
+    if getattr(X, "shape", (None, None))[1:2] != (d,):
+        raise InputError(f"X must have one column per scored feature ({d}), got shape {getattr(X, 'shape', None)}")
+    order = sorted(range(d), key=lambda i: ranked.rank[i])  # keep=1.0: indices are 0..d-1
+    curve: list[float] = []
+    best, best_k, stale = -math.inf, 0, 0
+    for k in range(1, limit + 1):
+        part = _reduce(X, sorted(order[:k]), ranked.names, d)
+        score = float(np.mean(cross_val_score(clone(estimator), part, y, cv=cv, scoring=scoring)))
+        if not math.isfinite(score):
+            raise InputError(f"the cross-validated score is {score} with {k} features; check y and scoring")
+        curve.append(score)
+        if score > best + tol or best_k == 0:
+            best, best_k, stale = max(best, score), k, 0
+        else:
+            stale += 1
+            if stale >= patience:
+                break
+    kept = select_features(importance, keep=sorted(order[:best_k]), data=X)
+    return Selection(**{**kept.__dict__, "curve": curve})
