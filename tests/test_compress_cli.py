@@ -151,3 +151,18 @@ def test_prune_a_local_folder_to_two_of_four(tmp_path):
     w = pruned.model.layers[1].mlp.up_proj.weight
     assert torch.equal((w.reshape(w.shape[0], -1, 4) != 0).sum(-1), torch.full((w.shape[0], w.shape[1] // 4), 2))
     assert json.loads((out / "compress-report.json").read_text())["sparsity of the pruned layers"] == 0.5
+
+
+def test_a_folder_without_tokenizer_or_documents_is_one_line(tmp_path):
+    from whatmatters.compress import load_quantized_folder
+    from whatmatters.core.errors import InputError
+
+    tiny_folder(tmp_path)
+    (tmp_path / "one.txt").write_text("the cat sat on the mat")
+    one = ["--texts", tmp_path / "one.txt", "-o", tmp_path / "out"]
+    assert_one_error_line(invoke("quantize", "--model", tmp_path / "tiny", *one), "at least two documents")
+    tiny_model("llama", vocab=20, positions=64).save_pretrained(tmp_path / "bare")
+    six = ["--texts", tmp_path / "docs.txt", "-o", tmp_path / "out"]
+    assert_one_error_line(invoke("prune", "--model", tmp_path / "bare", *six), "has no tokenizer")
+    with pytest.raises(InputError, match="save_quantized_folder"):
+        load_quantized_folder(tmp_path / "tiny")

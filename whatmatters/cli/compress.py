@@ -75,12 +75,12 @@ def _load(source: str | Path) -> tuple[Any, Any]:
     from whatmatters.text.pretrained import offline
 
     with offline():
-        model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True)
-        try:
+        try:  # the tokenizer first: a folder without one fails before the weights load
             tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
         except (OSError, ValueError) as err:
             fix = "save one there with tokenizer.save_pretrained"
             raise ModelError(f"{source} has no tokenizer ({err}); {fix}") from None
+        model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True)
     return model.eval(), tokenizer
 
 
@@ -118,8 +118,8 @@ class _Job:
         _count(seq_len, "--seq-len", 2)
         _count(n_eval, "--eval-docs", 0)
         source, out = _model_source(model), _new_folder(out)
-        lm, tokenizer = _load(source)
         docs = _documents(texts)
+        lm, tokenizer = _load(source)
         calibration = lm_windows(docs[0::2], tokenizer, n_sequences=n_cal, seq_len=seq_len, seed=seed)
         held_out = held_out_windows(docs[1::2], tokenizer, n_eval, seq_len) if n_eval else None
         summary = {"model": str(source), "calibration": list(calibration.shape)}
