@@ -52,6 +52,7 @@ def no_model_load(monkeypatch):
         (["prune", "--sparsity", "-0.1"], ["sparsity"]),
         (["prune", "--method", "obd"], ["unknown --method 'obd'", "wanda, magnitude, sparsegpt"]),
         (["prune", "--nm", "4:2"], ["N:M"]),
+        (["prune", "--nm", "2:4", "--sparsity", "0.3"], ["not both"]),
         (["prune", "--calibration-docs", "0"], ["--calibration-docs must be >= 1"]),
     ],
 )

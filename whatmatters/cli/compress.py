@@ -183,7 +183,7 @@ def quantize_cmd(
 def prune_cmd(
     model: str = _MODEL,
     method: str = typer.Option("wanda", "--method", help="wanda, magnitude or sparsegpt."),
-    sparsity: float = typer.Option(0.5, "--sparsity", help="Share of each layer's weights set to zero, in [0, 1)."),
+    sparsity: float = typer.Option(None, "--sparsity", help="Share of each layer's weights zeroed, in [0, 1); 0.5."),
     nm: str = typer.Option(None, "--nm", help="N:M pattern instead of --sparsity, e.g. 2:4."),
     texts: str = _TEXTS,
     calibration_docs: int = _CAL,
@@ -199,7 +199,9 @@ def prune_cmd(
     _choice(method, "--method", PRUNE_METHODS)
     pattern = "unstructured" if nm is None else nm
     n_m = parse_pattern(pattern)
-    share = check_sparsity(sparsity) if n_m is None else None
+    if n_m is not None and sparsity is not None:
+        raise InputError(f"--nm {nm} fixes the sparsity at 1 - N/M; give --sparsity or --nm, not both")
+    share = check_sparsity(0.5 if sparsity is None else sparsity) if n_m is None else None
     job = _Job.start(model, texts, calibration_docs, seq_len, eval_docs, seed, out)
     if method == "sparsegpt":
         pruned, report = sparsegpt(job.model, share, pattern, data=job.calibration, progress=True)
