@@ -6,7 +6,8 @@ other model parts (heads, neurons, layers, experts, tokens, KV entries). Actions
 neurons or layers of transformers, ``prune_channels`` conv / linear channels of plain PyTorch models
 (traced with torch.fx) and ``prune_experts`` MoE experts; ``allocate_bits`` + ``quantize`` give a
 fake-quantized mixed-precision copy; ``gptq`` real packed low-bit weights (``QuantLinear``,
-``save_quantized`` / ``load_quantized``), ``rsq`` the same after folded Hadamard rotations (``rotate``) with
+``save_quantized`` / ``load_quantized``; with config and tokenizer in a folder: ``save_quantized_folder`` /
+``load_quantized_folder``), ``rsq`` the same after folded Hadamard rotations (``rotate``) with
 importance-weighted calibration tokens; ``sparsegpt`` second-order one-shot pruning; ``merge`` one model
 from several fine-tunes (PCB, TIES, task arithmetic); ``unlearn`` forgets a text by updating only the
 weights attributed to it (WAGLE); ``evicting_kv``
@@ -21,6 +22,7 @@ from whatmatters.compress.api import ModelImportance, score
 from whatmatters.compress.batches import lm_windows
 from whatmatters.compress.calibrate import Calibration, calibrate
 from whatmatters.compress.channels import ChannelPruned, ChannelReport, channels_by_layer, prune_channels
+from whatmatters.compress.checkpoint import load_quantized_folder, save_quantized_folder
 from whatmatters.compress.experts import prune_experts
 from whatmatters.compress.gptq import GPTQReport, gptq
 from whatmatters.compress.kvcache import evict_scores, evicting_kv, kv_eviction
@@ -69,6 +71,7 @@ __all__ = [
     "lm_windows",
     "load_pruned",
     "load_quantized",
+    "load_quantized_folder",
     "measure",
     "merge",
     "merge_tokens",
@@ -82,6 +85,7 @@ __all__ = [
     "rotate",
     "rsq",
     "save_quantized",
+    "save_quantized_folder",
     "score",
     "sparsegpt",
     "unlearn",
