@@ -54,23 +54,31 @@ def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
     return x
 
 
-def exact_knn(x: torch.Tensor, k: int, *, batch_size: int = 2048, progress: bool | None = None) -> Neighbours:
-    """Exact kNN in ``batch_size x batch_size`` distance blocks with a running top-k (memory ``O(n k + b^2)``)."""
+def exact_knn(
+    x: torch.Tensor, k: int, *, batch_size: int = 1024, block: int = 1 << 24, progress: bool | None = None
+) -> Neighbours:
+    """Exact kNN: ``batch_size`` queries at a time against blocks of about ``block`` distances, running top-k."""
     x = _rows(x, whole(k, "k"))
     n, b = len(x), whole(batch_size, "batch_size")
+    reference_block = max(k + 1, whole(block, "block") // b)  # rows per block: 64 MB of float32 by default
+    sq = x.square().sum(1)
     starts = range(0, n, b)
     out_idx, out_d = [], []
     for s in progress_bar(starts, len(starts), "kNN graph", progress):
         q = x[s : s + b]
         best_d = torch.full((len(q), k), float("inf"), dtype=x.dtype, device=x.device)
         best_i = torch.zeros((len(q), k), dtype=torch.long, device=x.device)
-        for r in range(0, n, b):
-            d = torch.cdist(q, x[r : r + b]).square()
-            if r == s:
-                d.fill_diagonal_(float("inf"))  # a row is not its own neighbour
-            cand_i = torch.arange(r, r + d.shape[1], device=x.device).expand(len(q), -1)
-            best_d, pick = torch.cat([best_d, d], 1).topk(k, dim=1, largest=False)
-            best_i = torch.cat([best_i, cand_i], 1).gather(1, pick)
+        for r in range(0, n, reference_block):
+            ref = x[r : r + reference_block]
+            # ||q||^2 + ||r||^2 - 2 q.r: one matrix product per block (clamped: rounding can go below 0)
+            d = torch.addmm(sq[r : r + len(ref)][None, :], q, ref.T, alpha=-2).add_(sq[s : s + len(q), None])
+            d.clamp_min_(0)
+            own = torch.arange(s, s + len(q), device=x.device)
+            inside = (own >= r) & (own < r + len(ref))
+            d[inside.nonzero().squeeze(1), own[inside] - r] = float("inf")  # a row is not its own neighbour
+            block_d, block_i = d.topk(min(k, d.shape[1]), dim=1, largest=False)  # then merge 2k per row
+            best_d, pick = torch.cat([best_d, block_d], 1).topk(k, dim=1, largest=False)
+            best_i = torch.cat([best_i, block_i + r], 1).gather(1, pick)
         out_idx.append(best_i)
         out_d.append(best_d)
     return Neighbours(torch.cat(out_idx), torch.cat(out_d))
@@ -177,7 +185,7 @@ def gais(
     x = _standardized(task.inputs) if standardize else task.inputs
     k = whole(k, "k")
     if graph == "exact":
-        nbrs = exact_knn(x, k, batch_size=task.batch_size * 8, progress=task.progress)
+        nbrs = exact_knn(x, k, batch_size=task.batch_size * 4, progress=task.progress)
     else:
         nbrs = lsh_knn(
             x, k, bits=bits, tables=tables, window=whole(window, "window", minimum=0) or None,
