@@ -21,19 +21,11 @@ import torch
 
 
 def doremi_row() -> None:
-    import torch.nn.functional as F
-
-    from tests.test_curate_mixture import mixture, net
+    from tests.test_curate_mixture import mixture, net, reference
     from whatmatters import curate
 
     x, y, domains = mixture(n=1000)
-    ref = net(1)
-    opt = torch.optim.Adam(ref.parameters(), 1e-2)
-    for _ in range(300):
-        loss = F.cross_entropy(ref(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    ref = reference(x, y, steps=300)
     imp = curate.doremi(net(2), ref, x, y, domains, steps=200, batch_size=96, progress=False)
     shown = ", ".join(f"{n} {float(v):.3f}" for n, v in zip(imp.names, imp.values))
     print(f"DoReMi (3 x 1,000 rows, 200 proxy steps): weights {shown}; {imp.seconds:.2f} s")

@@ -38,17 +38,22 @@ def net(seed: int) -> nn.Module:
     return nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 2))
 
 
-@pytest.fixture(scope="module")
-def trained():
-    x, y, domains = mixture()
+def reference(x: torch.Tensor, y: torch.Tensor, steps: int = 150) -> nn.Module:
+    """The reference model: ``net(1)`` trained full-batch on the uniform mixture."""
     ref = net(1)
     opt = torch.optim.Adam(ref.parameters(), 1e-2)
-    for _ in range(150):
+    for _ in range(steps):
         loss = F.cross_entropy(ref(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return x, y, domains, ref
+    return ref
+
+
+@pytest.fixture(scope="module")
+def trained():
+    x, y, domains = mixture()
+    return x, y, domains, reference(x, y)
 
 
 def test_doremi_up_weights_the_learnable_underfit_domain_deterministically(trained):
