@@ -28,6 +28,7 @@ UNITS = (
     "kv",
     "example",
     "document",
+    "domain",
     "expert",
 )
 

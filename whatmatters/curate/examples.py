@@ -55,7 +55,8 @@ def score(
             None for model-free methods (``lexrank``). It is not changed: mode, ``requires_grad``, gradients,
             hooks and weights are as before, even on error; models are scored in eval mode.
         data: the training examples ``(n, ...)`` (tensor, array, DataFrame); embeddings or texts for ``lexrank``.
-        method: ``"loss"``, ``"el2n"``, ``"grand"``, ``"forgetting"``, ``"tracin"``, ``"trak"``, ``"lexrank"``.
+        method: ``"loss"``, ``"el2n"``, ``"grand"``, ``"forgetting"``, ``"tracin"``, ``"trak"``, ``"lexrank"``,
+            ``"gais"`` (label consistency over a kNN graph of the rows; needs ``y``, no model).
         y: one class index per example.
         test_data, test_y: examples whose loss the influence methods (``tracin``, ``trak``) explain; without
             them they score self-influence.
@@ -82,9 +83,10 @@ def score(
             stack.enter_context(preserved(m)).eval()
         task.check_models()
         start = time.perf_counter()
-        values = info.fn(task, **params)
+        out = info.fn(task, **params)  # values, or (values, extra)
         seconds = time.perf_counter() - start
-    return info.to_importance(values.detach(), unit="example", params=params, seed=seed, seconds=seconds)
+    out = (out[0].detach(), out[1]) if isinstance(out, tuple) else out.detach()
+    return info.to_importance(out, unit="example", params=params, seed=seed, seconds=seconds)
 
 
 def _mean_over_models(task: ExampleTask, per_model) -> torch.Tensor:
