@@ -58,6 +58,9 @@ _FIELDS: dict[str, tuple[type, ...]] = {
 # Layer selection by unit for compress scorers that do not score linear weights (filled by the module registering
 # them: ``channels`` for ``unit="channel"``, convolutions included); every other scorer uses ``select_layers``.
 LAYER_SELECTORS: dict[str, Callable[[nn.Module, str | Sequence[str] | None], dict[str, nn.Module]]] = {}
+# Scorers that read a second, general-purpose calibration set given as ``score(..., general=...)`` (D-Pruner);
+# every other scorer refuses ``general=``.
+GENERAL_DATA: set[str] = set()
 
 
 @dataclass
@@ -69,6 +72,7 @@ class WeightTask:
     calibration: Calibration | None
     seed: int = 0
     method: str = ""
+    general: Calibration | None = None
 
     def weights(self) -> dict[str, torch.Tensor]:
         """Each layer's weight as ``(out_features, in_features)`` (detached; a view, do not modify)."""
@@ -298,6 +302,7 @@ def score(
     grad_batch_size: int = 1,
     seed: int = 0,
     progress: bool | None = None,
+    general: Any = None,
     **params: Any,
 ) -> ModelImportance | Importance:
     """Score the parts of ``model`` with a compress ``method`` (``whatmatters.methods(verb="compress")``).
@@ -315,6 +320,8 @@ def score(
             :func:`~whatmatters.compress.batches.default_loss` (next-token loss for causal LMs).
         batch_size, max_length: rows per forward pass and token truncation for text data.
         grad_batch_size: rows per gradient for per-sample gradient squares (Fisher, gradient Wanda).
+        general: open-domain calibration data (same forms as ``data``) for methods that weigh a domain
+            against general text (``d_pruner``); ``data`` is then the domain corpus.
         **params: the method's own parameters (``whatmatters.describe(method)``).
 
     Returns:
@@ -324,19 +331,28 @@ def score(
     if info.verb != "compress":
         raise MethodError(f"{method!r} is a {info.verb} method; use whatmatters.{info.verb}(...) for it")
     params = check_params(info.name, params, info.defaults, fn=info.fn)
+    if general is not None and info.name not in GENERAL_DATA:
+        raise InputError(
+            f"{info.name} does not use general= data; only {', '.join(sorted(GENERAL_DATA)) or 'no method'} does"
+        )
     select = LAYER_SELECTORS.get(info.units[0], select_layers)
     chosen = select(model, layers)
-    if isinstance(data, Calibration):
-        data.check_model(model, chosen if select is select_layers else ())
-        calibration: Calibration | None = data
-    elif data is not None:
-        batch_size, max_length = whole(batch_size, "batch_size"), whole(max_length, "max_length")
-        grad_batch_size = whole(grad_batch_size, "grad_batch_size")
-        batches = as_batches(data, tokenizer, batch_size=batch_size, max_length=max_length)
-        calibration = Calibration(model, batches, chosen, loss=loss, grad_batch_size=grad_batch_size, progress=progress)
-    else:
-        calibration = None
-    task = WeightTask(model, chosen, calibration, seed, info.name)
+
+    def calibration_of(source: Any, name: str) -> Calibration | None:
+        if isinstance(source, Calibration):
+            source.check_model(model, chosen if select is select_layers else ())
+            return source
+        if source is None:
+            return None
+        if (hasattr(source, "__len__") and len(source) == 0) or (isinstance(source, str) and not source.strip()):
+            raise InputError(f"{name}= is empty; give texts (with tokenizer=), token ids or batches")
+        size, length = whole(batch_size, "batch_size"), whole(max_length, "max_length")
+        batches = as_batches(source, tokenizer, batch_size=size, max_length=length)
+        per_grad = whole(grad_batch_size, "grad_batch_size")
+        return Calibration(model, batches, chosen, loss=loss, grad_batch_size=per_grad, progress=progress)
+
+    calibration = calibration_of(data, "data")
+    task = WeightTask(model, chosen, calibration, seed, info.name, general=calibration_of(general, "general"))
     start = time.perf_counter()
     with preserved(model):
         out = info.fn(task, **params)
