@@ -67,6 +67,8 @@ def test_integrated_gradients_is_complete_on_tokens():
     imp = wm.explain(model, ids, method="integrated_gradients", target=1, steps=64)
     logits = model(input_ids=ids).logits[:, 1]
     assert imp.extra["max_abs_delta"] < 1e-3 * max(1.0, float(logits.abs().max()))
+    quick = wm.explain(model, ids, method="integrated_gradients", target=1, steps=64, delta=False)
+    assert "delta" not in quick.extra and torch.equal(quick.values, imp.values)  # same scores, no extra passes
 
 
 def _lm():

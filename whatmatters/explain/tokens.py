@@ -106,7 +106,7 @@ def baseline_ids(task: TextTask, baseline: Any) -> torch.Tensor | None:
 
 @text_scorer("integrated_gradients", family="gradient")
 def token_integrated_gradients(
-    task: TextTask, *, baseline: Any = "zero", steps: int = 50, rule: str = "gausslegendre"
+    task: TextTask, *, baseline: Any = "zero", steps: int = 50, rule: str = "gausslegendre", delta: bool = True
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Integrated gradients of tokens on the word embeddings, summed over the embedding dimension.
 
@@ -115,6 +115,8 @@ def token_integrated_gradients(
             ``"unk"`` (that token's embedding at every non-special position) or a token id.
         steps: points on the path (every sample, target token and step is one row of a batched call).
         rule: quadrature rule, as for features (``"gausslegendre"``, ``"riemann_trapezoid"``, ...).
+        delta: measure the completeness error (two more forward passes per sample; ``False`` skips them,
+            as inseq and captum do by default).
 
     ``extra["delta"]`` is the completeness error per (sample, target token): the sum of the scores minus
     ``f(x) - f(baseline)``.
@@ -137,12 +139,12 @@ def token_integrated_gradients(
     w = weights.to(grads.device, grads.dtype)[step].view(-1, 1, 1)
     total = (grads * w).view(len(sample), k, *grads.shape[1:]).sum(1)
     per_pair = ((x[sample] - b[sample]) * total).sum(-1)
-    with torch.no_grad():
-        f_x = _all_scores(task, None)
-        f_b = _all_scores(task, b)
     per_pair = per_pair * task.context_mask()[sample, slot].to(per_pair.device)
-    delta = per_pair.sum(-1).cpu() - (f_x - f_b)[sample, slot]
-    extra = {"delta": delta.tolist(), "max_abs_delta": float(delta.abs().max()), "baseline": baseline}
+    extra: dict[str, Any] = {"baseline": baseline}
+    if delta:
+        with torch.no_grad():
+            error = per_pair.sum(-1).cpu() - (_all_scores(task, None) - _all_scores(task, b))[sample, slot]
+        extra |= {"delta": error.tolist(), "max_abs_delta": float(error.abs().max())}
     return _scatter(task, sample, slot, per_pair), {**task.extra(), **extra}
 
 
