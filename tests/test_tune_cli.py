@@ -61,6 +61,20 @@ def test_tune_command_runs_sparse_tuning(tmp_path):
     assert "trainable numbers" in page and "sparsity reached" in page and "<td>0.500</td>" in page
 
 
+def test_tune_command_runs_lift_end_to_end(tmp_path):
+    needs_corpora()
+    out = tmp_path / "lift.html"
+    args = ["tune", "--method", "lift", "--fraction", "0.02", "--steps", "2", "--train-docs", "16", "--test-docs", "8"]
+    result = CliRunner().invoke(app, [*args, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "lift: test accuracy" in result.output and str(out) in result.output
+    page = out.read_text()
+    assert "loss over steps" in page and page.count("<td>encoder.encoder.layer.") == 36  # 6 blocks x 6 matrices
+    assert "lift (2% of each matrix" in page and "trainable numbers" in page and "entries updated" in page
+    square, wide = round(0.02 * 384 * 384), round(0.02 * 384 * 1536)  # the principal entries updated per matrix
+    assert page.count(f"<td>{square}</td>") == 4 * 6 and page.count(f"<td>{wide}</td>") == 2 * 6
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -1,20 +1,28 @@
 """Dynamic loss-based sample reweighting: per-example weights from the current loss, within each batch.
 
-Examples are ranked by their loss inside the batch: the easiest share (default the lowest 25 %) is down-weighted,
-the medium-hard ones up-weighted, and the hardest (default the top 10 %) capped low, as likely label noise. The
-weights are rescaled to mean 1, so the loss keeps its scale. :func:`weighted_loss` is a drop-in for ``loss.mean()``;
-:class:`LossWeightedSampler` draws examples with those weights from the losses it was last told.
+Two schemes (``SCHEMES``), both rank examples by their loss inside the batch and rescale the weights to mean 1, so
+the loss keeps its scale:
+
+* ``"bands"`` (:func:`loss_weights`): the easiest share (default the lowest 25 %) is down-weighted, the medium-hard
+  ones up-weighted, and the hardest (default the top 10 %) capped low, as likely label noise.
+* ``"small_loss"`` (:func:`small_loss_weights`): small-loss selection, the rule of Co-teaching (Han et al., 2018)
+  with one network: the ``drop`` share with the highest loss gets weight 0. Networks fit clean labels before they
+  memorize noisy ones, so :func:`drop_schedule` ramps ``drop`` from 0 over a warm-up.
+
+:func:`weighted_loss` is a drop-in for ``loss.mean()``; :class:`LossWeightedSampler` draws examples with those
+weights from the losses it was last told.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 
 import torch
 from torch.utils.data import Sampler
 
-from whatmatters.core.errors import InputError
-from whatmatters.core.fractions import whole
+from whatmatters.core.errors import InputError, MethodError
+from whatmatters.core.fractions import removed_share, whole
 
 
 def _losses(losses: torch.Tensor) -> torch.Tensor:
@@ -56,23 +64,76 @@ def loss_weights(
     return w * (n / w.sum().clamp_min(1e-12))
 
 
-def weighted_loss(losses: torch.Tensor, **options: float) -> torch.Tensor:
-    """``(loss_weights(losses) * losses).mean()``: the batch loss with easy examples and likely noise down-weighted."""
-    return (loss_weights(losses, **options) * _losses(losses)).mean()
+def small_loss_weights(losses: torch.Tensor, *, drop: float = 0.2) -> torch.Tensor:
+    """Small-loss selection: weight 0 for the ``drop`` share of ``losses`` with the highest loss (likely noisy
+    labels), ``n / kept`` for the rest (mean 1, no gradient); at least one example is kept."""
+    losses = _losses(losses).detach()
+    drop = removed_share(drop, "drop", of="the batch's highest-loss examples given weight 0", example="0.2")
+    n = losses.numel()
+    kept = max(1, n - round(drop * n))
+    w = torch.zeros_like(losses)
+    w[losses.argsort()[:kept]] = n / kept
+    return w
+
+
+def drop_schedule(step: int, *, drop: float, warmup: int) -> float:
+    """Co-teaching's ramp of the dropped share: ``drop * min(1, step / warmup)`` (0 at step 0, ``drop`` from
+    step ``warmup`` on), since a network fits the clean labels first and memorizes the noisy ones later."""
+    drop = removed_share(drop, "drop", of="the batch's highest-loss examples given weight 0", example="0.2")
+    step = whole(step, "step", minimum=0)
+    warmup = whole(warmup, "warmup", minimum=0, meaning="steps over which drop ramps up from 0")
+    return drop * min(1.0, step / warmup) if warmup else drop
+
+
+SCHEMES = {"bands": loss_weights, "small_loss": small_loss_weights}
+
+
+def scheme_weights(losses: torch.Tensor, scheme: str = "bands", **options: float) -> torch.Tensor:
+    """The weights of ``losses`` under the reweighting ``scheme`` (a key of ``SCHEMES``) with its ``options``."""
+    if scheme not in SCHEMES:
+        raise MethodError(f"unknown reweighting scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    known = [p for p in inspect.signature(SCHEMES[scheme]).parameters if p != "losses"]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise MethodError(f"the {scheme!r} reweighting takes {', '.join(known)}, not {', '.join(unknown)}")
+    return SCHEMES[scheme](losses, **options)
+
+
+def _check_weights(weights: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+    weights = torch.as_tensor(weights, dtype=losses.dtype, device=losses.device).detach()
+    if weights.shape != losses.shape:
+        raise InputError(f"weights have shape {tuple(weights.shape)}, the losses {tuple(losses.shape)}; give one each")
+    if not torch.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
+        raise InputError("the sample weights must be finite (no NaN), >= 0 and not all 0; check how they were made")
+    return weights
+
+
+def weighted_loss(
+    losses: torch.Tensor, *, scheme: str = "bands", weights: torch.Tensor | None = None, **options: float
+) -> torch.Tensor:
+    """``(w * losses).mean()`` with ``w = scheme_weights(losses, scheme, **options)`` (or the given ``weights``):
+    a drop-in for ``losses.mean()`` with easy examples and likely noise down-weighted."""
+    losses = _losses(losses)
+    w = scheme_weights(losses, scheme, **options) if weights is None else _check_weights(weights, losses)
+    return (w * losses).mean()
 
 
 class LossWeightedSampler(Sampler[int]):
-    """Draws ``num_samples`` indices per epoch (with replacement) with probability ``loss_weights`` of the losses.
+    """Draws ``num_samples`` indices per epoch (with replacement) with probability ``scheme_weights`` of the losses
+    (ranked over the whole data set; ``options`` may be changed between epochs, e.g. ``sampler.options["drop"]``).
 
     Call :meth:`update` with the indices of a batch and their per-example losses; examples never updated keep the
     mean loss seen so far. Before any update the draw is uniform.
     """
 
-    def __init__(self, n: int, *, num_samples: int | None = None, seed: int = 0, **options: float) -> None:
+    def __init__(
+        self, n: int, *, scheme: str = "bands", num_samples: int | None = None, seed: int = 0, **options: float
+    ) -> None:
         self.n = whole(n, "n", meaning="examples in the data set")
         self.num_samples = whole(num_samples if num_samples is not None else n, "num_samples")
         self.losses = torch.full((self.n,), float("nan"))
-        self.options = options
+        self.scheme, self.options = scheme, options
+        scheme_weights(torch.zeros(1), scheme, **options)  # a bad scheme or option fails here, not at the first draw
         self.generator = torch.Generator().manual_seed(seed)
 
     def update(self, indices: torch.Tensor, losses: torch.Tensor) -> None:
@@ -84,7 +145,7 @@ class LossWeightedSampler(Sampler[int]):
         if not seen.any():
             return torch.ones(self.n)
         filled = torch.where(seen, self.losses, self.losses[seen].mean())
-        return loss_weights(filled, **self.options)
+        return scheme_weights(filled, self.scheme, **self.options)
 
     def __iter__(self) -> Iterator[int]:
         draws = torch.multinomial(self.weights(), self.num_samples, replacement=True, generator=self.generator)
