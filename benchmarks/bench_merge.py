@@ -11,9 +11,10 @@ own head:
   four other labellings (low vs high digit, digit mod 3, three digit ranges, prime or not).
 
 As in the paper, ``keep`` (the share of every task vector kept) and ``λ`` are picked on held-out validation
-documents, for every method from a grid of the same size (3 x 3 for PCB, TIES and random drop; 9 values of
-``λ`` for task arithmetic, which has no ``keep``); the table reports test accuracy at the picked point, and
-PCB vs random drop at every ``keep`` (each at its best validation ``λ``).
+documents, for every method from a grid of the same size (3 ``keep`` x 6 ``λ`` by default for PCB, TIES
+and random drop, whose unrescaled random masks want a large ``λ``; as many ``λ`` for task arithmetic, which
+has no ``keep``); the table reports test accuracy at the picked point, and PCB, TIES and random drop at
+every ``keep`` (each at its best validation ``λ``).
 
 Run: ``python benchmarks/bench_merge.py --suite digits`` (seconds) or ``--suite minilm`` (minutes per
 100 fine-tuning steps on a 2-core CPU).
@@ -27,6 +28,7 @@ import json
 import platform
 import random
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -133,7 +135,15 @@ def minilm_suite(args: argparse.Namespace) -> tuple[nn.Module, list[nn.Module], 
     encoder, tok = load_minilm()
     base = Classifier(encoder, 4).eval()
     data = [split_test(task_data(t, tok, args.train, 2 * args.test, args.max_length)) for t in TASKS]
+    cache = Path(args.tuned_cache) if args.tuned_cache else None
+    if cache is not None and cache.exists():  # the fine-tunes of an earlier run with the same settings
+        tuned = [copy.deepcopy(base) for _ in data]
+        for model, state in zip(tuned, torch.load(cache)):
+            model.load_state_dict(state)
+        return base, tuned, data
     tuned = [finetune(base, d, args.steps, lr=args.lr, seed=i) for i, d in enumerate(data)]
+    if cache is not None:
+        torch.save([t.state_dict() for t in tuned], cache)
     return base, tuned, data
 
 
@@ -228,8 +238,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--test", type=int, default=200, help="test documents per task (as many for validation)")
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--keeps", type=float, nargs="+", default=[0.1, 0.2, 0.3])
-    parser.add_argument("--scalings", type=float, nargs="+", default=[0.5, 1.0, 1.5])
+    parser.add_argument("--scalings", type=float, nargs="+", default=[0.5, 1.0, 1.5, 2.0, 3.0, 5.0])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tuned-cache", help="minilm: a file the fine-tunes are saved to (or loaded from, if present)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
