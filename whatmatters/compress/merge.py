@@ -10,7 +10,11 @@ that every model shares; ``exclude`` keeps some, e.g. task heads, at the base's 
   (its importance within the task) times inter-balancing ``tanh(τ_i · Σ_j τ_j)`` (its agreement with the
   other tasks); each task keeps its ``keep`` share of highest scores, the kept scores rescaled to ``[0, 1]``
   weight a per-parameter average ``Σ β_i τ_i / Σ β_i``. Magnitudes are first clamped at the 0.01 % /
-  99.99 % percentiles, as in the authors' code.
+  99.99 % percentiles. This is the authors' ``pcb-merging.py`` (github duguodong7/pcb-merging): min-max
+  per task over the whole flattened vector, the paper's softmax replaced by ``exp`` (the per-task softmax
+  constant cancels in the min-max after the drop) and its ``Σ_j Softmax(Norm(τ_i τ_j))`` by
+  ``tanh(τ_i Σ_j τ_j)``. Not done: their per-task ``λ_i`` searched by an evolution strategy, and the 1 %
+  clamp and min-max-normalised inter term of their vision / NLP scripts.
 * ``"random"``: the same weighted average with random masks at the same ``keep`` share (the baseline that
   shows whether the scores matter).
 """
@@ -109,7 +113,10 @@ def merge_vectors(tvs: torch.Tensor, method: str, keep: float, generator: torch.
     return _weighted_mean(tvs, mask.to(tvs.device)), mask.double().mean(1).tolist()
 
 
-def _shared_parameters(base: nn.Module, models: Sequence[nn.Module]) -> dict[str, torch.Tensor]:
+def _shared_parameters(
+    base: nn.Module, models: Sequence[nn.Module], excluded: list[re.Pattern]
+) -> dict[str, torch.Tensor]:
+    """The base's floating-point tensors, checked against every fine-tune (excluded names: presence only)."""
     ref = base.state_dict()
     for i, m in enumerate(models):
         if not isinstance(m, nn.Module):
@@ -121,7 +128,9 @@ def _shared_parameters(base: nn.Module, models: Sequence[nn.Module]) -> dict[str
                 f"finetuned[{i}] and the base have different parameters (e.g. {missing[0]!r}); merge fine-tunes "
                 "of the same architecture (give each task's own head via exclude=)"
             )
-        bad = next((k for k, v in ref.items() if v.shape != state[k].shape), None)
+        bad = next(
+            (k for k, v in ref.items() if v.shape != state[k].shape and not any(r.search(k) for r in excluded)), None
+        )
         if bad is not None:
             raise ModelError(
                 f"parameter {bad!r} has shape {tuple(ref[bad].shape)} in the base but "
@@ -168,12 +177,12 @@ def merge(
     lam = (1.0 / n if method == "task_arithmetic" else 1.0) if scaling is None else scaling
     if not isinstance(lam, (int, float)) or isinstance(lam, bool) or not torch.isfinite(torch.tensor(float(lam))):
         raise InputError(f"scaling must be a finite number, got {scaling!r}")
-    shared = _shared_parameters(base, finetuned)
     patterns = [exclude] if isinstance(exclude, str) else list(exclude or [])
     try:
         regexes = [re.compile(p) for p in patterns]
     except re.error as err:
         raise InputError(f"exclude is not a valid regular expression: {err}") from None
+    shared = _shared_parameters(base, finetuned, regexes)
     names = [k for k in shared if not any(r.search(k) for r in regexes)]
     if not names:
         raise InputError("exclude leaves no parameter to merge")
