@@ -85,6 +85,11 @@ def test_bad_concepts_and_layers(shapes_model):
         wm.explain(shapes_model, x, "tcav", concepts=good, layers=["99"])
     with pytest.raises(MethodError, match="n_random"):
         wm.explain(shapes_model, x, "tcav", concepts=good, layers="9", n_random=1)
+    for bad in (torch.zeros(4), [9], {"9": 1}):  # not names: a clear error, not torch's truth-value error
+        with pytest.raises(MethodError, match="layers"):
+            wm.explain(shapes_model, x, "tcav", concepts=good, layers=bad)
+    with pytest.raises(MethodError, match="set_size"):
+        wm.explain(shapes_model, x, "tcav", concepts=good, layers="9", set_size="x")
 
 
 @settings(max_examples=10, deadline=None)

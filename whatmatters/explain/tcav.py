@@ -141,10 +141,12 @@ def tcav(
         raise MethodError(f"classifier must be one of {list(CLASSIFIERS)}, got {classifier!r}")
     if isinstance(n_random, bool) or not isinstance(n_random, int) or n_random < 2:
         raise MethodError(f"n_random must be an int of at least 2 (random sets for the t-test), got {n_random!r}")
-    names = [layers] if isinstance(layers, str) else list(layers or [])
-    if not names:
-        raise MethodError("tcav needs layers=, a layer name or a list of names from model.named_modules()")
-    if set_size is not None and set_size < 2:
+    names = [layers] if isinstance(layers, str) else list(layers) if isinstance(layers, list | tuple) else []
+    if not names or not all(isinstance(n, str) for n in names):
+        raise MethodError(
+            f"tcav needs layers=, a layer name or a list of names from model.named_modules(); got {layers!r}"
+        )
+    if set_size is not None and (isinstance(set_size, bool) or not isinstance(set_size, int) or set_size < 2):
         raise MethodError(f"set_size must be at least 2 examples per random set, got {set_size!r}")
     sets = concept_sets(task, concepts)
     size = set_size if set_size is not None else max(len(x) for x in sets.values())
