@@ -1,5 +1,5 @@
 """WAGLE unlearning: the attribution is the first-order forget gain minus retain damage, an empty forget set
-is refused, the model is never changed, and on SmolLM2 WAGLE forgets more than a random mask of equal size."""
+is refused, the model is never changed, and WAGLE forgets more than a random mask of equal size (tiny Llama and SmolLM2)."""
 
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def test_wagle_forgets_more_than_a_random_mask_of_equal_size():
     assert gains["wagle"] > 3 * gains["random"] > 0
 
 
-def test_wagle_raises_the_forget_perplexity_of_smollm2():
+def test_wagle_forgets_smollm2_text_a_random_mask_does_not():
     from whatmatters.text import pretrained
 
     if not (pretrained.cache_root() / "smollm2-135m" / "config.json").exists():
@@ -98,5 +98,10 @@ def test_wagle_raises_the_forget_perplexity_of_smollm2():
     model, data = bench.unlearning_data(n=2, seq_len=48)
     kwargs = {"forget": data["forget"], "retain": data["retain"], "share": 0.01, "steps": 4, "layers": r"layers\.29\."}
     wagle, report = unlearn(model, method="wagle", **kwargs)
-    assert bench.perplexity(wagle, data["forget"]) > 1.05 * bench.perplexity(model, data["forget"])
+    random, _ = unlearn(model, method="random", **kwargs)
+    before = bench.perplexity(model, data["forget"])
+    gain = {
+        name: bench.perplexity(m, data["forget"]) / before - 1 for name, m in (("wagle", wagle), ("random", random))
+    }
+    assert gain["wagle"] > 0.05 and gain["wagle"] > 3 * max(gain["random"], 0.0)  # the mask matters, not its size
     assert report.n_updated == round(0.01 * report.n_weights)
