@@ -29,6 +29,7 @@ Run: ``python benchmarks/bench_gptq_reference.py --reference-python /tmp/vref/bi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import platform
@@ -36,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +83,34 @@ def run_reference(args: argparse.Namespace) -> None:
     )
 
 
+@contextlib.contextmanager
+def static_scales() -> Iterator[None]:
+    """Diagnostic: whatmatters' GPTQ sweep with llmcompressor's scales, i.e. each group's min-max scale of the
+    original weights, fixed before the sweep, instead of the scale of the updated weights at the group's start."""
+    import importlib
+
+    from whatmatters.compress import obs
+
+    module = importlib.import_module("whatmatters.compress.gptq")  # the package exports the function gptq
+
+    sweep, quant_params = module.sweep, obs.quant_params
+
+    def fixed_sweep(w: torch.Tensor, h: torch.Tensor, **options: Any) -> Any:
+        gs, bits, sym = options["group_size"], options["bits"], options["sym"]
+        fixed = iter([quant_params(w[:, c : c + gs].float(), bits, sym) for c in range(0, w.shape[1], gs)])
+        obs.quant_params = lambda *_: next(fixed)
+        try:
+            return sweep(w, h, **options)
+        finally:
+            obs.quant_params = quant_params
+
+    module.sweep = fixed_sweep
+    try:
+        yield
+    finally:
+        module.sweep = sweep
+
+
 def with_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
     """A copy of the float ``model`` with the ``{layer}.weight`` tensors of ``weights``."""
     new = copy.deepcopy(model)
@@ -122,7 +152,9 @@ def reference(args: argparse.Namespace, folder: Path, bits: int) -> tuple[dict[s
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--reference-python", default="/tmp/vref/bin/python", help="python of the reference venv")
+    parser.add_argument(
+        "--reference-python", default="/tmp/vref/bin/python", help="python of the reference venv; '' skips it"
+    )
     parser.add_argument("--cal", type=int, default=16, help="calibration windows")
     parser.add_argument("--eval", type=int, default=32, help="evaluation windows")
     parser.add_argument("--seq-len", type=int, default=128)
@@ -130,6 +162,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--group-size", type=int, default=64, help="group size on both sides")
     parser.add_argument("--ours-group-size", type=int, default=128, help="also whatmatters alone at this size")
     parser.add_argument("--damp", type=float, default=0.01)
+    parser.add_argument("--static-scales", action="store_true", help="also ours with the reference's fixed scales")
     parser.add_argument("--quick", action="store_true", help="4 windows each, 4 bits only")
     parser.add_argument("--json", default=None, help="also write the JSON here")
     for name in ("--model", "--cal-ids", "--out"):  # the reference side
@@ -162,12 +195,14 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     rows: list[dict[str, Any]] = [{"method": "fp32", "bits": 32, "group": "-", "ppl": perplexity(model, ev)}]
     log(str(rows[0]))
 
-    def ours(bits: int, method: str, group: int) -> tuple[dict[str, Any], dict, dict]:
+    def ours(bits: int, method: str, group: int, static: bool = False) -> tuple[dict[str, Any], dict, dict]:
         t0 = time.perf_counter()
-        quantized, _ = gptq(model, bits, data=cal, method=method, group_size=group, damp=args.damp, progress=False)
+        with static_scales() if static else contextlib.nullcontext():
+            quantized, _ = gptq(model, bits, data=cal, method=method, group_size=group, damp=args.damp, progress=False)
         seconds = time.perf_counter() - t0
         weights, scales = dequantized(quantized)
-        row = {"method": f"whatmatters {method.upper()}", "bits": bits, "group": group,
+        name = f"whatmatters {method.upper()}" + (", llmcompressor's static scales" if static else "")
+        row = {"method": name, "bits": bits, "group": group,
                "ppl": perplexity(with_weights(model, weights), ev), "seconds": seconds}  # fmt: skip
         log(str(row))
         rows.append(row)
@@ -177,6 +212,10 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     for bits in (4,) if args.quick else (4, 3):
         _, _, rtn_scales = ours(bits, "rtn", args.group_size)
         mine, my_weights, _ = ours(bits, "gptq", args.group_size)
+        if args.static_scales:
+            ours(bits, "gptq", args.group_size, static=True)
+        if not args.reference_python:
+            continue
         ref_tensors, meta = reference(args, folder, bits)
         ref_weights = {k: v for k, v in ref_tensors.items() if k.endswith(".weight")}
         ref = {"method": f"llmcompressor {meta['llmcompressor']} GPTQ", "bits": bits, "group": args.group_size,
