@@ -97,7 +97,7 @@ def static_scales() -> Iterator[None]:
 
     def fixed_sweep(w: torch.Tensor, h: torch.Tensor, **options: Any) -> Any:
         gs, bits, sym = options["group_size"], options["bits"], options["sym"]
-        fixed = iter([quant_params(w[:, c : c + gs].float(), bits, sym) for c in range(0, w.shape[1], gs)])
+        fixed = iter([quant_params(w[:, c : c + gs].detach().float(), bits, sym) for c in range(0, w.shape[1], gs)])
         obs.quant_params = lambda *_: next(fixed)
         try:
             return sweep(w, h, **options)
