@@ -7,9 +7,9 @@
   ``save_quantized`` of the quantized model vs safetensors of the float model (fp32 and fp16). The 4-bit
   GPTQ file is loaded back into a model built from the config and its logits compared with the original's.
 * Pruning at 50 %: SparseGPT vs Wanda vs magnitude (per output row), and 2:4 for SparseGPT and Wanda.
-* No reference library runs: ``gptqmodel`` needs torch 2.14 + CUDA wheels and ``llmcompressor`` pins
+* No reference library runs here: ``gptqmodel`` needs torch 2.14 + CUDA wheels and ``llmcompressor`` pins
   transformers <= 5.17, neither installable next to this environment; parity with the paper's algorithm
-  is a unit test (tests/test_gptq.py).
+  is a unit test (tests/test_gptq.py), and ``bench_gptq_reference.py`` runs llmcompressor in its own venv.
 
 Run: ``python benchmarks/bench_gptq.py`` (about 15 min on 2 busy CPU cores); ``--quick`` for a smoke run,
 ``--nm`` adds 2:4.
