@@ -1,5 +1,6 @@
 """WAGLE unlearning: the attribution is the first-order forget gain minus retain damage, an empty forget set
-is refused, the model is never changed, and WAGLE forgets more than a random mask of equal size (tiny Llama and SmolLM2)."""
+is refused, the model is never changed, and WAGLE forgets more than a random mask of equal size (tiny Llama
+and SmolLM2)."""
 
 from __future__ import annotations
 

@@ -53,6 +53,7 @@ from whatmatters.core.state import hooks, preserved
 
 FEATURE = "pruning_tokens"
 METHODS = ("fastv", "cascade", "random")
+TOKENS = ("auto", "image", "all")
 
 
 @dataclass
@@ -63,6 +64,7 @@ class PrefillReport:
     keep: float
     layers: list[int]  # pruning steps: layer K is the first layer that runs on fewer tokens
     n_layers: int
+    tokens: str = "all"  # "image": only a VLM's image tokens are pruned (text tokens always carried)
     prefills: int = 0
     last_forward: list[tuple[int, int]] = field(default_factory=list)  # (decoder layer, tokens in)
     kept_positions: torch.Tensor | None = None  # (batch, kept) original positions that reached the last layer
@@ -90,6 +92,7 @@ class _Prefill:
     length: int
     valid: torch.Tensor  # (b, L) bool, False for padding
     kept: torch.Tensor  # (b, k) original positions of the tokens now carried
+    protected: torch.Tensor | None = None  # (b, L) bool: tokens never pruned (a VLM's text tokens)
     scores: torch.Tensor | None = None  # (b, k) importance of the carried tokens (cumulative for cascade)
     gathered: dict[str, Any] = field(default_factory=dict)  # mask / position_embeddings / position_ids
     by_layer: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> kept positions it cached
@@ -169,12 +172,15 @@ def select(scores: torch.Tensor, valid: torch.Tensor, budget: torch.Tensor) -> t
 class _Pruner:
     """The hooks of one ``pruning_tokens`` block and the state of the current prefill."""
 
-    def __init__(self, arch: AttentionLayout, layers: list[nn.Module], report: PrefillReport, seed: int) -> None:
-        self.arch, self.layers, self.report, self.seed = arch, layers, report, seed
+    def __init__(
+        self, arch: AttentionLayout, layers: list[nn.Module], report: PrefillReport, seed: int, image_id: int | None
+    ) -> None:
+        self.arch, self.layers, self.report, self.seed, self.image_id = arch, layers, report, seed, image_id
         self.steps = report.layers
         self.state: _Prefill | None = None
         self.prefill = False
         self.mask2d: torch.Tensor | None = None
+        self.text: torch.Tensor | None = None  # (b, L) bool: the prompt's non-image tokens (tokens="image")
 
     # ----------------------------------------------------------------------------------- model hooks
     def model_pre(self, _module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -197,6 +203,7 @@ class _Pruner:
                     f"attention_mask of shape {tuple(mask.shape)} does not match the prompt {tuple(ref.shape[:2])}"
                 )
             self.mask2d = mask
+            self.text = self._text_tokens(ids)
             self.state = None
             self.report.last_forward = []
             return
@@ -220,6 +227,19 @@ class _Pruner:
             raise hf.incompatible(FEATURE, f"the last layer got {counts[len(self.layers) - 1]} tokens, not {carried}")
         self.report.kept_positions = st.kept
         self.report.prefills += 1
+
+    def _text_tokens(self, ids: Any) -> torch.Tensor | None:
+        if self.report.tokens != "image":
+            return None
+        if not isinstance(ids, torch.Tensor):
+            raise InputError(f"{FEATURE}(tokens='image') finds the image tokens in input_ids: pass input_ids")
+        image = ids == self.image_id
+        if not bool(image.any(1).all()):
+            raise InputError(
+                f"{FEATURE}(tokens='image'): a prompt has no image token (id {self.image_id}); give each prompt its "
+                "image placeholder (the processor inserts it) and pixel_values, or prune every token: tokens='all'"
+            )
+        return ~image
 
     # ------------------------------------------------------------------------------- layer hooks
     def score_hook(self, index: int):
@@ -274,7 +294,11 @@ class _Pruner:
         cache = hf.find_cache(kwargs)
         kept = torch.arange(n, device=hidden.device).expand(b, n)
         gen = torch.Generator(device=hidden.device).manual_seed(self.seed)
-        self.state = _Prefill(weakref.ref(cache) if cache is not None else None, n, valid, kept, generator=gen)
+        protected = None if self.text is None else self.text.to(hidden.device) & valid
+        if protected is not None and protected.shape != valid.shape:
+            raise hf.incompatible(FEATURE, f"the decoder got {n} tokens for prompts of {protected.shape[1]}")
+        ref = weakref.ref(cache) if cache is not None else None
+        self.state = _Prefill(ref, n, valid, kept, protected=protected, generator=gen)
 
     def _prune(self, hidden: torch.Tensor, kwargs: dict[str, Any], step: int) -> torch.Tensor:
         st = self.state
@@ -284,9 +308,13 @@ class _Pruner:
         elif self.steps[step] - 1 not in st.scored:
             raise hf.incompatible(FEATURE, f"the attention hooks of layers [{self.steps[step] - 1}] did not run")
         share = self.report.keep ** ((step + 1) / len(self.steps))
-        n_real = st.valid.sum(1)
-        budget = torch.minimum((n_real * share).round().long().clamp_min(2), valid.sum(1))
-        local = select(st.scores, valid, budget)
+        scores, n_real, fixed = st.scores, st.valid.sum(1), 0
+        if st.protected is not None:  # text tokens always carried; the budget is a share of the image tokens
+            scores = scores.masked_fill(st.protected.gather(1, st.kept), math.inf)
+            fixed = st.protected.sum(1)
+            n_real = n_real - fixed
+        budget = torch.minimum((fixed + n_real * share).round().long().clamp_min(2), valid.sum(1))
+        local = select(scores, valid, budget)
         st.kept = st.kept.gather(1, local)
         st.scores = st.scores.gather(1, local)
         st.gathered = self._gathered(kwargs)
@@ -329,6 +357,22 @@ class _Keys:
             self.q_norm = module.k_norm
 
 
+def _pruned_tokens(model: nn.Module, tokens: str) -> tuple[str, int | None]:
+    if tokens not in TOKENS:
+        raise MethodError(f"tokens must be one of {', '.join(TOKENS)}, got {tokens!r}")
+    config = getattr(model, "config", None)
+    image_id = getattr(config, "image_token_id", None)
+    image_id = getattr(config, "image_token_index", None) if image_id is None else image_id
+    if tokens == "auto":
+        tokens = "all" if image_id is None else "image"
+    if tokens == "image" and not isinstance(image_id, int):
+        raise ModelError(
+            f"{FEATURE}(tokens='image') needs a VLM whose config has image_token_id (LLaVA); "
+            f"{type(model).__name__} has none: use tokens='all'"
+        )
+    return tokens, image_id
+
+
 @contextmanager
 def pruning_tokens(
     model: nn.Module,
@@ -336,6 +380,7 @@ def pruning_tokens(
     *,
     method: str = "fastv",
     at_layers: int | Sequence[int] | None = None,
+    tokens: str = "auto",
     seed: int = 0,
 ) -> Iterator[PrefillReport]:
     """Prune the prompt's tokens during the prefill while the block runs ``model(...)`` or ``model.generate``.
@@ -349,6 +394,10 @@ def pruning_tokens(
             cumulative attention over the steps) or ``"random"`` (equal budget).
         at_layers: ``K`` or increasing ``[K1, K2, ...]``: the first layer that runs on fewer tokens, in
             ``1 .. n_layers - 1`` (default 2, FastV's; cascade: about ``n/15, n/3, 2n/3``).
+        tokens: which prompt tokens may be pruned: ``"image"`` (a LLaVA-style VLM's image tokens, found in
+            ``input_ids`` by the config's ``image_token_id``; every text token is carried and ``keep`` is the
+            share of image tokens kept, FastV's setting), ``"all"``, or ``"auto"`` (default: ``"image"`` for a
+            model whose config has an image token id, else ``"all"``).
         seed: seed of ``random`` (re-seeded at every prefill).
 
     Yields:
@@ -360,8 +409,9 @@ def pruning_tokens(
     seed = whole(seed, "seed", minimum=0)
     arch, layers = _layout(model)
     steps = _steps(len(layers), at_layers, method)
-    report = PrefillReport(method, keep, steps, len(layers))
-    pruner = _Pruner(arch, layers, report, seed)
+    tokens, image_id = _pruned_tokens(model, tokens)
+    report = PrefillReport(method, keep, steps, len(layers), tokens=tokens)
+    pruner = _Pruner(arch, layers, report, seed, image_id)
     handles = [model.register_forward_pre_hook(pruner.model_pre, with_kwargs=True)]
     handles += [lay.register_forward_pre_hook(pruner.layer_pre(i), with_kwargs=True) for i, lay in enumerate(layers)]
     if method != "random":

@@ -32,6 +32,8 @@ def attention_layout(model: nn.Module) -> AttentionLayout:
         raise ModelError("evicting_kv needs a Hugging Face transformers model (it has no .config)")
     if getattr(config, "is_encoder_decoder", False):
         raise ModelError(f"evicting_kv supports decoder-only LMs; {type(model).__name__} is an encoder-decoder")
+    get_text = getattr(config, "get_text_config", None)
+    config = get_text() if callable(get_text) else config  # a VLM (LLaVA): its language model's config
     base = getattr(model, "model", None)
     if base is not None and hasattr(base, "language_model"):
         base = base.language_model
