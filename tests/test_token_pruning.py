@@ -222,3 +222,50 @@ def test_keep_outside_unit_interval_is_refused(keep):
     else:
         with pytest.raises(InputError, match="keep"):
             prune_tokens(model, keep=keep, at_layers=0)
+
+
+def test_budgets_keep_the_fewest_tokens_reaching_the_score_mass():
+    from whatmatters.compress.token_pruning import budgets
+
+    scores = torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.25, 0.25, 0.25, 0.25]])
+    assert budgets(scores, 0.7, 1, 4).tolist() == [1, 3]  # a peaked image needs 1 token, a flat one 3
+    assert budgets(scores, 1.0, 1, 4).tolist() == [4, 4]
+    assert budgets(scores, 0.7, 2, 2).tolist() == [2, 2]  # clamped to [min_keep, keep]
+
+
+@pytest.mark.parametrize("name", ["fashion", "hf"])
+def test_adaptive_budget_differs_per_image_and_keeps_all_at_threshold_one(name):
+    model, x, run = _case(name, 8)
+    if name == "fashion":  # real images: noise images are all alike to the model
+        from whatmatters.vision.pretrained import load_fashion_mnist
+
+        x = load_fashion_mnist("test", 8)[0]
+    with torch.no_grad():  # sharper attention than at random init, so images differ in how peaked it is
+        for n, p in model.named_parameters():
+            if n.endswith(("q.weight", "k.weight", "q_proj.weight", "k_proj.weight")):
+                p.mul_(3.0 if name == "fashion" else 12.0)
+    ref = run(model, x)
+    same, report = prune_tokens(model, "cls_attention", keep=1.0, threshold=1.0)
+    assert torch.equal(run(same, x), ref)
+    adaptive, report = prune_tokens(model, "cls_attention", keep=1.0, threshold=0.5, min_keep=0.1)
+    out = run(adaptive, x)
+    need = report.budgets
+    assert len(need) == 8 and len(set(need)) > 1  # images need different budgets
+    patches = report.last_forward[0][1] - report.n_special
+    assert all(max(1, round(0.1 * patches)) <= k <= patches for k in need)
+    assert _final_tokens(adaptive, run, x) == report.n_special + max(need)  # the batch carries its largest
+    # one image alone carries its own budget, and gives the same output as in the batch when it needs the most
+    widest = max(range(8), key=need.__getitem__)
+    torch.testing.assert_close(run(adaptive, x[widest : widest + 1]), out[widest : widest + 1])
+    assert _final_tokens(adaptive, run, x[:1]) == report.n_special + need[0]
+
+
+def test_adaptive_budget_bad_options_are_refused():
+    model = _case("fashion", 2)[0]
+    for bad in (0, 1.5, -0.1, True, "x"):
+        with pytest.raises(InputError, match="threshold"):
+            prune_tokens(model, keep=1.0, threshold=bad)
+    with pytest.raises(InputError, match="min_keep"):
+        prune_tokens(model, keep=0.3, threshold=0.5, min_keep=0.5)
+    with pytest.raises(InputError, match="schedule='once'"):
+        prune_tokens(model, keep=1.0, threshold=0.5, schedule="progressive")

@@ -49,6 +49,8 @@ class TokenReport:
     r: int | None = None
     n_special: int = 0  # leading CLS / distillation tokens, never dropped
     last_forward: list[tuple[int, int, int]] = field(default_factory=list)  # (block, tokens in, tokens out)
+    threshold: float | None = None  # adaptive: score mass each image keeps
+    budgets: list[int] = field(default_factory=list)  # adaptive: patch tokens each image of the latest batch needs
 
     @property
     def kept_share(self) -> float:
@@ -131,10 +133,26 @@ def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
 
 
-def _pruner(rule: Callable[[LayerView], torch.Tensor]) -> Callable[..., tuple[torch.Tensor, None]]:
+def budgets(scores: torch.Tensor, threshold: float, lo: int, hi: int) -> torch.Tensor:
+    """``(b,)`` fewest top-scored tokens per row whose share of the row's (non-negative) score mass reaches
+    ``threshold``, clamped to ``[lo, hi]`` (ATP-style adaptive budget)."""
+    mass = scores.float().clamp_min(0).sort(dim=1, descending=True).values
+    share = mass.cumsum(1) / mass.sum(1, keepdim=True).clamp_min(1e-30)
+    return ((share < threshold - 1e-6).sum(1) + 1).clamp(lo, hi)
+
+
+def _pruner(
+    rule: Callable[[LayerView], torch.Tensor], report: TokenReport, bounds: tuple[float, float] | None = None
+) -> Callable[..., tuple[torch.Tensor, None]]:
     def prune(view: LayerView, _keys: torch.Tensor, _size: None, remove: int) -> tuple[torch.Tensor, None]:
         s, scores = view.n_special, rule(view)
-        keep = scores.topk(scores.shape[1] - remove, dim=1).indices.sort(dim=1).values
+        n = scores.shape[1]
+        k = n - remove
+        if bounds is not None:  # remove is the most the bounds allow; each image needs its own budget
+            need = budgets(scores, report.threshold, max(1, round(bounds[0] * n)), max(1, round(bounds[1] * n)))
+            report.budgets = need.tolist()
+            k = int(need.max())  # one rectangular batch: every image carries the largest budget
+        keep = scores.topk(k, dim=1).indices.sort(dim=1).values
         return torch.cat([view.after[:, :s], _gather(view.after[:, s:], keep)], dim=1), None
 
     return prune
@@ -212,6 +230,8 @@ def prune_tokens(
     *,
     at_layers: Sequence[int] | int | None = None,
     schedule: Literal["once", "progressive"] = "once",
+    threshold: float | None = None,
+    min_keep: float = 0.1,
     seed: int = 0,
 ) -> Compressed:
     """A copy of the ViT ``model`` that keeps the ``keep`` share of its patch tokens, dropping the lowest-scored.
@@ -225,6 +245,13 @@ def prune_tokens(
         at_layers: block indices that prune (default: block ``n // 4`` once; progressive: every
             ``n // 4``-th block from there).
         schedule: ``"once"`` (one block) or ``"progressive"`` (each block keeps ``keep ** (1/len)``).
+        threshold: adaptive budget (ATP-style, ``schedule="once"``): each image keeps its fewest top-scored
+            patch tokens whose share of its score mass reaches ``threshold`` in ``(0, 1]``, between
+            ``min_keep`` and ``keep`` of the patches, so easy images keep fewer. ``report.budgets`` lists each
+            image's budget; a batch carries its largest one (rectangular tensors), so run easy and hard
+            images in separate batches (or one at a time) to turn the smaller budgets into speed.
+            ``threshold=1.0`` with ``keep=1.0`` keeps every token (the original outputs).
+        min_keep: the smallest share an adaptive budget keeps, in ``(0, keep]``.
         seed: seed of ``random_tokens`` (re-seeded at every forward pass, so a batch always prunes alike).
 
     Returns:
@@ -239,8 +266,23 @@ def prune_tokens(
     if schedule == "once" and len(layers) != 1:
         raise InputError(f"schedule='once' prunes at one block, got at_layers={layers}; use schedule='progressive'")
     report = TokenReport(method, schedule, layers, keep=keep)
-    shared = _Shared(report, _geometric(keep, len(layers)), whole(seed, "seed", minimum=0))
-    return Compressed(_install(model, layers, layers[0], _pruner(TOKEN_RULES[method]), shared), report)
+    bounds = _adaptive(report, threshold, min_keep) if threshold is not None else None
+    adaptive = bounds is not None and report.threshold < 1  # the block may remove down to min_keep
+    plan = _geometric(bounds[0] if adaptive else keep, len(layers))
+    shared = _Shared(report, plan, whole(seed, "seed", minimum=0))
+    return Compressed(_install(model, layers, layers[0], _pruner(TOKEN_RULES[method], report, bounds), shared), report)
+
+
+def _adaptive(report: TokenReport, threshold: Any, min_keep: Any) -> tuple[float, float]:
+    if report.schedule != "once":
+        raise InputError("an adaptive budget (threshold=) prunes at one block: use schedule='once'")
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0 < threshold <= 1:
+        raise InputError(f"threshold is the share of score mass kept, in (0, 1]; got {threshold!r}")
+    min_keep = kept_share(min_keep, "min_keep", of="patch tokens")
+    if min_keep > report.keep:
+        raise InputError(f"min_keep={min_keep:g} is above keep={report.keep:g}: the budget's lower bound must not be")
+    report.threshold = float(threshold)
+    return min_keep, report.keep
 
 
 def merge_tokens(
