@@ -132,18 +132,21 @@ class TextTask:
             return out if slots is None else out[:, 0]
         wanted = torch.arange(self.n_slots) if slots is None else slots.cpu()
         width = self.prompt_len + int(wanted.max())  # the slot s is predicted at position prompt_len + s - 1
-        keep = torch.unique(wanted) + (self.prompt_len - 1)
-        kwargs: dict[str, Any] = {"attention_mask": mask[:, :width].to(device), "use_cache": False}
-        kwargs["position_ids"] = self.position_ids(self.attention_mask[rows][:, :width]).to(device)
+        # left padding that every row of this call has is cut off (positions count real tokens, so none move)
+        start = int(self.attention_mask[rows][:, :width].any(0).int().argmax())
+        keep = torch.unique(wanted) + (self.prompt_len - 1 - start)
+        cols = slice(start, width)
+        kwargs: dict[str, Any] = {"attention_mask": mask[:, cols].to(device), "use_cache": False}
+        kwargs["position_ids"] = self.position_ids(self.attention_mask[rows][:, cols]).to(device)
         takes_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         if takes_keep:
             kwargs["logits_to_keep"] = keep.to(device)
-        with replaced_output(self.embedding, None if embeds is None else embeds[:, :width]):
-            logits = _logits(self.model(input_ids=ids[:, :width].to(device), **kwargs), 3)
+        with replaced_output(self.embedding, None if embeds is None else embeds[:, cols]):
+            logits = _logits(self.model(input_ids=ids[:, cols].to(device), **kwargs), 3)
         logits = logits if takes_keep else logits[:, keep.to(device)]
         if slots is None:  # (r, T, V): every slot
             return _token_output(logits, self.target[rows].to(device), self.output)
-        at = torch.searchsorted(keep, slots.cpu() + (self.prompt_len - 1)).to(device)
+        at = torch.searchsorted(keep, slots.cpu() + (self.prompt_len - 1 - start)).to(device)
         picked = logits[torch.arange(len(rows), device=device), at][:, None]  # (r, 1, V)
         tokens = self.target[rows.cpu(), slots.cpu()].to(device)[:, None]
         return _token_output(picked, tokens, self.output)[:, 0]

@@ -39,21 +39,24 @@ def _gradients(
 ) -> torch.Tensor:
     """Gradient of each row's target output with respect to its word embeddings, ``(r, S, d)``.
 
-    ``embeds(rows)`` builds the word embeddings of the rows ``rows`` (a slice), so only one call's rows
-    are in memory at a time.
+    ``embeds(rows)`` builds the word embeddings of the rows ``rows`` (an index tensor), so only one call's
+    rows are in memory at a time. Rows go to the model slot by slot and, within a slot, by their amount of
+    padding, so the rows of a call share most of it (an LM's call cuts the padding all its rows have).
     """
-    chunks = row_slices(len(sample), task.rows_per_call())
+    padding = (task.attention_mask == 0).sum(1)[sample.cpu()]
+    order = torch.argsort(slot.cpu() * (task.input_ids.shape[1] + 1) + padding, stable=True)
+    chunks = [order[s] for s in row_slices(len(sample), task.rows_per_call())]
     out = None
-    for s in progress_bar(chunks, len(chunks), description, task.progress):
+    for rows in progress_bar(chunks, len(chunks), description, task.progress):
         with torch.inference_mode(False), torch.enable_grad():
-            leaf = embeds(s).detach().clone().requires_grad_(True)
-            score = task.scores(sample[s], embeds=leaf, slots=slot[s])
+            leaf = embeds(rows).detach().clone().requires_grad_(True)
+            score = task.scores(sample[rows], embeds=leaf, slots=slot[rows])
             if not score.requires_grad:
                 raise ModelError(NO_GRADIENT)
             (grad,) = torch.autograd.grad(score.sum(), leaf)
         if out is None:
             out = torch.empty((len(sample), *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
-        out[s] = grad
+        out[rows.to(out.device)] = grad
     return out
 
 
@@ -131,7 +134,7 @@ def token_integrated_gradients(
     step = torch.arange(k).repeat(len(sample))
     a = alphas.to(x.device, x.dtype)
 
-    def path(s: slice) -> torch.Tensor:
+    def path(s: torch.Tensor) -> torch.Tensor:
         i, al = rows_sample[s], a[step[s]].view(-1, 1, 1)
         return b[i] + al * (x[i] - b[i])
 
