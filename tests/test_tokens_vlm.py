@@ -92,3 +92,38 @@ def test_tokens_all_prunes_text_too_and_bad_input_is_refused():
     with pytest.raises(ModelError, match="image_token_id"), pruning_tokens(lm, tokens="image"):
         pass
     assert not model._forward_pre_hooks and not model._forward_hooks  # hooks gone after every error
+
+
+def test_cls_method_keeps_the_patches_the_vision_cls_token_attends_to_most():
+    model = _llava()
+    ids, mask, pixels = _prompts()
+    tower = model.model.vision_tower
+    with torch.no_grad():  # the reference: CLIP's own eager attention weights of the feature layer
+        tower.config._attn_implementation = "eager"
+        out = tower(pixel_values=pixels, output_attentions=True)
+        tower.config._attn_implementation = "sdpa"
+    layer = model.config.vision_feature_layer % (len(out.attentions) + 1) - 1
+    cls = out.attentions[layer][:, :, 0, 1:].mean(1)  # (images, patches)
+    expected = cls.topk(PATCHES // 4, dim=1).indices.sort(dim=1).values
+    for at in (0, 2):
+        with torch.no_grad(), pruning_tokens(model, keep=0.25, method="cls", at_layers=at) as report:
+            model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+        carried = int(((ids != IMAGE) & mask.bool()).sum(1).max()) + PATCHES // 4  # text + 4 image tokens
+        assert [t for _, t in report.last_forward] == [23] * at + [carried] * (4 - at)  # at=0: before the LM
+        for row in range(2):
+            kept = report.kept_positions[row]
+            image_positions = torch.nonzero(ids[row] == IMAGE).flatten()
+            picked = [int((image_positions == p).nonzero()) for p in kept if ids[row, p] == IMAGE]
+            assert picked == expected[row].tolist(), (at, row)
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        with pruning_tokens(model, keep=1.0, method="cls", at_layers=0):
+            assert torch.equal(model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits, full)
+    with pytest.raises(MethodError, match="tokens='image'"), pruning_tokens(model, method="cls", tokens="all"):
+        pass
+    lm = transformers.LlamaForCausalLM(model.config.text_config).eval()
+    with pytest.raises(ModelError, match="no image token"), pruning_tokens(lm, method="cls"):
+        pass
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    with pytest.raises(ModelError, match="did not run"), torch.no_grad(), pruning_tokens(model, method="cls"):
+        model(input_ids=ids)  # image tokens but no pixel_values: the vision tower never ran

@@ -18,7 +18,9 @@ each kept token keeps its original position (never renumbered) and padding stays
   every scoring layer so far are summed and travel with the kept tokens. Simplified: SpAtten accumulates
   over every layer (in hardware); here attention is rebuilt only at the layers before a pruning step, which
   keeps the scoring cost at one extra ``q k^T`` per step;
-* ``"random"``: the same budgets, uniformly random tokens (the baseline; no attention is computed).
+* ``"random"``: the same budgets, uniformly random tokens (the baseline; no attention is computed);
+* ``"cls"`` (VLMs): the image tokens ranked by the vision tower's CLS attention (FasterVLM, "[CLS] token tells
+  everything"; :mod:`whatmatters.compress.tokens_vlm`), so ``at_layers=0`` prunes before the language model.
 
 Several layers keep ``keep ** (1 / steps)`` of the tokens at each step, so ``keep`` of the prompt reaches the
 last layer. The returned logits have one row per kept token (``report.kept_positions`` maps them back); the
@@ -46,13 +48,14 @@ from torch import nn
 
 from whatmatters.compress.kvcache.layout import AttentionLayout, attention_layout, rotated_queries
 from whatmatters.compress.tokens import _check_sliding, received_attention
+from whatmatters.compress.tokens_vlm import ClsScores, cls_site
 from whatmatters.core import hf
 from whatmatters.core.errors import InputError, MethodError, ModelError
 from whatmatters.core.fractions import kept_share, whole
 from whatmatters.core.state import hooks, preserved
 
 FEATURE = "pruning_tokens"
-METHODS = ("fastv", "cascade", "random")
+METHODS = ("fastv", "cascade", "random", "cls")
 TOKENS = ("auto", "image", "all")
 
 
@@ -127,11 +130,12 @@ def _steps(n: int, at_layers: int | Sequence[int] | None, method: str) -> list[i
     layers = [at_layers] if isinstance(at_layers, int) and not isinstance(at_layers, bool) else at_layers
     if not isinstance(layers, Sequence) or not layers or not all(isinstance(i, int) for i in layers):
         raise InputError(f"at_layers must be a layer index or a sequence of them (ints), got {at_layers!r}")
-    bad = [i for i in layers if isinstance(i, bool) or not 1 <= i < n]
+    first = 0 if method == "cls" else 1  # the vision tower's scores exist before the first layer
+    bad = [i for i in layers if isinstance(i, bool) or not first <= i < n]
     if bad:
         raise InputError(
             f"at_layers {list(layers)!r} out of range: layer K is the first layer that runs on fewer tokens, "
-            f"so K must be in 1..{n - 1} for this model's {n} decoder layers (K=2: FastV's 'after layer 2')"
+            f"so K must be in {first}..{n - 1} for this model's {n} decoder layers (K=2: FastV's 'after layer 2')"
         )
     if list(layers) != sorted(set(layers)):
         raise InputError(f"at_layers must be increasing without repeats, got {list(layers)!r}")
@@ -181,6 +185,7 @@ class _Pruner:
         self.prefill = False
         self.mask2d: torch.Tensor | None = None
         self.text: torch.Tensor | None = None  # (b, L) bool: the prompt's non-image tokens (tokens="image")
+        self.cls: ClsScores | None = None  # method="cls": the vision tower's hook
 
     # ----------------------------------------------------------------------------------- model hooks
     def model_pre(self, _module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -204,6 +209,8 @@ class _Pruner:
                 )
             self.mask2d = mask
             self.text = self._text_tokens(ids)
+            if self.cls is not None:
+                self.cls.scores = None
             self.state = None
             self.report.last_forward = []
             return
@@ -219,7 +226,7 @@ class _Pruner:
         st, counts = self.state, dict(self.report.last_forward)
         if st is None or len(counts) != len(self.layers):
             raise hf.incompatible(FEATURE, f"the hooks saw {len(counts)} of {len(self.layers)} decoder layers")
-        if self.report.method != "random" and st.scored != {k - 1 for k in self.steps}:
+        if self.report.method in ("fastv", "cascade") and st.scored != {k - 1 for k in self.steps}:
             missed = sorted({k - 1 for k in self.steps} - st.scored)
             raise hf.incompatible(FEATURE, f"the attention hooks of layers {missed} did not run")
         carried = st.kept.shape[1]
@@ -305,6 +312,8 @@ class _Pruner:
         valid = st.valid.gather(1, st.kept)
         if self.report.method == "random":
             st.scores = torch.rand(valid.shape, generator=st.generator, device=valid.device)
+        elif self.cls is not None:
+            st.scores = self.cls.for_tokens(~self.text.to(valid.device)).gather(1, st.kept)
         elif self.steps[step] - 1 not in st.scored:
             raise hf.incompatible(FEATURE, f"the attention hooks of layers [{self.steps[step] - 1}] did not run")
         share = self.report.keep ** ((step + 1) / len(self.steps))
@@ -391,7 +400,9 @@ def pruning_tokens(
         keep: share of the prompt's (real) tokens that reach the last layer, in ``(0, 1]``; the first and last
             token of every row are always kept, so at least 2.
         method: ``"fastv"`` (attention received at the layer before each step), ``"cascade"`` (SpAtten-style:
-            cumulative attention over the steps) or ``"random"`` (equal budget).
+            cumulative attention over the steps), ``"random"`` (equal budget) or, for a LLaVA-style VLM with a
+            CLIP-style tower, ``"cls"`` (the vision CLS token's attention to each patch; ``at_layers=0`` drops
+            image tokens before the language model, as FasterVLM).
         at_layers: ``K`` or increasing ``[K1, K2, ...]``: the first layer that runs on fewer tokens, in
             ``1 .. n_layers - 1`` (default 2, FastV's; cascade: about ``n/15, n/3, 2n/3``).
         tokens: which prompt tokens may be pruned: ``"image"`` (a LLaVA-style VLM's image tokens, found in
@@ -412,9 +423,17 @@ def pruning_tokens(
     tokens, image_id = _pruned_tokens(model, tokens)
     report = PrefillReport(method, keep, steps, len(layers), tokens=tokens)
     pruner = _Pruner(arch, layers, report, seed, image_id)
+    if method == "cls":
+        if image_id is None:
+            raise ModelError(f"method='cls' ranks a VLM's image tokens; {type(model).__name__} has no image token")
+        if tokens != "image":
+            raise MethodError("method='cls' ranks a VLM's image tokens: it needs tokens='image' (or 'auto')")
+        pruner.cls = ClsScores(cls_site(model))
     handles = [model.register_forward_pre_hook(pruner.model_pre, with_kwargs=True)]
     handles += [lay.register_forward_pre_hook(pruner.layer_pre(i), with_kwargs=True) for i, lay in enumerate(layers)]
-    if method != "random":
+    if pruner.cls is not None:
+        handles.append(pruner.cls.site.attention.register_forward_hook(pruner.cls, with_kwargs=True))
+    elif method != "random":
         handles += [
             arch.modules[k - 1].register_forward_hook(pruner.score_hook(k - 1), with_kwargs=True) for k in steps
         ]
