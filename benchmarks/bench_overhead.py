@@ -1,12 +1,14 @@
 """What a score costs beyond the model's own work: ``wm.explain`` time / the minimal torch work, per method.
 
 The minimal work is written by hand for each method: one forward + one backward to the input (saliency,
-gradient x input, DeepLIFT and LRP: one modified backward), ``steps`` x rows of forward + backward in one
-batch (integrated gradients, SmoothGrad), a forward + the backward from the class score to the CAM layer
-only (the Grad-CAM family), one forward (Eigen-CAM), and one batched forward over all perturbed rows
-(ablation). No text model: MiniLM token attribution has no explain path on main yet. Cases: an MLP on 256
-rows, ResNet-18 (torchvision's layout, random weights, ``benchmarks/nets.py``) at 96 px x 8 images and
-224 px x 16 images. Both sides are timed alternately, best of ``--runs``, one torch thread by default, in
+gradient x input and LRP: one modified backward), the same over the inputs and their zero reference in one
+batch (DeepLIFT, whose rescale rule needs the reference's activations), ``steps`` x rows of forward +
+backward in one batch (integrated gradients, SmoothGrad), a forward + the backward from the class score to
+the CAM layer only (the Grad-CAM family), one forward to the layer + one SVD of its activations (Eigen-CAM),
+and one batched forward over all perturbed rows (ablation). Token attribution is timed against captum and
+inseq in ``bench_text_attribution.py`` / ``bench_text_generation.py`` instead. Cases: an MLP on 256 rows,
+ResNet-18 (torchvision's layout, random weights, ``benchmarks/nets.py``) at 96 px x 8 images and 224 px x 16
+images. Both sides are timed alternately, best of ``--runs``, one torch thread by default, in
 CPU time of the process (``time.process_time``: on a shared machine other processes' load does not count).
 
     python benchmarks/bench_overhead.py [--runs 5] [--threads 1] [--quick]
@@ -33,6 +35,21 @@ def input_gradient(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     x = x.detach().requires_grad_(True)
     (grad,) = torch.autograd.grad(model(x)[:, TARGET].sum(), x)
     return grad
+
+
+def reference_gradient(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """DeepLIFT's least work: the inputs and their (zero) reference in one forward, one backward."""
+    both = torch.cat([x, torch.zeros_like(x)]).requires_grad_(True)
+    (grad,) = torch.autograd.grad(model(both)[: len(x), TARGET].sum(), both)
+    return grad[: len(x)]
+
+
+def first_component(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Eigen-CAM's least work: the layer's activations and their first principal component (one SVD)."""
+    a = layer_output(model, layer, x).flatten(2).transpose(1, 2)
+    a = a - a.mean(1, keepdim=True)
+    _, _, vh = torch.linalg.svd(a, full_matrices=False)
+    return a @ vh[:, 0, :, None]
 
 
 def layer_gradient(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -92,7 +109,7 @@ def cases(quick: bool) -> list[tuple[str, nn.Module, torch.Tensor, str, dict, Ca
         ("gradient_x_input", {}, lambda m, x: input_gradient(m, x)),
         ("integrated_gradients", {"steps": 16}, lambda m, x: batched_gradient(m, x, 16)),
         ("smoothgrad", {"n_samples": 16}, lambda m, x: batched_gradient(m, x, 16)),
-        ("deeplift", {}, lambda m, x: input_gradient(m, x)),
+        ("deeplift", {}, lambda m, x: reference_gradient(m, x)),
         ("lrp_epsilon", {}, lambda m, x: input_gradient(m, x)),
         ("ablation", {"baseline": "zero"}, lambda m, x: forward_rows(m, x)),
     ]:
@@ -104,9 +121,9 @@ def cases(quick: bool) -> list[tuple[str, nn.Module, torch.Tensor, str, dict, Ca
             ("saliency", {}, lambda m, x: input_gradient(m, x)),
             ("integrated_gradients", {"steps": 8}, lambda m, x: batched_gradient(m, x, 8)),
             ("smoothgrad", {"n_samples": 8}, lambda m, x: batched_gradient(m, x, 8)),
-            ("deeplift", {}, lambda m, x: input_gradient(m, x)),
+            ("deeplift", {}, lambda m, x: reference_gradient(m, x)),
             ("grad_cam", {"layer": "layer4"}, lambda m, x: layer_gradient(m, m.layer4, x)),
-            ("eigen_cam", {"layer": "layer4"}, lambda m, x: layer_output(m, m.layer4, x)),
+            ("eigen_cam", {"layer": "layer4"}, lambda m, x: first_component(m, m.layer4, x)),
             ("lrp_epsilon", {}, lambda m, x: input_gradient(m, x)),
         ]:
             out.append((label, net, x, name, params, (lambda f=minimal, x=x: f(net, x))))
