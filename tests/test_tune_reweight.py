@@ -119,3 +119,31 @@ def test_bad_schemes_options_and_weights_are_named():
         weighted_loss(losses, weights=torch.zeros(4))
     with pytest.raises(InputError, match="step"):
         drop_schedule(-1, drop=0.2, warmup=5)
+
+
+def test_train_loop_takes_a_reweighting_scheme_by_name_and_refuses_an_unknown_one():
+    from whatmatters.tune.finetune import Split, train_loop
+
+    class Toy(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.EmbeddingBag(20, 3, mode="sum")
+
+        def forward(self, input_ids, attention_mask, labels, reduction="mean"):
+            logits = self.emb(input_ids, per_sample_weights=attention_mask.float())
+            return {"loss": torch.nn.functional.cross_entropy(logits, labels, reduction=reduction)}
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 20, (40, 6), generator=g)
+    train = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    split = Split(train, torch.randint(0, 3, (40,), generator=g), train, torch.zeros(40, dtype=torch.long), 3)
+    runs = {}
+    for reweight in (False, True, "small_loss"):
+        torch.manual_seed(0)
+        model = Toy()
+        runs[reweight] = train_loop(model, split, lambda *_: None, steps=3, batch_size=8, reweight=reweight)
+    assert runs[False] != runs["small_loss"] and runs[True] != runs["small_loss"]
+    calls = []
+    with pytest.raises(MethodError, match="unknown reweighting scheme"):
+        train_loop(Toy(), split, lambda *a: calls.append(a), steps=3, batch_size=8, reweight="smallest")
+    assert not calls  # refused before the first step

