@@ -33,9 +33,10 @@ from torch.utils.data import Sampler
 from whatmatters.core.errors import InputError, ModelError
 from whatmatters.core.fractions import whole
 from whatmatters.core.importance import Importance
-from whatmatters.core.state import parameter_device_dtype, preserved
+from whatmatters.core.state import parameter_device_dtype
 from whatmatters.core.task import progress_bar
 from whatmatters.curate.example_task import check_examples, check_logits
+from whatmatters.curate.examples import score
 
 
 def domain_index(domains: Any) -> tuple[list[str], torch.Tensor]:
@@ -125,16 +126,9 @@ def _step(alpha: torch.Tensor, excess: torch.Tensor, step_size: float, smoothing
 
 
 def per_example_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Cross-entropy of every example under ``model`` in eval mode, no gradients (the model is not changed)."""
-    device, dtype = parameter_device_dtype(model)
-    out = []
-    with preserved(model), torch.no_grad():
-        model.eval()
-        for s in range(0, len(x), batch_size):
-            xb = x[s : s + batch_size].to(device, dtype if x.is_floating_point() else None)
-            logits = check_logits(model(xb), y, model)
-            out.append(F.cross_entropy(logits, y[s : s + batch_size].to(logits.device), reduction="none"))
-    return torch.cat(out).double().cpu()
+    """Cross-entropy of every example under ``model`` in eval mode, no gradients (the model is not changed):
+    the ``"loss"`` scores of :func:`whatmatters.curate.score`."""
+    return score(model, x, "loss", y=y, batch_size=batch_size, progress=False).values.double().cpu()
 
 
 def _balanced_batch(members: list[torch.Tensor], per_domain: int, gen: torch.Generator) -> torch.Tensor:
