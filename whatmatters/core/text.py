@@ -132,12 +132,13 @@ class TextTask:
             return out if slots is None else out[:, 0]
         wanted = torch.arange(self.n_slots) if slots is None else slots.cpu()
         width = self.prompt_len + int(wanted.max())  # the slot s is predicted at position prompt_len + s - 1
+        real = self.attention_mask[rows][:, :width]
         # left padding that every row of this call has is cut off (positions count real tokens, so none move)
-        start = int(self.attention_mask[rows][:, :width].any(0).int().argmax())
+        start = int(real.any(0).int().argmax())
         keep = torch.unique(wanted) + (self.prompt_len - 1 - start)
         cols = slice(start, width)
         kwargs: dict[str, Any] = {"attention_mask": mask[:, cols].to(device), "use_cache": False}
-        kwargs["position_ids"] = self.position_ids(self.attention_mask[rows][:, cols]).to(device)
+        kwargs["position_ids"] = self.position_ids(real[:, start:]).to(device)
         takes_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         if takes_keep:
             kwargs["logits_to_keep"] = keep.to(device)
