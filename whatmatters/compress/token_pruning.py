@@ -142,14 +142,14 @@ def budgets(scores: torch.Tensor, threshold: float, lo: int, hi: int) -> torch.T
 
 
 def _pruner(
-    rule: Callable[[LayerView], torch.Tensor], report: TokenReport, bounds: tuple[float, float] | None = None
+    rule: Callable[[LayerView], torch.Tensor], report: TokenReport, min_keep: float | None = None
 ) -> Callable[..., tuple[torch.Tensor, None]]:
     def prune(view: LayerView, _keys: torch.Tensor, _size: None, remove: int) -> tuple[torch.Tensor, None]:
         s, scores = view.n_special, rule(view)
         n = scores.shape[1]
         k = n - remove
-        if bounds is not None:  # remove is the most the bounds allow; each image needs its own budget
-            need = budgets(scores, report.threshold, max(1, round(bounds[0] * n)), max(1, round(bounds[1] * n)))
+        if min_keep is not None:  # remove is the most min_keep allows; each image needs its own budget
+            need = budgets(scores, report.threshold, max(1, round(min_keep * n)), max(1, round(report.keep * n)))
             report.budgets = need.tolist()
             k = int(need.max())  # one rectangular batch: every image carries the largest budget
         keep = scores.topk(k, dim=1).indices.sort(dim=1).values
@@ -266,14 +266,15 @@ def prune_tokens(
     if schedule == "once" and len(layers) != 1:
         raise InputError(f"schedule='once' prunes at one block, got at_layers={layers}; use schedule='progressive'")
     report = TokenReport(method, schedule, layers, keep=keep)
-    bounds = _adaptive(report, threshold, min_keep) if threshold is not None else None
-    adaptive = bounds is not None and report.threshold < 1  # the block may remove down to min_keep
-    plan = _geometric(bounds[0] if adaptive else keep, len(layers))
+    lowest = _adaptive(report, threshold, min_keep) if threshold is not None else None
+    adaptive = lowest is not None and report.threshold < 1  # the block may remove down to min_keep
+    plan = _geometric(lowest if adaptive else keep, len(layers))
     shared = _Shared(report, plan, whole(seed, "seed", minimum=0))
-    return Compressed(_install(model, layers, layers[0], _pruner(TOKEN_RULES[method], report, bounds), shared), report)
+    return Compressed(_install(model, layers, layers[0], _pruner(TOKEN_RULES[method], report, lowest), shared), report)
 
 
-def _adaptive(report: TokenReport, threshold: Any, min_keep: Any) -> tuple[float, float]:
+def _adaptive(report: TokenReport, threshold: Any, min_keep: Any) -> float:
+    """``min_keep`` checked (and ``report.threshold`` set) for an adaptive budget."""
     if report.schedule != "once":
         raise InputError("an adaptive budget (threshold=) prunes at one block: use schedule='once'")
     if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0 < threshold <= 1:
@@ -282,7 +283,7 @@ def _adaptive(report: TokenReport, threshold: Any, min_keep: Any) -> tuple[float
     if min_keep > report.keep:
         raise InputError(f"min_keep={min_keep:g} is above keep={report.keep:g}: the budget's lower bound must not be")
     report.threshold = float(threshold)
-    return min_keep, report.keep
+    return min_keep
 
 
 def merge_tokens(

@@ -404,7 +404,7 @@ def pruning_tokens(
             CLIP-style tower, ``"cls"`` (the vision CLS token's attention to each patch; ``at_layers=0`` drops
             image tokens before the language model, as FasterVLM).
         at_layers: ``K`` or increasing ``[K1, K2, ...]``: the first layer that runs on fewer tokens, in
-            ``1 .. n_layers - 1`` (default 2, FastV's; cascade: about ``n/15, n/3, 2n/3``).
+            ``1 .. n_layers - 1`` (``0 ..`` for ``"cls"``; default 2, FastV's; cascade: about ``n/15, n/3, 2n/3``).
         tokens: which prompt tokens may be pruned: ``"image"`` (a LLaVA-style VLM's image tokens, found in
             ``input_ids`` by the config's ``image_token_id``; every text token is carried and ``keep`` is the
             share of image tokens kept, FastV's setting), ``"all"``, or ``"auto"`` (default: ``"image"`` for a
