@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from whatmatters.core.errors import InputError, ModelError
+from whatmatters.core.params import all_finite
 from whatmatters.core.state import parameter_device_dtype
 
 
@@ -230,12 +231,10 @@ def to_tensor(data: Any, name: str = "data") -> tuple[torch.Tensor, list[str] | 
         raise InputError(f"{name} holds complex numbers; whatmatters needs real numeric data")
     if tensor.numel() == 0 or tensor.ndim == 0 or tensor.shape[0] == 0:
         raise InputError(f"{name} is empty (shape {tuple(tensor.shape)}); pass at least one sample")
-    if tensor.is_floating_point() or tensor.is_complex():
-        finite = torch.isfinite(tensor)
-        if not bool(finite.all()):
-            n_bad = int((~finite).sum())
-            raise InputError(
-                f"{name} contains {n_bad} NaN or infinite value(s); impute or drop them before explaining "
-                "(e.g. sklearn.impute.SimpleImputer)"
-            )
+    if not all_finite(tensor):
+        n_bad = int((~torch.isfinite(tensor)).sum())
+        raise InputError(
+            f"{name} contains {n_bad} NaN or infinite value(s); impute or drop them before explaining "
+            "(e.g. sklearn.impute.SimpleImputer)"
+        )
     return tensor, names

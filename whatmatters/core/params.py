@@ -38,6 +38,15 @@ def plain(value: Any) -> Any:
     return value
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every element of a tensor is finite: one sum first (a NaN or an infinity reaches it), the
+    elementwise test only when the sum is not finite (then a NaN, an infinity or an overflow of the sum)."""
+    if not (tensor.is_floating_point() or tensor.is_complex()):
+        return True
+    tensor = tensor.detach()
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
 def count_non_finite(value: Any) -> int:
     """NaN or infinite numbers in a number, array, tensor or (nested) list of numbers; 0 for anything else."""
     if isinstance(value, float):
@@ -59,6 +68,11 @@ def count_non_finite(value: Any) -> int:
 def parameter_types(fn: Callable[..., Any]) -> dict[str, Any]:
     """The annotation of each keyword-only parameter of ``fn``, evaluated; those that do not evaluate (names
     imported for type checking only) are left out, so they are not checked."""
+    return dict(_parameter_types(fn))
+
+
+@functools.lru_cache(maxsize=1024)
+def _parameter_types(fn: Callable[..., Any]) -> dict[str, Any]:
     hints = {}
     for name, p in inspect.signature(fn).parameters.items():
         if p.kind is not inspect.Parameter.KEYWORD_ONLY or p.annotation is inspect.Parameter.empty:
@@ -168,11 +182,11 @@ def check_params(
     if unknown:
         raise MethodError(f"{owner} got unknown parameter(s) {unknown}; it accepts {sorted(accepted) or 'none'}")
     defaults = accepted if isinstance(accepted, Mapping) else {}
-    hints = parameter_types(fn) if fn is not None else {}
+    hints = parameter_types(fn) if fn is not None and given else {}
     return {
         name: value if name in context else _bound(owner, name, plain(value), hints.get(name), defaults)
         for name, value in given.items()
     }
 
 
-__all__ = ["check_params", "count_non_finite", "describe", "fits", "parameter_types", "plain"]
+__all__ = ["all_finite", "check_params", "count_non_finite", "describe", "fits", "parameter_types", "plain"]

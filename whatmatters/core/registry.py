@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -84,6 +85,11 @@ class Method:
 
 def keyword_defaults(fn: Callable[..., Any], skip: tuple[str, ...] = ()) -> dict[str, Any]:
     """A function's keyword-only parameters with defaults (less ``skip``): an entry's parameters."""
+    return dict(_keyword_defaults(fn, skip))
+
+
+@functools.lru_cache(maxsize=1024)  # read on every call of a method: inspect.signature costs tens of µs
+def _keyword_defaults(fn: Callable[..., Any], skip: tuple[str, ...]) -> dict[str, Any]:
     return {
         name: p.default
         for name, p in inspect.signature(fn).parameters.items()

@@ -14,7 +14,10 @@ from torch import nn
 
 from whatmatters.core.adapters import Model, TorchModel, row_slices, to_tensor, wrap
 from whatmatters.core.errors import InputError, MethodError, ModelError, TargetError, WhatMattersError
-from whatmatters.core.params import check_params  # noqa: F401  (re-exported: older imports read it from here)
+from whatmatters.core.params import (
+    all_finite,
+    check_params,  # noqa: F401  (re-exported: older imports read it from here)
+)
 from whatmatters.core.state import preserved, require_eval
 
 T = TypeVar("T")
@@ -117,13 +120,14 @@ class Task:
         finite and have the target among them (``TargetError`` otherwise); then the output count is known."""
         if self.n_outputs is not None:
             return
-        if not bool(torch.isfinite(outputs.detach()).all()):
+        if not all_finite(outputs):
             check_outputs(self.model.predict(self.inputs))  # names the samples that fail (on the way to an error)
             raise ModelError(
                 "the model returned NaN or infinite outputs for inputs the method made from the samples "
                 "(baselines, perturbed or interpolated rows), not for the samples themselves; choose another baseline"
             )
-        checked_target(self.target, self.n, int(outputs.shape[1]))
+        if int(self.target.max()) >= outputs.shape[1]:  # the target was checked for all else when the task was made
+            checked_target(self.target, self.n, int(outputs.shape[1]))
         self.n_outputs = int(outputs.shape[1])
 
 
@@ -188,9 +192,9 @@ def checked_target(target: Any, n: int, n_outputs: int | None) -> torch.Tensor:
 
 def check_outputs(outputs: torch.Tensor) -> None:
     """Model outputs of the samples, one row each, must be finite: else ``ModelError`` naming how many rows are not."""
-    finite = torch.isfinite(outputs)
-    if bool(finite.all()):
+    if all_finite(outputs):
         return
+    finite = torch.isfinite(outputs)
     rows = (~finite.reshape(len(outputs), -1).all(1)).nonzero().flatten().tolist()
     shown = ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")
     raise ModelError(
@@ -208,7 +212,7 @@ def probe(model: Model, inputs: torch.Tensor) -> int:
 
     def first_row() -> int:
         first = model.probe(inputs)
-        if first is not None and not bool(torch.isfinite(first).all()):  # count the failing rows, then fail
+        if first is not None and not all_finite(first):  # count the failing rows, then fail
             check_outputs(model.predict(inputs))  # the only extra call, on the way to an error
             check_outputs(first)  # (a model that is not deterministic: the probe row alone)
         return model.n_outputs(inputs)

@@ -102,7 +102,7 @@ def explain(
                 probe(task.model, task.inputs)
             raise
         seconds = time.perf_counter() - start
-    unique = task.target.unique()
+    one_target = bool((task.target == task.target[0]).all())
     return info.to_importance(
         out,
         unit=task.unit,
@@ -110,7 +110,7 @@ def explain(
         params=params,
         seed=task.seed,
         seconds=seconds,
-        target=int(unique[0]) if len(unique) == 1 else task.target.tolist(),
+        target=int(task.target[0]) if one_target else task.target.tolist(),
     )
 
 

@@ -8,6 +8,7 @@ about ``ROW_ELEMENTS`` input values per call. The user's inputs are never modifi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -106,7 +107,7 @@ def gradient_map(
     a layer's activations and the gradient there (``layer``), or the inputs and a neuron's gradient (``neuron``)."""
     model = task.torch_model
     site, index = _where(task, layer, neuron)
-    rows = rows_per_call(task, int(np.prod(task.unit_shape)))
+    rows = rows_per_call(task, math.prod(task.unit_shape))
     out = None
     chunks = row_slices(task.n, rows)
     for s in progress_bar(chunks, len(chunks), description, task.progress):
