@@ -3,9 +3,12 @@
 Models: the trained Fashion-MNIST ViT (``load_or_train("fashion_vit")``: 16 patches + CLS, 4 blocks) and the
 trained shapes ViT (``load_or_train("vit")``: 64 patches, mean pooling, 2 blocks; it has no CLS token, so
 ``cls_attention`` does not apply). For every share of patch tokens kept (100 / 75 / 50 / 25 %) and every
-token score (``cls_attention``, ``accumulated_attention``, ``token_transition``, ``random_tokens``):
+token score (``cls_attention``, ``accumulated_attention``, ``token_transition``, ``token_distinctiveness``,
+``random_tokens``):
 
-* ``once@0``: ``prune_tokens(..., at_layers=0)``, after the first block's attention (earliest, cheapest);
+* ``once@0``: ``prune_tokens(..., at_layers=0)``, after the first block's attention (earliest, cheapest), or,
+  for ``token_distinctiveness`` (it reads no attention), before it: then every block runs on the kept tokens;
+  ``random_tokens/once@0 before attention`` is random at that same place;
 * ``once``: ``prune_tokens(..., schedule="once")`` at the default block ``n // 4``;
 * ``progressive``: ``prune_tokens(..., schedule="progressive")`` at the default blocks (every ``n // 4``-th
   from ``n // 4``), each keeping ``keep ** (1 / len)``;
@@ -34,7 +37,7 @@ from whatmatters.compress.vit_tokens import vit_layout
 from whatmatters.vision.nets import ShapesViT, load_or_train
 
 BUDGETS = (1.0, 0.75, 0.5, 0.25)
-SCORES = ("cls_attention", "accumulated_attention", "token_transition", "random_tokens")
+SCORES = ("cls_attention", "accumulated_attention", "token_transition", "token_distinctiveness", "random_tokens")
 
 
 def test_data(arch: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,6 +99,10 @@ def variants(model: torch.nn.Module, keep: float, has_cls: bool) -> dict[str, Ca
         out[f"{method}/once@0"] = lambda m=method: prune_tokens(model, m, keep, at_layers=0)
         for schedule in ("once", "progressive"):
             out[f"{method}/{schedule}"] = lambda m=method, s=schedule: prune_tokens(model, m, keep, schedule=s)
+    # token_distinctiveness prunes before the block's attention (its default); random at the same place
+    out["random_tokens/once@0 before attention"] = lambda: prune_tokens(
+        model, "random_tokens", keep, at_layers=0, before_attention=True
+    )
     n = len(vit_layout(model).blocks)
     layers = list(range(n // 4, n, max(1, n // 4)))
     out["tome/progressive"] = lambda: merge_tokens(model, None, keep=keep, at_layers=layers)

@@ -10,7 +10,8 @@ Data: ``--windows`` windows of ``--context + --cont`` tokens of the Python docum
    latency (CPU time of 1 x ``--context`` tokens, best of ``--repeats``, one torch thread) as a ratio to the
    unpruned prefill timed in the same run (first and last: the two figures show the noise). Methods: FastV at K=2 and
    K=8, cascade (default layers 2, 10, 20, cumulative attention) and random at K=2 and in cascade.
-2. **Prompt compression** (``compress_prompt``, surprisal under SmolLM2 itself, and random): the context's
+2. **Prompt compression** (``compress_prompt``, surprisal under SmolLM2 itself in one pass and iterative in
+   segments of ``--segment`` tokens, and random): the context's
    first ``--context - --suffix`` tokens are compressed 2x / 4x, the last ``--suffix`` tokens (the
    "question") kept whole. Reported: how often the greedy next token, and all ``--greedy`` greedy tokens,
    stay those of the full prompt; the continuation perplexity; the kept share of the prompt. Where ``llmlingua``
@@ -173,13 +174,16 @@ def prompt_table(model, tok, windows, args) -> tuple[list[dict[str, Any]], float
     cont = windows[:, args.context :]
     full = _greedy(model, prompts, args.greedy)
     rows = [_prompt_row(model, "full prompt", 1.0, prompts, cont, full, 0.0, n_full)]
-    for method in ("surprisal", "random"):
+    variants = {  # label -> compress_prompt keyword arguments
+        "surprisal": {"method": "surprisal"},
+        f"surprisal, segments of {args.segment}": {"method": "surprisal", "segment": args.segment},
+        "random": {"method": "random"},
+    }
+    for label, kwargs in variants.items():
         for keep in (0.5, 0.25):
             start = time.perf_counter()
-            out = compress_prompt(model, prompts, keep=keep, keep_last=args.suffix, method=method, progress=False)
-            rows.append(
-                _prompt_row(model, method, keep, out.input_ids, cont, full, time.perf_counter() - start, n_full)
-            )
+            out = compress_prompt(model, prompts, keep=keep, keep_last=args.suffix, progress=False, **kwargs)
+            rows.append(_prompt_row(model, label, keep, out.input_ids, cont, full, time.perf_counter() - start, n_full))
             print(json.dumps(rows[-1]), flush=True)
     pc, parity = _llmlingua(model, tok), None
     if pc is not None:
@@ -197,6 +201,14 @@ def prompt_table(model, tok, windows, args) -> tuple[list[dict[str, Any]], float
             ids = [torch.cat([torch.tensor(tok(k)["input_ids"]), p[-args.suffix :]]) for k, p in zip(kept, prompts)]
             rows.append(_prompt_row(model, "llmlingua 0.2.2", rate, ids, cont, full, seconds, n_full))
             print(json.dumps(rows[-1]), flush=True)
+            # the same share of the context as llmlingua kept (it misses its rate), compressed by us
+            share = (sum(len(i) for i in ids) - args.suffix * len(ids)) / (n_full - args.suffix * len(ids))
+            start = time.perf_counter()
+            out = compress_prompt(model, prompts, keep=share, keep_last=args.suffix, segment=args.segment)
+            seconds = time.perf_counter() - start
+            label = f"surprisal, segments of {args.segment}, at llmlingua's share"
+            rows.append(_prompt_row(model, label, share, out.input_ids, cont, full, seconds, n_full))
+            print(json.dumps(rows[-1]), flush=True)
     return rows, parity
 
 
@@ -207,6 +219,7 @@ def main() -> None:
     parser.add_argument("--cont", type=int, default=32)
     parser.add_argument("--suffix", type=int, default=16)
     parser.add_argument("--greedy", type=int, default=8)
+    parser.add_argument("--segment", type=int, default=64, help="prompt compression: tokens per iterative segment")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)

@@ -45,16 +45,20 @@ def _case(name: str, n: int = 5):
     return make(), torch.randn(n, *shape), run
 
 
-def _final_tokens(model: torch.nn.Module, run, x: torch.Tensor) -> int:
-    """Tokens that reach the final LayerNorm, counted by a hook (not by the report)."""
-    norm = model.vit.layernorm if hasattr(model, "vit") else model.norm
+def _tokens_at(module: torch.nn.Module, model: torch.nn.Module, run, x: torch.Tensor) -> int:
+    """Tokens that reach ``module`` (a part of ``model``) in a forward pass, counted by a hook (not by the report)."""
     seen = []
-    handle = norm.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[1]))
+    handle = module.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[1]))
     try:
         run(model, x)
     finally:
         handle.remove()
     return seen[0]
+
+
+def _final_tokens(model: torch.nn.Module, run, x: torch.Tensor) -> int:
+    """Tokens that reach the final LayerNorm."""
+    return _tokens_at(model.vit.layernorm if hasattr(model, "vit") else model.norm, model, run, x)
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -269,3 +273,52 @@ def test_adaptive_budget_bad_options_are_refused():
         prune_tokens(model, keep=0.3, threshold=0.5, min_keep=0.5)
     with pytest.raises(InputError, match="schedule='once'"):
         prune_tokens(model, keep=1.0, threshold=0.5, schedule="progressive")
+
+
+def _tokens_entering_attention(model: torch.nn.Module, block: int, run, x: torch.Tensor) -> int:
+    """Tokens that reach block ``block``'s attention sub-layer (its first norm)."""
+    return _tokens_at(vit_layout(model).blocks[block].norm1, model, run, x)
+
+
+def test_distinctiveness_prunes_before_the_attention_as_a_manual_forward_does():
+    # ground truth: the tokens furthest from the image's mean patch token, gathered, then the unchanged blocks
+    model, x, run = _case("fashion", 4)
+    pruned, report = prune_tokens(model, "token_distinctiveness", keep=0.5, at_layers=1)
+    with torch.no_grad():
+        tokens = model.patch_embed(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([model.cls_token.expand(len(x), -1, -1), tokens], 1) + model.pos_embed
+        tokens = model.blocks[0](tokens)
+        patches = tokens[:, 1:]
+        far = (patches - patches.mean(1, keepdim=True)).norm(dim=-1).topk(8, dim=1).indices.sort(1).values
+        kept = torch.cat([tokens[:, :1], patches.gather(1, far[..., None].expand(-1, -1, 64))], 1)
+        out = model.norm(model.blocks[3](model.blocks[2](model.blocks[1](kept))))
+        expected = model.head(out[:, 0])
+        torch.testing.assert_close(pruned(x), expected, rtol=1e-5, atol=1e-6)
+    assert report.last_forward[0] == (1, 17, 9)
+    assert _tokens_entering_attention(pruned, 1, run, x) == 9
+    after, _ = prune_tokens(model, "token_distinctiveness", keep=0.5, at_layers=1, before_attention=False)
+    assert _tokens_entering_attention(after, 1, run, x) == 17 and _final_tokens(after, run, x) == 9
+
+
+def test_random_can_prune_before_the_attention_and_attention_scores_cannot():
+    model, x, run = _case("hf", 3)
+    pruned, report = prune_tokens(model, "random_tokens", keep=0.25, at_layers=0, before_attention=True)
+    assert _tokens_entering_attention(pruned, 0, run, x) == 1 + 4 and report.kept_share == 0.25
+    for method in ("cls_attention", "accumulated_attention", "token_transition"):
+        with pytest.raises(InputError, match="before_attention"):
+            prune_tokens(model, method, keep=0.5, before_attention=True)
+    with pytest.raises(InputError, match="before_attention"):
+        prune_tokens(model, "token_distinctiveness", keep=0.5, before_attention="yes")
+
+
+def test_distinctiveness_scorer_reads_each_blocks_input():
+    model, x, _ = _case("shapes", 3)
+    inputs = []
+    handle = vit_layout(model).blocks[1].block.register_forward_pre_hook(lambda _m, a: inputs.append(a[0]))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    got = score(model, "token_distinctiveness", data=x, attn_layers=[1])
+    patches = inputs[0]  # mean pooling: no CLS token
+    torch.testing.assert_close(got.values, (patches - patches.mean(1, keepdim=True)).norm(dim=-1))
+    assert got.unit == "token" and "token_distinctiveness" in whatmatters.methods(unit="token")

@@ -86,3 +86,38 @@ def test_smollm2_drops_the_repeated_copy_of_a_sentence_first():
     first_copy = ((pos >= 1) & (pos < n)).sum()
     late_second_copy = ((pos >= n_ctx - 9) & (pos < n_ctx)).sum()  # once the copy is recognised
     assert first_copy >= 0.75 * (n - 1) and late_second_copy == 0 and out.text[0].endswith(" Who negotiates?")
+
+
+def test_iterative_at_keep_one_is_the_one_pass_surprisal():
+    ids = torch.randint(0, 60, (2, 23))
+    one = compress_prompt(LM, ids, keep=1.0)
+    seg = compress_prompt(LM, ids, keep=1.0, segment=5)
+    torch.testing.assert_close(seg.scores.values, one.scores.values, atol=1e-4, rtol=1e-4)
+    assert all(torch.equal(a, b) for a, b in zip(seg.input_ids, ids))
+
+
+def test_iterative_scores_each_segment_given_the_compressed_prefix():
+    # ground truth without a cache: the LM on (kept tokens of the earlier segments + this segment)
+    row = torch.randint(0, 60, (17,))
+    out = compress_prompt(LM, [row], keep=0.5, segment=6, keep_last=2)
+    pos, scores = out.kept_positions[0], out.scores.values[0]
+    for s0 in (6, 12):
+        prefix = row[pos[pos < s0]]
+        seq = torch.cat([prefix, row[s0 : s0 + 6]])
+        with torch.no_grad():
+            logp = LM(seq[None]).logits[0, :-1].log_softmax(-1)
+        expected = -logp[torch.arange(len(prefix) - 1, len(seq) - 1), seq[len(prefix) :]]
+        torch.testing.assert_close(scores[s0 : s0 + len(expected)], expected, atol=1e-4, rtol=1e-4)
+    for s0, size in ((0, 6), (6, 6), (12, 5)):  # each segment keeps its own share of its compressible tokens
+        inside = pos[(pos >= s0) & (pos < s0 + size)]
+        protected = int(s0 == 0) + (2 if s0 == 12 else 0)
+        assert len(inside) == protected + round(0.5 * (size - protected))
+    assert torch.equal(out.input_ids[0], row[pos]) and torch.equal(pos[-2:], torch.tensor([15, 16]))
+
+
+def test_iterative_options_are_checked():
+    ids = torch.randint(0, 60, (1, 10))
+    with pytest.raises(MethodError, match="segment"):
+        compress_prompt(LM, ids, segment=4, method="random")
+    with pytest.raises(InputError, match="segment"):
+        compress_prompt(LM, ids, segment=1)

@@ -3,8 +3,10 @@
 ``prune_tokens(model, method="cls_attention", keep=0.5)`` returns ``Compressed(model, report)``: a deep copy
 whose blocks at ``at_layers`` score the patch tokens from their own attention (``TOKEN_RULES`` of
 :mod:`whatmatters.compress.vit_tokens`) and keep the best ones after the attention sub-layer, so the MLP
-and every later block run on fewer tokens (EViT's placement). The CLS token is always kept; every image of
-a batch keeps the same number of tokens (one ``topk`` + ``gather`` per layer, no loops over tokens).
+and every later block run on fewer tokens (EViT's placement); a score that reads no attention
+(``token_distinctiveness``) prunes the block's input instead, so its attention runs on fewer tokens too.
+The CLS token is always kept; every image of a batch keeps the same number of tokens (one ``topk`` +
+``gather`` per layer, no loops over tokens).
 ``schedule="once"`` prunes at one block; ``"progressive"`` prunes at several, each keeping the same share
 ``keep ** (1 / len(at_layers))`` of the tokens it receives, so ``keep`` of the patch tokens reach the end.
 
@@ -32,7 +34,16 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from whatmatters.compress.vit_tokens import TOKEN_RULES, BlockParts, LayerView, attend, layer_indices, vit_layout
+from whatmatters.compress.vit_tokens import (
+    BEFORE_ATTENTION,
+    INPUT_RULES,
+    TOKEN_RULES,
+    BlockParts,
+    LayerView,
+    attend,
+    layer_indices,
+    vit_layout,
+)
 from whatmatters.core.actions import Compressed
 from whatmatters.core.errors import InputError, MethodError, ModelError
 from whatmatters.core.fractions import kept_share, whole
@@ -90,6 +101,7 @@ class _Step:
     reduce: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
     n_special: int
     shared: _Shared
+    before_attention: bool = False  # reduce the block's input (a rule of INPUT_RULES), not its attention's output
 
 
 class _TokenReducing:
@@ -110,6 +122,10 @@ class _TokenReducing:
         mask = args[0] if args else kwargs.get("attention_mask")
         if mask is not None:
             raise ModelError("token pruning does not support an attention mask on the image tokens; pass none")
+        if st.before_attention:  # score the input tokens, then the block's own forward on the kept ones
+            x, _ = st.reduce(LayerView(None, x, x, st.n_special, shared.generator), None, None, patches - keep)
+            shared.report.last_forward.append((st.index, t, x.shape[1]))
+            return super().forward(x, *args, **kwargs)  # type: ignore[misc]
         log_size = shared.size.log() if shared.size is not None else None
         after, attn, keys = attend(st.parts, x, log_size)
         if keep < patches:
@@ -200,7 +216,12 @@ def _geometric(keep: float, steps: int) -> Callable[[int], list[int]]:
 
 
 def _install(
-    model: nn.Module, layers: list[int], wrap_from: int, reduce: Callable[..., Any], shared: _Shared
+    model: nn.Module,
+    layers: list[int],
+    wrap_from: int,
+    reduce: Callable[..., Any],
+    shared: _Shared,
+    before_attention: bool = False,
 ) -> nn.Module:
     if any(isinstance(m, _TokenReducing) for m in model.modules()):
         raise InputError("this model already prunes or merges tokens; pass the original model")
@@ -212,7 +233,7 @@ def _install(
         step = layers.index(i) if i in layers else None
         block = parts.block
         block.__class__ = _reducing_class(type(block))
-        block._token_step = _Step(parts, i, i == wrap_from, step, reduce, layout.n_special, shared)
+        block._token_step = _Step(parts, i, i == wrap_from, step, reduce, layout.n_special, shared, before_attention)
     return new
 
 
@@ -232,6 +253,7 @@ def prune_tokens(
     schedule: Literal["once", "progressive"] = "once",
     threshold: float | None = None,
     min_keep: float = 0.1,
+    before_attention: bool | None = None,
     seed: int = 0,
 ) -> Compressed:
     """A copy of the ViT ``model`` that keeps the ``keep`` share of its patch tokens, dropping the lowest-scored.
@@ -240,7 +262,7 @@ def prune_tokens(
         model: a ViT whose blocks :func:`~whatmatters.compress.vit_tokens.vit_layout` finds (the project's
             ``ShapesViT`` / ``FashionViT``, transformers ``ViTForImageClassification``). Not changed.
         method: the token score, one of ``cls_attention``, ``accumulated_attention``, ``token_transition``,
-            ``random_tokens``, computed inside the forward pass from each pruning block's attention.
+            ``token_distinctiveness``, ``random_tokens``, computed inside the forward pass at each pruning block.
         keep: share of the patch tokens kept after the last pruning block, in ``(0, 1]`` (at least one).
         at_layers: block indices that prune (default: block ``n // 4`` once; progressive: every
             ``n // 4``-th block from there).
@@ -252,6 +274,9 @@ def prune_tokens(
             images in separate batches (or one at a time) to turn the smaller budgets into speed.
             ``threshold=1.0`` with ``keep=1.0`` keeps every token (the original outputs).
         min_keep: the smallest share an adaptive budget keeps, in ``(0, keep]``.
+        before_attention: prune a block's input tokens, so its attention already runs on the kept ones (only
+            the scores that read no attention: ``token_distinctiveness``, ``random_tokens``), instead of the
+            attention sub-layer's output (EViT's placement). Default: before for ``token_distinctiveness``.
         seed: seed of ``random_tokens`` (re-seeded at every forward pass, so a batch always prunes alike).
 
     Returns:
@@ -265,12 +290,19 @@ def prune_tokens(
     layers, _ = _check_layers(model, at_layers, schedule)
     if schedule == "once" and len(layers) != 1:
         raise InputError(f"schedule='once' prunes at one block, got at_layers={layers}; use schedule='progressive'")
+    before = method in BEFORE_ATTENTION if before_attention is None else before_attention
+    if not isinstance(before, bool) or (before and method not in INPUT_RULES):
+        raise InputError(
+            f"before_attention={before_attention!r}: only {', '.join(sorted(INPUT_RULES))} can prune before a "
+            f"block's attention ({method} reads it); pass True / False / None"
+        )
     report = TokenReport(method, schedule, layers, keep=keep)
     lowest = _adaptive(report, threshold, min_keep) if threshold is not None else None
     adaptive = lowest is not None and report.threshold < 1  # the block may remove down to min_keep
     plan = _geometric(lowest if adaptive else keep, len(layers))
     shared = _Shared(report, plan, whole(seed, "seed", minimum=0))
-    return Compressed(_install(model, layers, layers[0], _pruner(TOKEN_RULES[method], report, lowest), shared), report)
+    pruner = _pruner(TOKEN_RULES[method], report, lowest)
+    return Compressed(_install(model, layers, layers[0], pruner, shared, before), report)
 
 
 def _adaptive(report: TokenReport, threshold: Any, min_keep: Any) -> float:

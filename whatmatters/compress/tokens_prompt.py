@@ -7,15 +7,18 @@ tokens with the highest surprisal, in their original order. The first token (it 
 BOS) and the question suffix are always kept, so ``keep=0.5`` is 2x and ``keep=0.25`` 4x compression of
 the context. ``method="random"`` drops tokens uniformly at random at the same budget (the baseline).
 
-What is LLMLingua's and what is not: this is its token-level criterion in one pass (Selective Context at
-token granularity). LLMLingua's budget controller (demonstration-level pruning), its iterative compression
-of segments conditioned on the already compressed prefix, and LongLLMLingua's question-conditioned
-perplexity are not reproduced.
+What is LLMLingua's and what is not: by default this is its token-level criterion in one pass (Selective
+Context at token granularity). ``segment=k`` is LLMLingua's iterative compression: the prompt is compressed
+``k`` tokens at a time, each segment's surprisal conditioned on the already compressed prefix (its KV cache,
+at the compressed positions), so a token whose context was dropped is scored again in the context the target
+model will see; each segment keeps its own ``keep`` share. LLMLingua's budget controller (demonstration-level
+pruning) and LongLLMLingua's question-conditioned perplexity are not reproduced.
 
-The scoring is one batched forward pass per ``batch_size`` prompts (right-padded, masked); the selection is
-tensor ops over the whole batch. Returns a :class:`CompressedPrompt`: the kept ids per prompt, their
-original positions, the decoded texts (with a tokenizer) and the surprisal as an ``Importance`` of unit
-``token``.
+One pass scores ``batch_size`` prompts per forward pass (right-padded, masked); the selection is tensor ops
+over the whole batch. The iterative form runs prompt by prompt (its segments depend on each other): per
+segment, one forward of the segment on the compressed prefix's cache and one of its kept tokens. Returns a
+:class:`CompressedPrompt`: the kept ids per prompt, their original positions, the decoded texts (with a
+tokenizer) and the surprisal as an ``Importance`` of unit ``token``.
 """
 
 from __future__ import annotations
@@ -100,6 +103,43 @@ def _pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask.long()
 
 
+def iterative_surprisal(
+    model: nn.Module, ids: torch.Tensor, protected: torch.Tensor, keep: float, segment: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LLMLingua's iterative compression of one prompt ``ids`` ``(L,)``: kept mask and surprisal, each ``(L,)``.
+
+    Segment by segment, the surprisal of the segment's tokens given the compressed prefix (0 for the very
+    first token), then the protected tokens and the segment's ``keep`` share of the others by surprisal are
+    kept and appended to the prefix (the segment's other entries are cropped from the cache first).
+    """
+    device = next(model.parameters()).device
+    cache = hf.new_cache(model)
+    cached = hf.cache_kwargs(model, cache)
+    kept = torch.zeros(len(ids), dtype=torch.bool)
+    scores = torch.zeros(len(ids))
+    last, prefix = None, 0  # logits after the compressed prefix; its length
+    with preserved(model), torch.no_grad():
+        for s0 in range(0, len(ids), segment):
+            seg = ids[s0 : s0 + segment].to(device)
+            logits = model(input_ids=seg[None], use_cache=True, **cached).logits[0].float()
+            if hf.cache_length(cache, 0) != prefix + len(seg):
+                raise hf.incompatible("iterative prompt compression", "the model did not fill the cache it was given")
+            predicted = logits[:-1] if last is None else torch.cat([last[None], logits[:-1]])
+            s = -predicted.log_softmax(-1).gather(1, seg[len(seg) - len(predicted) :, None])[:, 0]
+            s = torch.nn.functional.pad(s, (len(seg) - len(s), 0)).cpu()
+            prot = protected[s0 : s0 + len(seg)]
+            chosen = kept_mask(s[None], prot[None], ~prot[None], keep)[0]
+            scores[s0 : s0 + len(seg)], kept[s0 : s0 + len(seg)] = s, chosen
+            cache.crop(-len(seg))  # drop the segment (a negative count: the same in every transformers 5 release)
+            if hf.cache_length(cache, 0) != prefix:
+                raise hf.incompatible("iterative prompt compression", "the cache did not drop the segment")
+            if chosen.any():
+                tokens = seg[chosen.to(device)]
+                last = model(input_ids=tokens[None], use_cache=True, **cached).logits[0, -1].float()
+                prefix += len(tokens)
+    return kept, scores
+
+
 def kept_mask(scores: torch.Tensor, protected: torch.Tensor, compressible: torch.Tensor, keep: float) -> torch.Tensor:
     """Per row: the protected tokens and the ``round(keep x compressible)`` best-scored compressible ones."""
     budget = (compressible.sum(1) * keep).round().long()
@@ -118,6 +158,7 @@ def compress_prompt(
     keep_first: int = 1,
     keep_last: int = 0,
     method: str = "surprisal",
+    segment: int | None = None,
     seed: int = 0,
     batch_size: int = 8,
     progress: bool | None = None,
@@ -132,6 +173,8 @@ def compress_prompt(
         keep_first / keep_last: tokens at the start / end of each prompt always kept (the question counts
             into ``keep_last``).
         method: ``"surprisal"`` or ``"random"`` (uniform, same budget).
+        segment: ``None``: surprisal in one pass; a token count: LLMLingua's iterative compression, segments
+            of that many tokens, each scored given the compressed prefix and keeping its own ``keep`` share.
         seed: seed of ``random``.
         batch_size: prompts per forward pass.
     """
@@ -141,6 +184,10 @@ def compress_prompt(
     keep_first = whole(keep_first, "keep_first", minimum=0)
     keep_last = whole(keep_last, "keep_last", minimum=0)
     batch_size = whole(batch_size, "batch_size")
+    if segment is not None:
+        segment = whole(segment, "segment", minimum=2)
+        if method != "surprisal":
+            raise MethodError(f"segment= compresses by surprisal segment by segment; method {method!r} has none")
     rows, n_question = _as_ids(data, tokenizer, question, model)
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(whole(seed, "seed", minimum=0))
@@ -150,15 +197,18 @@ def compress_prompt(
         chunk = rows[b0 : b0 + batch_size]
         ids, mask = _pad(chunk)
         valid = mask.bool()
-        if method == "surprisal":
-            s = surprisal(model, ids, mask).cpu()
-        else:
-            s = torch.rand(ids.shape, generator=generator)
         lengths = valid.sum(1, keepdim=True)
         suffix = torch.tensor(n_question[b0 : b0 + batch_size])[:, None].clamp_min(keep_last)
         pos = torch.arange(ids.shape[1])[None]
         protected = valid & ((pos < keep_first) | (pos >= lengths - suffix))
-        kept = kept_mask(s, protected, valid & ~protected, keep)
+        if segment is not None:
+            kept, s = torch.zeros_like(valid), torch.zeros(ids.shape)
+            for r, row in enumerate(chunk):  # segments depend on each other: prompt by prompt
+                n = len(row)
+                kept[r, :n], s[r, :n] = iterative_surprisal(model, row, protected[r, :n], keep, segment)
+        else:
+            s = torch.rand(ids.shape, generator=generator) if method == "random" else surprisal(model, ids, mask).cpu()
+            kept = kept_mask(s, protected, valid & ~protected, keep)
         for r in range(len(chunk)):  # ragged outputs: one tensor per prompt
             kept_pos.append(pos[0][kept[r]])
             kept_ids.append(ids[r][kept[r]])
@@ -169,7 +219,7 @@ def compress_prompt(
         unit="token",
         per_sample=True,
         method=f"prompt_{method}",
-        params={"keep": keep, "keep_first": keep_first, "keep_last": keep_last, "seed": seed},
+        params={"keep": keep, "keep_first": keep_first, "keep_last": keep_last, "segment": segment, "seed": seed},
         seconds=time.perf_counter() - start,
         extra={"lengths": [len(r) for r in rows]},
     )
@@ -177,4 +227,4 @@ def compress_prompt(
     return CompressedPrompt(kept_ids, kept_pos, [len(r) for r in rows], scores, text)
 
 
-__all__ = ["METHODS", "CompressedPrompt", "compress_prompt", "kept_mask", "surprisal"]
+__all__ = ["METHODS", "CompressedPrompt", "compress_prompt", "iterative_surprisal", "kept_mask", "surprisal"]

@@ -14,6 +14,10 @@ Per-layer token rules (``TOKEN_RULES``; each also a registered ``compress`` scor
   H2O); the same scorer name scores the tokens of language models (:mod:`whatmatters.compress.tokens`).
 * ``token_transition`` -- how much a token's representation changes across the layer's attention
   sub-layer, ``||x_after - x_before|| / ||x_before||`` (TransPrune's token transition, in magnitude).
+* ``token_distinctiveness`` -- how far each patch token is from the mean patch token of its image, at the
+  block's input: content stands out from background. It reads no attention (``INPUT_RULES``, with
+  ``random_tokens``), so ``prune_tokens`` can apply it before the block's attention, which then already runs
+  on the kept tokens (its default for this score).
 * ``random_tokens`` -- uniform random scores: the baseline every score must beat.
 
 The CLS (and distillation) tokens are never scored: scores are ``(b, n_patches)``.
@@ -127,9 +131,9 @@ def attend(
 class LayerView:
     """What a rule reads at one layer: attention probabilities, tokens before and after attention."""
 
-    attn: torch.Tensor  # (b, heads, T, T)
+    attn: torch.Tensor | None  # (b, heads, T, T); None for a rule of INPUT_RULES applied before the attention
     before: torch.Tensor  # (b, T, dim)
-    after: torch.Tensor  # (b, T, dim)
+    after: torch.Tensor  # (b, T, dim): the tokens that are kept or dropped (``before`` itself before attention)
     n_special: int
     generator: torch.Generator | None = None
 
@@ -153,17 +157,25 @@ def _transition(view: LayerView) -> torch.Tensor:
     return change / view.before[:, s:].norm(dim=-1).clamp_min(1e-12)
 
 
+def _distinctiveness(view: LayerView) -> torch.Tensor:
+    patches = view.before[:, view.n_special :]
+    return (patches - patches.mean(1, keepdim=True)).norm(dim=-1)
+
+
 def _random(view: LayerView) -> torch.Tensor:
-    b, t = view.attn.shape[0], view.attn.shape[-1] - view.n_special
-    return torch.rand(b, t, generator=view.generator, device=view.attn.device)
+    b, t = view.before.shape[0], view.before.shape[1] - view.n_special
+    return torch.rand(b, t, generator=view.generator, device=view.before.device)
 
 
 TOKEN_RULES: dict[str, Callable[[LayerView], torch.Tensor]] = {
     "cls_attention": _cls_attention,
     "accumulated_attention": _received,
     "token_transition": _transition,
+    "token_distinctiveness": _distinctiveness,
     "random_tokens": _random,
 }
+INPUT_RULES = frozenset({"token_distinctiveness", "random_tokens"})  # read only the block's input tokens
+BEFORE_ATTENTION = frozenset({"token_distinctiveness"})  # prune_tokens applies these before the attention
 
 
 def layer_indices(n: int, layers: Sequence[int] | None, name: str = "at_layers") -> list[int]:
@@ -237,4 +249,5 @@ def _register(name: str, summary: str) -> None:
 
 _register("cls_attention", "Attention the CLS query pays to each patch token, mean over heads (EViT)")
 _register("token_transition", "Relative change of each patch token across a block's attention sub-layer (TransPrune)")
+_register("token_distinctiveness", "Distance of each patch token from its image's mean patch token, at a block's input")
 _register("random_tokens", "Uniform random patch-token scores (seeded by seed=): the baseline for token scores")
