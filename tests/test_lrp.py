@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -217,3 +218,20 @@ def test_first_layer_and_conv_rules_conserve(rule):
     rel, _ = lrp(model, x, 0, comp, rules=rules)
     out = model(x)[:, 0].detach()
     assert torch.allclose(rel.flatten(1).sum(1), out, atol=1e-9, rtol=1e-7)
+
+
+@pytest.mark.parametrize("composite", ["epsilon_plus", "epsilon_gamma_box", "epsilon_alpha2_beta1"])
+def test_unsigned_input_shortcut_changes_no_relevance(golden, composite, monkeypatch):
+    """A layer input without negative entries (after a ReLU) skips the x- terms of z+, alpha-beta and gamma;
+    forcing the signed computation everywhere gives the same input relevance (float64)."""
+    from whatmatters.explain._lrp import rules
+
+    maker, model, data = golden
+    model = copy.deepcopy(model).double()  # the fixture's model is shared
+    x, t = torch.tensor(data["inputs"]).double(), torch.tensor(data["targets"])
+    fast, _ = lrp(model, x, t, composite, low=maker.LOW, high=maker.HIGH)
+    calls = []
+    monkeypatch.setattr(rules, "_signed", lambda inp: calls.append(1) or True)
+    slow, _ = lrp(model, x, t, composite, low=maker.LOW, high=maker.HIGH)
+    assert calls, "the rules did not ask whether their input is signed"
+    torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-12)

@@ -83,6 +83,20 @@ def _lin_t(module: nn.Module, w: Tensor, x: Tensor, s: Tensor) -> Tensor:
     return _jt(lambda t: f(t, w, None), x, s)
 
 
+def _signed(x: Tensor) -> bool:
+    """Whether a layer input has negative entries (a ReLU network's hidden inputs have none)."""
+    return bool((x < 0).any())
+
+
+def _by_sign(x: Tensor, at_nonneg: Tensor, at_neg: Tensor | None) -> Tensor:
+    """The gradient of the ``x >= 0`` terms where ``x >= 0``, of the ``x < 0`` terms elsewhere.
+
+    Where ``x == 0`` the relevance ``x * g`` is 0 whichever is passed on; the ``x >= 0`` one is, so that an
+    input without negative entries needs only that one (``at_neg`` None).
+    """
+    return at_nonneg if at_neg is None else torch.where(x >= 0, at_nonneg, at_neg)
+
+
 def _pos(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.clamp(min=0)
 
@@ -148,17 +162,22 @@ class AlphaBeta(Rule):
         w, b = _params(module)
         f = _affine(module)
         wp, wn = w.clamp(min=0), w.clamp(max=0)
-        xp, xn = x.clamp(min=0), x.clamp(max=0)
         r = z * g
-        zp = f(xp, wp, _pos(b)) + f(xn, wn, None)
-        sp = r / stabilize(zp, self.stabilizer)
-        gp_pos, gp_neg = _lin_t(module, wp, x, sp), _lin_t(module, wn, x, sp)
+        signed = _signed(x)
+
+        def part(w_pos: Tensor, w_neg: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+            """Gradients through ``w_pos x+ + w_neg x- + bias``: at ``x >= 0`` and (signed inputs) at ``x < 0``."""
+            if not signed:  # x- = 0: one layer pass and one transposed pass
+                return _lin_t(module, w_pos, x, r / stabilize(f(x, w_pos, bias), self.stabilizer)), None
+            share = r / stabilize(f(x.clamp(min=0), w_pos, bias) + f(x.clamp(max=0), w_neg, None), self.stabilizer)
+            return _lin_t(module, w_pos, x, share), _lin_t(module, w_neg, x, share)
+
+        up, up_neg = part(wp, wn, _pos(b))
         if self.beta == 0:
-            return torch.where(x > 0, gp_pos, gp_neg)
-        zn = f(xp, wn, _neg(b)) + f(xn, wp, None)
-        sn = r / stabilize(zn, self.stabilizer)
-        gn_pos, gn_neg = _lin_t(module, wn, x, sn), _lin_t(module, wp, x, sn)
-        return torch.where(x > 0, self.alpha * gp_pos - self.beta * gn_pos, self.alpha * gp_neg - self.beta * gn_neg)
+            return _by_sign(x, up, up_neg)
+        down, down_neg = part(wn, wp, _neg(b))
+        neg = None if up_neg is None else self.alpha * up_neg - self.beta * down_neg
+        return _by_sign(x, self.alpha * up - self.beta * down, neg)
 
 
 def ZPlus(stabilizer: float = 1e-6) -> AlphaBeta:
@@ -183,13 +202,17 @@ class Gamma(Rule):
         wu, wd = w + self.gamma * w.clamp(min=0), w + self.gamma * w.clamp(max=0)
         bu = None if b is None else b + self.gamma * b.clamp(min=0)
         bd = None if b is None else b + self.gamma * b.clamp(max=0)
-        xp, xn = x.clamp(min=0), x.clamp(max=0)
         r = z * g
+        if not _signed(x):  # x- = 0: the x- terms vanish
+            up = r * (z > 0) / stabilize(f(x, wu, bu), self.stabilizer)
+            down = r * (z < 0) / stabilize(f(x, wd, bd), self.stabilizer)
+            return _lin_t(module, wu, x, up) + _lin_t(module, wd, x, down)
+        xp, xn = x.clamp(min=0), x.clamp(max=0)
         up = r * (z > 0) / stabilize(f(xp, wu, bu) + f(xn, wd, None), self.stabilizer)
         down = r * (z < 0) / stabilize(f(xp, wd, bd) + f(xn, wu, None), self.stabilizer)
         g_pos = _lin_t(module, wu, x, up) + _lin_t(module, wd, x, down)
         g_neg = _lin_t(module, wd, x, up) + _lin_t(module, wu, x, down)
-        return torch.where(x > 0, g_pos, g_neg)
+        return _by_sign(x, g_pos, g_neg)
 
 
 @dataclass
