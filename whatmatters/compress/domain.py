@@ -21,6 +21,7 @@ import torch
 
 from whatmatters.compress.api import GENERAL_DATA, WeightTask
 from whatmatters.compress.calibrate import Calibration, GradientStats
+from whatmatters.core import hf
 from whatmatters.core.errors import InputError, MethodError
 from whatmatters.core.registry import scorer
 
@@ -32,12 +33,6 @@ def removal_loss(weight: torch.Tensor, grads: GradientStats) -> torch.Tensor:
     mean_grad = grads.sum / count
     fisher = grads.sumsq / count
     return (-mean_grad * w + 0.5 * fisher * w.square()).abs()
-
-
-def _vocab_size(model: torch.nn.Module) -> int | None:
-    get = getattr(model, "get_input_embeddings", None)
-    emb = get() if callable(get) else None
-    return getattr(emb, "num_embeddings", None)
 
 
 def _check_tokens(cal: Calibration, vocab: int | None, name: str) -> None:
@@ -75,7 +70,7 @@ def d_pruner(task: WeightTask, *, general_weight: float = 1.0) -> dict[str, torc
         raise InputError(
             "d_pruner needs open-domain calibration text as general= (texts with tokenizer=, or token ids)"
         )
-    vocab = _vocab_size(task.model)
+    vocab = hf.vocab_size(task.model)
     _check_tokens(task.calibration, vocab, "domain (data=)")
     _check_tokens(task.general, vocab, "general")
     domain = _corpus_importance(task, task.calibration)

@@ -103,13 +103,16 @@ class FunctionModel(Model):
     estimator: Any = None
     is_classifier: bool = False
 
-    def _predict_batch(self, x: torch.Tensor) -> torch.Tensor:
-        array = x.detach().cpu().numpy()
-        if self.feature_names is not None:
-            import pandas as pd
+    def model_input(self, array: np.ndarray) -> Any:
+        """Rows as the model takes them: a DataFrame with its feature names when it was fitted on one."""
+        if self.feature_names is None:
+            return array
+        import pandas as pd
 
-            array = pd.DataFrame(array, columns=list(self.feature_names))
-        out = np.asarray(self.fn(array))
+        return pd.DataFrame(array, columns=list(self.feature_names))
+
+    def _predict_batch(self, x: torch.Tensor) -> torch.Tensor:
+        out = np.asarray(self.fn(self.model_input(x.detach().cpu().numpy())))
         if out.dtype == object or not np.issubdtype(out.dtype, np.number):
             raise ModelError(
                 "the model's predictions are not numeric (class labels?); explain a classifier through "

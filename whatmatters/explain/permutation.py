@@ -118,12 +118,7 @@ def _tree_scores(
     k = len(trees.base)
     if sum(map(len, users)) > TREE_SHARE * len(trees.trees) * d or len(trees.trees) * n * k > CHUNK_ELEMENTS:
         return None
-    frame = x
-    if getattr(task.model, "feature_names", None) is not None:
-        import pandas as pd
-
-        frame = pd.DataFrame(x, columns=list(task.model.feature_names))
-    prepared = np.asarray(trees.prepare(frame))
+    prepared = np.asarray(trees.prepare(task.model.model_input(x)))
     parts = [trees.add(t, prepared, np.zeros((n, k))) for t in range(len(trees.trees))]
     raw = trees.base + np.sum(parts, axis=0)
     own = task.model.predict(torch.from_numpy(x)).numpy()
