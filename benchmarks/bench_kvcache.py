@@ -19,13 +19,14 @@
    (sdpa attention + attention rebuilt per layer from q / k) vs the reference computation with transformers'
    eager attention and ``output_attentions=True`` (summed), median of ``--repeats``, max abs difference.
 
-kvpress pins ``transformers<5.3``; install it away from the main environment, without its pins:
-``python -m venv --system-site-packages /tmp/venv-kvpress && /tmp/venv-kvpress/bin/pip install --no-deps
-kvpress && /tmp/venv-kvpress/bin/pip install cachetools datasets fire peft`` (keeps the system torch), then
-``/tmp/venv-kvpress/bin/python benchmarks/bench_kvcache.py --windows 3 --cont 64`` (about 2 min for parts 1-2
-and 5 min for part 3 with one torch thread; more threads on a shared, busy machine were 15x slower).
-``--quick`` for a smoke run; without kvpress parts 1-2 are skipped. In the overhead part whatmatters'
-``sink_recent`` also evicts at every decoding step (a rolling window); kvpress's press acts at the prefill only.
+kvpress 0.5.5 pins ``transformers<5.3``; install it next to today's transformers without its pins:
+``pip install --no-deps kvpress==0.5.5 && pip install cachetools fire termcolor datasets peft``. transformers
+5.3 renamed the attention layers' cache argument (``past_key_values`` -> ``cache``) and stopped passing
+``cache_position``; ``_press`` adapts kvpress's hook to that (the parity part shows the kept positions are
+still identical). Then ``python benchmarks/bench_kvcache.py --windows 3 --cont 64`` (about 2 min for parts
+1-2 and 5 min for part 3 with one torch thread). ``--quick`` for a smoke run; without kvpress parts 1-2 are
+skipped. In the overhead part ``sink_recent`` runs at the prefill only (``decoding=False``), as kvpress's
+StreamingLLMPress does; ``python -m benchmarks.run_all --only kv_eviction`` times its rolling window too.
 """
 
 from __future__ import annotations
@@ -66,10 +67,33 @@ def _tiny_llama(hidden: int, layers: int, heads: int, kv_heads: int, seed: int =
 
 
 def _press(policy: str, ratio: float, window: int):
+    """kvpress's press for ``policy``, its hook adapted to transformers >= 5.3 (see :func:`_kwargs_for_kvpress`)."""
     import kvpress
 
     cls = getattr(kvpress, PARITY[policy])
-    return cls(compression_ratio=ratio, window_size=window) if policy == "snapkv" else cls(compression_ratio=ratio)
+    press = cls(compression_ratio=ratio, window_size=window) if policy == "snapkv" else cls(compression_ratio=ratio)
+    hook = press.forward_hook  # the press's context manager registers ``self.forward_hook``: wrap it on the instance
+    press.forward_hook = lambda module, args, kwargs, output: hook(module, args, _kwargs_for_kvpress(kwargs), output)
+    return press
+
+
+def _kwargs_for_kvpress(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The attention kwargs under kvpress 0.5's names: transformers >= 5.3 passes the cache as ``cache=``
+    (kvpress reads ``past_key_values``) and no ``cache_position`` (kvpress tests ``cache_position[-1] + 1 ==
+    q_len`` for the prefill; the cache length after this call's update gives the same test). A no-op on
+    the transformers releases kvpress supports; the parity part checks the result (identical kept positions).
+    Its own cost (a dict copy per attention call) counts against kvpress in the timings.
+    """
+    if "past_key_values" in kwargs and "cache_position" in kwargs:
+        return kwargs
+    cache = kwargs.get("past_key_values", kwargs.get("cache"))
+    if cache is None:
+        raise RuntimeError("kvpress adapter: the attention layer got no cache (neither past_key_values= nor cache=)")
+    out = {**kwargs, "past_key_values": cache}
+    if "cache_position" not in out:  # a range: kvpress reads only its last entry (no tensor work per token)
+        n = cache.get_seq_length()
+        out["cache_position"] = range(n - out["hidden_states"].shape[1], n)
+    return out
 
 
 def _prefill(model, ids: torch.Tensor):
@@ -147,7 +171,7 @@ def overhead(seq: int, n_new: int, window: int, repeats: int) -> list[dict[str, 
     rows = []
     _decode(model, ids, 2, nullcontext())  # warm-up
     for policy in PARITY:
-        params = {"window_size": window} if policy == "snapkv" else {}
+        params = {"snapkv": {"window_size": window}, "sink_recent": {"decoding": False}}.get(policy, {})
         t_base, t_kv, t_wm = [], [], []
         for _ in range(repeats):  # interleaved, median of repeats (the machine is shared)
             t_base.append(_decode(model, ids, n_new, nullcontext())[0])

@@ -30,6 +30,25 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+def _kv_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Added ms per decoded token and at the prefill, ours and (where it ran) kvpress's."""
+
+    def added(row: dict[str, Any], key: str) -> str:
+        if key not in row:
+            return "-"
+        return f"{row[key]:.2f} ({row[key + '_low']:.2f} to {row[key + '_high']:.2f})"
+
+    header = ["case", "full cache ms/token", "added ms/token: ours", "kvpress", "full prefill ms",
+              "added prefill ms: ours", "kvpress"]  # fmt: skip
+    body = [
+        [r["case"], f"{r['full_cache_ms_per_token']:.2f}", added(r, "added_ms_per_token"),
+         added(r, "kvpress_added_ms_per_token"), f"{r['full_cache_prefill_ms']:.1f}", f"{r['added_prefill_ms']:.1f}",
+         f"{r['kvpress_added_prefill_ms']:.1f}" if "kvpress_added_prefill_ms" in r else "-"]
+        for r in rows
+    ]  # fmt: skip
+    return _table(header, body)
+
+
 def render(name: str, results: dict[str, Any]) -> str:
     """The markdown of one anchor's table (ending in a newline)."""
     anchor = results["anchors"].get(name)
@@ -51,20 +70,7 @@ def render(name: str, results: dict[str, Any]) -> str:
     )
     rows = anchor["rows"]
     if name == "kv_eviction":
-        header = [
-            "case",
-            "full cache ms/token",
-            "added ms/token",
-            "full prefill ms",
-            "added prefill ms",
-        ]
-        body = [
-            [r["case"], f"{r['full_cache_ms_per_token']:.2f}", _spread(r, "added_ms_per_token"),
-             f"{r['full_cache_prefill_ms']:.1f}", f"{r['added_prefill_ms']:.1f}"]
-            for r in rows
-        ]  # fmt: skip
-        lines = _table(header, body)
-        return "\n".join([head, "", anchor.get("note", "") + ".", "", *lines]) + "\n"
+        return "\n".join([head, *([anchor["note"] + "."] if anchor.get("note") else []), "", *_kv_table(rows)]) + "\n"
     extra = "x_forward_backward" in rows[0]
     header = ["case", "whatmatters ms", "reference ms", "ratio"] + (["x forward+backward"] if extra else [])
     body = [

@@ -167,6 +167,23 @@ def test_heavy_hitter_keeps_budget_while_decoding(models, ids):
     assert bool((kept[..., -recent:] == torch.arange(PROMPT + 3 - recent, PROMPT + 3)).all())
 
 
+@pytest.mark.parametrize("policy", ["knorm", "snapkv"])
+def test_tokens_after_a_prefill_eviction_follow_the_kept_positions_in_order(models, ids, policy):
+    """Prefill-only policies keep per-token bookkeeping as a count; the positions they report are still exact."""
+    model = models["llama"]
+    with evicting_kv(model, policy, 0.5, **SMALL.get(policy, {})) as h:
+        cache = hf.new_cache(model)
+        model(ids, **hf.cache_kwargs(model, cache), use_cache=True)
+        prefill = {i: p.clone() for i, p in h.kept_positions().items()}
+        for t in range(3):
+            model(ids[:, t : t + 1], **hf.cache_kwargs(model, cache), use_cache=True)
+        model(ids[:, :2], **hf.cache_kwargs(model, cache), use_cache=True)  # a chunk of two
+    for i, kept in h.kept_positions().items():
+        new = torch.arange(PROMPT, PROMPT + 5).expand(*kept.shape[:2], -1)
+        assert torch.equal(kept, torch.cat([prefill[i], new], -1))
+        assert cache.layers[i].keys.shape[2] == kept.shape[-1] == PROMPT // 2 + 5
+
+
 def test_ems_merges_values_into_kept_entries(models, ids):
     model = models["llama"]
     caches = {}

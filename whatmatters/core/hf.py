@@ -20,8 +20,9 @@ DeepSeek-V3 routing groups) and are not supported: ``pyproject.toml`` asks for `
 
 from __future__ import annotations
 
+import functools
 import inspect
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -53,6 +54,7 @@ def incompatible(feature: str, what: str) -> ModelError:
     )
 
 
+@functools.cache
 def _cache_type() -> type:
     from transformers.cache_utils import Cache
 
@@ -68,11 +70,17 @@ def find_cache(values: Mapping[str, Any] | Any) -> Any | None:
 
 def cache_kwargs(model: nn.Module, cache: Any) -> dict[str, Any]:
     """``{name: cache}`` for calling ``model`` with a cache, under the name its forward declares."""
-    params = inspect.signature(model.forward).parameters
-    for name in ("cache", "past_key_values"):
-        if name in params:
-            return {name: cache}
-    raise incompatible(type(model).__name__, "its forward takes neither cache= nor past_key_values=")
+    name = _cache_argument(getattr(model.forward, "__func__", model.forward))
+    if name is None:
+        raise incompatible(type(model).__name__, "its forward takes neither cache= nor past_key_values=")
+    return {name: cache}
+
+
+@functools.lru_cache(maxsize=64)
+def _cache_argument(forward: Callable[..., Any]) -> str | None:
+    """The keyword under which ``forward`` takes the cache (read once per forward function, not per token)."""
+    params = inspect.signature(forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
 
 
 def new_cache(model: nn.Module) -> Any:

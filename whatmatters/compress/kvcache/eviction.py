@@ -87,40 +87,54 @@ class _Hook:
             return output
         hidden = args[0] if args else kwargs["hidden_states"]
         q_len = hidden.shape[1]
+        state = self.h._layers.get(self.idx)
+        if state is not None and state.cache() is cache and cache.layers[self.idx].keys.shape[2] != q_len:
+            self._later_call(module, cache, state, hidden, kwargs, q_len)
+        else:
+            self._prefill(module, cache, hidden, kwargs, q_len)
+        return output
+
+    def _prefill(self, module: nn.Module, cache: Any, hidden: torch.Tensor, kwargs: dict[str, Any], q_len: int) -> None:
+        """The first call on a cache (a cache filled before the block is compressed as if this were its prefill)."""
+        h, p, pol = self.h, self.h.params, self.policy
         layer = hf.cache_layer(cache, self.idx, "evicting_kv")
         keys, values = layer.keys, layer.values
-        h, p = self.h, self.h.params
-        pol = self.policy
-        state = h._layers.get(self.idx)
-        prefill = keys.shape[2] == q_len
-        if prefill or state is None or state.cache() is not cache:
-            seen = keys.shape[2]  # a cache filled before the block is compressed as if this were its prefill
-            budget = max(1, int(keys.shape[2] * (1 - h.compression_ratio)))
-            pos = torch.arange(keys.shape[2], device=keys.device).expand(*keys.shape[:2], -1)
-            state = _LayerState(weakref.ref(cache), budget, pos, seen)
-            h._layers[self.idx] = state
-            call = _Call(self.arch, module, hidden, kwargs, keys, values)
-            if pol.start is not None:
-                pol.start(state, call, p)
-            if h.record:
-                state.scores = pol.score(call, p, budget, state)
-                return output
-            if budget < keys.shape[2]:
-                self._evict(layer, state, pol.score(call, p, budget, state), budget)
-            return output
-        # a later call on the same cache (decoding or a continuation chunk)
-        new_pos = torch.arange(state.seen, state.seen + q_len, device=keys.device).expand(*keys.shape[:2], -1)
-        state.positions = torch.cat([state.positions, new_pos], dim=-1)
-        state.seen += q_len
-        if h.record or not p.get("decoding", False):
-            return output
+        budget = max(1, int(keys.shape[2] * (1 - h.compression_ratio)))
+        pos = torch.arange(keys.shape[2], device=keys.device).expand(*keys.shape[:2], -1)
+        state = _LayerState(weakref.ref(cache), budget, pos, keys.shape[2])
+        h._layers[self.idx] = state
         call = _Call(self.arch, module, hidden, kwargs, keys, values)
+        if pol.start is not None:
+            pol.start(state, call, p)
+        if h.record:
+            state.scores = pol.score(call, p, budget, state)
+        elif budget < keys.shape[2]:
+            self._evict(layer, state, pol.score(call, p, budget, state), budget)
+
+    def _later_call(
+        self,
+        module: nn.Module,
+        cache: Any,
+        state: _LayerState,
+        hidden: torch.Tensor,
+        kwargs: dict[str, Any],
+        q_len: int,
+    ) -> None:
+        """A later call on the same cache (decoding or a continuation chunk): its entries follow in order.
+
+        Policies that evict at the prefill only cost an integer update here (no tensor work per token).
+        """
+        state.seen += q_len
+        h, p, pol = self.h, self.h.params, self.policy
+        if h.record or not p.get("decoding", False):
+            return
+        layer = cache.layers[self.idx]
+        call = _Call(self.arch, module, hidden, kwargs, layer.keys, layer.values)
         if pol.decode is not None:
             pol.decode(state, call, p, q_len)
-        if keys.shape[2] > state.budget:
+        if layer.keys.shape[2] > state.budget:
             n_keep = pol.n_keep(state.budget, p)
             self._evict(layer, state, pol.score(call, p, n_keep, state), n_keep)
-        return output
 
     def _evict(self, layer: Any, state: _LayerState, scores: torch.Tensor, n_keep: int) -> None:
         keys, values = layer.keys, layer.values
@@ -190,7 +204,7 @@ def _model_post_hook(handle: KVEviction, layers: list[int]):
             state = handle._layers.get(idx)
             if state is None or state.cache() is not cache:
                 raise hf.incompatible("evicting_kv", f"the hook on attention layer {idx} never saw the model's cache")
-            length, expected = hf.cache_length(cache, idx), state.positions.shape[-1]
+            length, expected = hf.cache_length(cache, idx), state.length
             evicts = not handle.record and (handle.params.get("decoding", False) or state.seen == expected)
             if length != expected or (evicts and length > state.budget):
                 raise hf.incompatible(

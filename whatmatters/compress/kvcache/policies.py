@@ -26,11 +26,32 @@ from whatmatters.compress.kvcache.layout import AttentionLayout, causal_attentio
 class _LayerState:
     cache: Any  # weakref to the cache object
     budget: int
-    positions: torch.Tensor  # (b, n_kv, cache_len) original position of every cached entry
+    kept: torch.Tensor  # (b, n_kv, n) original positions of the entries the last eviction (or prefill) left
     seen: int  # tokens seen by this cache layer
     acc: torch.Tensor | None = None  # heavy_hitter: accumulated attention (b, n_kv, cache_len)
     hist: torch.Tensor | None = None  # scissorhands: important counts of the last queries (b, n_kv, w, cache_len)
     scores: torch.Tensor | None = None  # prefill scores (b, n_kv, prompt_len) when recording
+    since: int = -1  # ``seen`` when ``kept`` was set: the tokens after it are appended in order (not stored)
+
+    def __post_init__(self) -> None:
+        self.since = self.seen if self.since < 0 else self.since
+
+    @property
+    def length(self) -> int:
+        """Number of cached entries."""
+        return self.kept.shape[-1] + self.seen - self.since
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """``(b, n_kv, cache_len)``: the original position of every cached entry."""
+        if self.seen == self.since:
+            return self.kept
+        new = torch.arange(self.since, self.seen, device=self.kept.device).expand(*self.kept.shape[:2], -1)
+        return torch.cat([self.kept, new], dim=-1)
+
+    @positions.setter
+    def positions(self, value: torch.Tensor) -> None:
+        self.kept, self.since = value, self.seen
 
 
 @dataclass
