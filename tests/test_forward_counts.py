@@ -2,7 +2,8 @@
 counted with hooks on the model (forward calls and rows, gradients reaching the output and the first layer).
 
 With a given target no probe row runs: the method's own first forward checks the target. With
-``target=None`` one prediction of all samples resolves the target (it also gives the output count).
+``target=None`` one prediction of all samples resolves the target (it also gives the output count), except
+for a method that reads no target (Eigen-CAM): it makes no prediction at all.
 Integrated gradients adds one no-grad forward of both path ends (input and baseline rows together) for
 its completeness delta: cheaper than carrying those rows through a backward pass.
 """
@@ -66,6 +67,19 @@ def test_forward_and_backward_calls(counted, method, params, forwards, backward_
     assert seen["forwards"] == expected
     assert seen["backward_at_output"] == len(forwards) - (method == "integrated_gradients")
     assert seen["backward_at_first_layer"] == backward_at_first_layer
+
+
+@pytest.mark.parametrize("target", [1, None])
+def test_a_class_agnostic_method_makes_no_prediction_to_choose_a_target(counted, target):
+    """Eigen-CAM does not read the target: one forward pass either way, the same maps, no target reported."""
+    model, seen = counted
+    imp = wm.explain(model, X, "eigen_cam", target=target, layer="2")
+    assert seen["forwards"] == [5]
+    assert seen["backward_at_output"] == seen["backward_at_first_layer"] == 0
+    assert imp.target == target
+    assert torch.equal(imp.values, wm.explain(model, X, "eigen_cam", target=2, layer="2").values)
+    with pytest.raises(wm.TargetError, match="out of range: the model has 3 output"):
+        wm.explain(model, X, "eigen_cam", target=3, layer="2")
 
 
 def test_a_bad_target_is_still_refused_without_a_probe_row(counted):

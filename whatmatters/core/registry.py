@@ -27,6 +27,7 @@ class Method:
     aliases: tuple[str, ...] = ()
     extras: tuple[str, ...] = ()  # optional dependencies it imports, e.g. ("shap",)
     checks_target: bool = False  # checks a given target on its own first forward: make_task needs no probe row
+    class_agnostic: bool = False  # reads no target: with target=None, no prediction is made to choose one
     # unit -> the function that scores that unit where it is not ``fn`` (``"token"``: it takes a TextTask)
     variants: dict[str, Callable[..., Any]] = field(default_factory=dict, compare=False, hash=False)
 
@@ -192,18 +193,24 @@ def scorer(
     aliases: tuple[str, ...] = (),
     extras: tuple[str, ...] = (),
     checks_target: bool = False,
+    class_agnostic: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register ``fn`` as a scorer called ``name``.
 
     The function's keyword-only parameters are the method's parameters; their defaults are the
     method's defaults and appear in ``whatmatters.describe(name)``. ``checks_target``: every model output
     the method reads goes through ``Task.forward_target`` / ``Task.check_first_outputs``, so a given target
-    is range-checked on the method's own forward instead of a probe row.
+    is range-checked on the method's own forward instead of a probe row. ``class_agnostic``: the scores do
+    not depend on the target, so ``target=None`` makes no prediction to choose one.
     """
 
     def register(fn: Callable[..., Any]) -> Callable[..., Any]:
         unit_tuple = (units,) if isinstance(units, str) else tuple(units)
-        SCORERS.add(Method(name, fn, verb, unit_tuple, family, needs, per_sample, aliases, extras, checks_target))
+        SCORERS.add(
+            Method(
+                name, fn, verb, unit_tuple, family, needs, per_sample, aliases, extras, checks_target, class_agnostic
+            )
+        )
         return fn
 
     return register

@@ -352,6 +352,7 @@ def make_task(
     progress: bool | None = None,
     method: tuple[str, Sequence[str]] | None = None,
     checks_target: bool = False,
+    class_agnostic: bool = False,
 ) -> Task:
     """The one place where a request's inputs are checked, converted and its target resolved.
 
@@ -365,7 +366,9 @@ def make_task(
     inputs and names are in the model's order. The outputs of the model calls made here (the probe row,
     the prediction of the target) must be finite (:func:`check_outputs`). ``checks_target`` (a method that
     checks the target against its own first forward, :meth:`Task.check_first_outputs`) on a torch model with
-    a given target: no probe row at all, the task's ``n_outputs`` stays None until that forward.
+    a given target: no probe row at all, the task's ``n_outputs`` stays None until that forward. With
+    ``class_agnostic`` as well (a method whose scores do not depend on the target), ``target=None`` makes no
+    prediction either: the task's target is 0 for every sample, checked on that forward like a given one.
     """
     seed = _check_int(seed, "seed", positive=False)
     batch_size = _check_int(batch_size, "batch_size", positive=True)
@@ -384,8 +387,8 @@ def make_task(
     labels = to_tensor(y, "y")[0] if y is not None else None
     if labels is not None and len(labels) != len(inputs):
         raise InputError(f"y has {len(labels)} labels for {len(inputs)} samples")
-    if checks_target and target is not None and isinstance(adapted, TorchModel):
-        n_out, tgt = None, checked_target(target, len(inputs), None)
+    if checks_target and (target is not None or class_agnostic) and isinstance(adapted, TorchModel):
+        n_out, tgt = None, checked_target(0 if target is None else target, len(inputs), None)
     else:
         n_out = None if target is None else probe(adapted, inputs)
         tgt = resolve_target(target, adapted, inputs, n_outputs=n_out)

@@ -90,7 +90,7 @@ def explain(
             task = make_task(
                 model, data, target, y=y, background=background, feature_names=feature_names,
                 seed=seed, batch_size=batch_size, progress=progress, method=(info.name, info.units),
-                checks_target=info.checks_target,
+                checks_target=info.checks_target, class_agnostic=info.class_agnostic,
             )  # fmt: skip
         start = time.perf_counter()
         try:
@@ -103,6 +103,9 @@ def explain(
             raise
         seconds = time.perf_counter() - start
     one_target = bool((task.target == task.target[0]).all())
+    shown = (
+        None if info.class_agnostic and target is None else int(task.target[0]) if one_target else task.target.tolist()
+    )
     return info.to_importance(
         out,
         unit=task.unit,
@@ -110,7 +113,7 @@ def explain(
         params=params,
         seed=task.seed,
         seconds=seconds,
-        target=int(task.target[0]) if one_target else task.target.tolist(),
+        target=None if info.class_agnostic and target is None else shown,  # no target was chosen
     )
 
 

@@ -221,7 +221,7 @@ def class_activation_map(
 
 
 # --------------------------------------------------------------------------------------------- methods
-# the CAMs that use gradients: their one forward (through _layer_pass) checks a given target (no probe row)
+# the CAMs whose one forward (through _layer_pass) checks a given target (no probe row)
 GRADIENT_CAM: dict[str, Any] = {"family": "cam", "units": "pixel", "needs": "module", "checks_target": True}
 # Shared parameters of every CAM: the layer, how to reshape its output, how to normalise the maps.
 _LAYER_DOC = """
@@ -360,7 +360,7 @@ def principal_projection(activations: torch.Tensor, sign_correction: bool = True
     return proj.view(b, h, w)
 
 
-@scorer("eigen_cam", family="cam", units="pixel", needs="module", aliases=("eigencam",))
+@scorer("eigen_cam", aliases=("eigencam",), class_agnostic=True, **GRADIENT_CAM)
 @_doc
 def eigen_cam(
     task: Task,
