@@ -237,3 +237,40 @@ def test_an_eps_below_the_dtype_range_gives_finite_scores():
     x = torch.randn(6, 3)
     for method in ("deeplift", "deeplift_shap"):
         assert bool(torch.isfinite(wm.explain(net, x, method, target=1, eps=3.8e-66).values).all())
+
+
+def _max_pool_rule_by_autograd(module, x, y, grad):
+    """The max-pooling multiplier written with the pool's own backward pass (three local VJPs)."""
+    from whatmatters.explain.modified_backward import local_vjp
+
+    k = len(x) // 2
+    out, ref, g = y[:k], y[k:], grad[:k]
+    top = torch.maximum(out, ref)
+    spread = local_vjp(module, x[:k], g * (top - ref)) + local_vjp(module, x[k:], g * (out - top))
+    dx = x[:k] - x[k:]
+    small = dx.abs() < 1e-10
+    new = torch.where(small, local_vjp(module, x[:k], g), spread / torch.where(small, torch.ones_like(dx), dx))
+    return torch.cat([new, torch.zeros_like(new)])
+
+
+@pytest.mark.parametrize(
+    ("pool", "shape"),
+    [
+        (nn.MaxPool2d(3, 2, 1), (3, 7, 7)),  # overlapping windows with padding (ResNet's stem)
+        (nn.MaxPool2d(2, ceil_mode=True), (2, 5, 5)),
+        (nn.MaxPool2d(3, 1, dilation=2), (2, 8, 8)),
+        (nn.MaxPool1d(3, 2, 1), (4, 9)),
+        (nn.MaxPool3d(2, 1), (2, 4, 4, 4)),
+    ],
+)
+def test_the_max_pool_multiplier_equals_the_pools_own_backward(pool, shape):
+    """One pooling pass with indices and one scatter give what three autograd passes of the pool give."""
+    from whatmatters.explain.deeplift import deeplift_rules
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, *shape, generator=g, dtype=torch.float64)
+    x[3:, 0] = x[:3, 0]  # the first channel equals its baseline: the plain gradient there
+    y = pool(x)
+    grad = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    got = deeplift_rules(1e-10)[type(pool)](pool, x, y, grad)
+    torch.testing.assert_close(got, _max_pool_rule_by_autograd(pool, x, y, grad), rtol=1e-12, atol=1e-12)

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from whatmatters.core.adapters import row_slices
@@ -34,18 +35,32 @@ ELEMENTWISE = (nn.ReLU, nn.ELU, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.Softplus, 
 POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 
 
+def _floor(eps: float, x: torch.Tensor) -> float:
+    """``eps``, at least the dtype's smallest normal number: ``|dx| < eps`` then also holds where dx == 0
+    (an eps below the dtype's range must not divide by 0)."""
+    return max(eps, torch.finfo(x.dtype).tiny)
+
+
 def _rescale(eps: float):
     def rule(module: nn.Module, x: torch.Tensor, y: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         k = len(x) // 2
-        dx, dy = x[:k] - x[k:], y[:k] - y[k:]
-        small = (dx == 0) | (dx.abs() < eps)  # an eps below the dtype's range must not divide by 0
-        g = grad[:k]
-        new = g * dy / torch.where(small, torch.ones_like(dx), dx)
+        dx = x[:k] - x[k:]
+        small = dx.abs() < _floor(eps, dx)
+        out = torch.empty_like(grad)
+        new = torch.mul(grad[:k], y[:k] - y[k:], out=out[:k]).div_(dx.masked_fill_(small, 1.0))
         if bool(small.any()):
-            new = torch.where(small, local_vjp(module, x[:k], g), new)
-        return torch.cat([new, torch.zeros_like(new)])
+            new.copy_(torch.where(small, local_vjp(module, x[:k], grad[:k]), new))
+        out[k:].zero_()
+        return out
 
     return rule
+
+
+def _pool_indices(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Flat input index (within each channel's plane) of every output's maximum, ``(n, c, outputs)``."""
+    pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[x.ndim - 2]
+    args = (module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode)
+    return pool(x.detach(), *args, return_indices=True)[1].flatten(2)
 
 
 def _max_pool(eps: float):
@@ -54,11 +69,19 @@ def _max_pool(eps: float):
         out, ref = y[:k], y[k:]
         top = torch.maximum(out, ref)
         g = grad[:k]
-        # the rise to the common maximum goes to the sample's argmax, the rest to the baseline's
-        spread = local_vjp(module, x[:k], g * (top - ref)) + local_vjp(module, x[k:], g * (out - top))
+        idx = _pool_indices(module, x)  # one pooling pass for the samples and the baselines
+        # the rise to the common maximum goes to the sample's argmax, the rest to the baseline's (one scatter)
+        both = torch.cat([g * (top - ref), g * (out - top)], dim=1).flatten(2)
+        where = torch.cat([idx[:k], idx[k:]], dim=1)
+        plane = x[:k].flatten(2)
+        spread = plane.new_zeros(k, 2 * plane.shape[1], plane.shape[2]).scatter_add_(2, where, both)
+        spread = (spread[:, : plane.shape[1]] + spread[:, plane.shape[1] :]).view_as(x[:k])
         dx = x[:k] - x[k:]
-        small = (dx == 0) | (dx.abs() < eps)  # an eps below the dtype's range must not divide by 0
-        new = torch.where(small, local_vjp(module, x[:k], g), spread / torch.where(small, torch.ones_like(dx), dx))
+        small = dx.abs() < _floor(eps, dx)
+        new = spread.div_(dx.masked_fill(small, 1.0))
+        if bool(small.any()):
+            plain = plane.new_zeros(plane.shape).scatter_add_(2, idx[:k], g.flatten(2)).view_as(x[:k])
+            new = torch.where(small, plain, new)
         return torch.cat([new, torch.zeros_like(new)])
 
     return rule
