@@ -40,7 +40,7 @@ from whatmatters.core.fractions import whole
 from whatmatters.core.importance import Importance
 from whatmatters.core.state import Tally, find_module, hooks, preserved
 from whatmatters.core.task import as_indices
-from whatmatters.explain._lrp.rules import stabilize
+from whatmatters.explain._lrp.rules import damped
 
 Tensor = torch.Tensor
 
@@ -101,7 +101,7 @@ def _epsilon_rule(epsilon: float) -> Any:
         if not out.requires_grad:
             return out
         with torch.no_grad():
-            factor = out / stabilize(out, epsilon)
+            factor = damped(out, epsilon)
         return _Scaled.apply(out, out, factor)
 
     return hook
