@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 from helpers import benchmark_script
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import whatmatters as wm
@@ -235,3 +237,16 @@ def test_unsigned_input_shortcut_changes_no_relevance(golden, composite, monkeyp
     slow, _ = lrp(model, x, t, composite, low=maker.LOW, high=maker.HIGH)
     assert calls, "the rules did not ask whether their input is signed"
     torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-12)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    values=st.lists(st.floats(allow_nan=False, allow_infinity=False, width=32), min_size=1, max_size=20),
+    eps=st.sampled_from([1e-9, 1e-6, 0.25]),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_the_damped_factor_is_the_same_floats_as_dividing_by_the_stabilised_output(values, eps, dtype):
+    from whatmatters.explain._lrp.rules import damped, stabilize
+
+    z = torch.tensor([*values, 0.0, -0.0], dtype=dtype)
+    assert torch.equal(damped(z, eps), z / stabilize(z, eps))
