@@ -203,3 +203,53 @@ def test_parity_with_captum_on_minilm(minilm):
     torch.testing.assert_close(ig.values, lig.sum(-1) * mask, atol=1e-6, rtol=1e-4)
     torch.testing.assert_close(gxi.values, (lga.sum(-1) * mask).detach(), atol=1e-6, rtol=1e-4)
     assert ig.values.abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("method", ["saliency", "gradient_x_input", "integrated_gradients"])
+def test_one_forward_pass_serves_every_generated_token(monkeypatch, method):
+    """The shared forward pass (one per sample and path point, a backward per target slot) gives the scores
+    of one forward pass per (sample, slot), with a third of the rows going through the model."""
+    from whatmatters.explain import tokens
+
+    lm = _lm()
+    ids = torch.tensor([[5, 9, 12, 3, 8], [0, 0, 0, 11, 4]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 0, 1, 1]])
+    params = {"steps": 4, "delta": False} if method == "integrated_gradients" else {}
+    rows: list[int] = []  # rows of the attribution's forward passes (generation runs with the cache)
+
+    def count(_m, _args, kw):
+        if kw.get("use_cache") is False:
+            rows.append(len(kw["input_ids"]))
+
+    handle = lm.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        shared = wm.explain(lm, ids, method=method, attention_mask=mask, generate=3, **params)
+        shared_rows, rows[:] = sum(rows), []
+        per_slot = tokens._gradients
+        monkeypatch.setattr(tokens, "_gradients", lambda *a, key=None, **k: per_slot(*a, **k))
+        alone = wm.explain(lm, ids, method=method, attention_mask=mask, generate=3, **params)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(shared.values, alone.values, atol=1e-6, rtol=1e-5)
+    steps = params.get("steps", 1)
+    assert (shared_rows, sum(rows)) == (2 * steps, 2 * 3 * steps)  # 2 samples x steps, x 3 slots per slot
+
+
+def test_per_slot_backward_passes_without_a_batching_rule_give_the_same_gradients(monkeypatch):
+    from whatmatters.explain import tokens
+
+    leaf = torch.randn(4, 3, requires_grad=True)
+    scores = torch.stack([(leaf**2).sum(1), leaf.sin().sum(1), leaf.prod(1)], 1)
+    batched = tokens._per_column_gradients(scores, leaf)
+    grad = torch.autograd.grad
+
+    def no_batching_rule(*args, is_grads_batched=False, **kwargs):
+        if is_grads_batched:
+            raise RuntimeError("Batching rule not implemented")
+        return grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", no_batching_rule)
+    looped = tokens._per_column_gradients(scores, leaf)
+    want = torch.stack([2 * leaf, leaf.cos(), leaf.prod(1, keepdim=True) / leaf]).detach()
+    torch.testing.assert_close(batched, want)
+    torch.testing.assert_close(looped, want)

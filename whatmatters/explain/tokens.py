@@ -36,13 +36,18 @@ def _gradients(
     slot: torch.Tensor,
     embeds: Any,
     description: str,
+    key: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gradient of each row's target output with respect to its word embeddings, ``(r, S, d)``.
 
     ``embeds(rows)`` builds the word embeddings of the rows ``rows`` (an index tensor), so only one call's
     rows are in memory at a time. Rows go to the model slot by slot and, within a slot, by their amount of
     padding, so the rows of a call share most of it (an LM's call cuts the padding all its rows have).
+    ``key``: rows with the same key have the same embeddings (one sample at one path point); an LM with
+    several target slots then runs one forward pass per key for all its slots (:func:`_shared_gradients`).
     """
+    if key is not None and task.kind == "lm" and task.n_slots > 1:
+        return _shared_gradients(task, sample, slot, embeds, description, key)
     padding = (task.attention_mask == 0).sum(1)[sample.cpu()]
     order = torch.argsort(slot.cpu() * (task.input_ids.shape[1] + 1) + padding, stable=True)
     chunks = [order[s] for s in row_slices(len(sample), task.rows_per_call())]
@@ -60,6 +65,54 @@ def _gradients(
     return out
 
 
+def _shared_gradients(
+    task: TextTask, sample: torch.Tensor, slot: torch.Tensor, embeds: Any, description: str, key: torch.Tensor
+) -> torch.Tensor:
+    """:func:`_gradients` with one forward pass per ``key`` for all of an LM's target slots.
+
+    A causal LM's output at slot ``t`` reads only the positions before it, so one forward pass over the
+    whole context gives every slot's output exactly as a pass per slot does. Each slot still needs its
+    own backward pass; they run as one batched (vmapped) backward, or one after another where the model's
+    operations have no batching rule. The forward passes saved: ``T - 1`` of every ``T``.
+    """
+    keys, inverse = torch.unique(key.cpu(), return_inverse=True)
+    first = torch.full((len(keys),), len(key), dtype=torch.long).scatter_reduce_(
+        0, inverse, torch.arange(len(key)), "amin"
+    )  # one row of each key stands for it (same embeddings)
+    padding = (task.attention_mask == 0).sum(1)[sample.cpu()[first]]
+    order = torch.argsort(padding, stable=True)
+    per_call = max(1, task.rows_per_call() // task.n_slots)  # at most rows_per_call (row, slot) gradients a call
+    chunks = [order[s] for s in row_slices(len(keys), per_call)]
+    where = torch.empty(len(keys), dtype=torch.long)  # key -> position within its call
+    out = None
+    for group in progress_bar(chunks, len(chunks), description, task.progress):
+        where[group] = torch.arange(len(group))
+        rows = torch.isin(inverse, group).nonzero().flatten()  # the (sample, slot) rows of these keys
+        slots, at = torch.unique(slot.cpu()[rows], return_inverse=True)
+        with torch.inference_mode(False), torch.enable_grad():
+            leaf = embeds(first[group]).detach().clone().requires_grad_(True)
+            scores = task.scores(sample[first[group]], embeds=leaf)[:, slots.to(task.device)]  # (r, slots)
+            if not scores.requires_grad:
+                raise ModelError(NO_GRADIENT)
+            grads = _per_column_gradients(scores, leaf)  # (slots, r, S, d)
+        if out is None:
+            out = torch.empty((len(sample), *grads.shape[2:]), dtype=grads.dtype, device=grads.device)
+        out[rows.to(out.device)] = grads[at.to(grads.device), where[inverse[rows]].to(grads.device)]
+    return out
+
+
+def _per_column_gradients(scores: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
+    """``(m, *leaf.shape)``: the gradient of each column's sum of ``scores`` ``(r, m)`` with respect to ``leaf``."""
+    m = scores.shape[1]
+    if m == 1:
+        return torch.autograd.grad(scores.sum(), leaf)[0][None]
+    onehot = torch.eye(m, dtype=scores.dtype, device=scores.device)[:, None, :].expand(m, *scores.shape)
+    try:
+        return torch.autograd.grad(scores, leaf, onehot, is_grads_batched=True, retain_graph=True)[0]
+    except RuntimeError:  # an operation without a batching rule for its backward: one pass per column
+        return torch.stack([torch.autograd.grad(scores[:, j].sum(), leaf, retain_graph=j < m - 1)[0] for j in range(m)])
+
+
 def _scatter(task: TextTask, sample: torch.Tensor, slot: torch.Tensor, per_pair: torch.Tensor) -> torch.Tensor:
     """Scores of the (sample, slot) pairs, ``(P, S)``, as the task's ``(n, S)`` / ``(n, T, S)`` layout."""
     full = torch.zeros((task.n, task.n_slots, task.input_ids.shape[1]), dtype=torch.float32)
@@ -70,7 +123,7 @@ def _scatter(task: TextTask, sample: torch.Tensor, slot: torch.Tensor, per_pair:
 def _plain_gradient(task: TextTask, combine: Any, description: str) -> tuple[torch.Tensor, dict[str, Any]]:
     sample, slot = task.slot_pairs()
     emb = task.word_embeddings(task.input_ids)
-    grads = _gradients(task, sample, slot, lambda s: emb[sample[s]], description)
+    grads = _gradients(task, sample, slot, lambda s: emb[sample[s]], description, key=sample)
     return _scatter(task, sample, slot, combine(emb[sample], grads)), task.extra()
 
 
@@ -138,7 +191,8 @@ def token_integrated_gradients(
         i, al = rows_sample[s], a[step[s]].view(-1, 1, 1)
         return b[i] + al * (x[i] - b[i])
 
-    grads = _gradients(task, rows_sample, rows_slot, path, "integrated gradients")
+    key = rows_sample * k + step  # rows of one sample at one path point share their embeddings
+    grads = _gradients(task, rows_sample, rows_slot, path, "integrated gradients", key=key)
     w = weights.to(grads.device, grads.dtype)[step].view(-1, 1, 1)
     total = (grads * w).view(len(sample), k, *grads.shape[1:]).sum(1)
     per_pair = ((x[sample] - b[sample]) * total).sum(-1)
