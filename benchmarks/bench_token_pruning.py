@@ -1,8 +1,9 @@
 """Token pruning and merging in the project's ViTs: accuracy vs tokens kept vs images/s, in one run.
 
-Models: the trained Fashion-MNIST ViT (``load_or_train("fashion_vit")``: 16 patches + CLS, 4 blocks) and the
-trained shapes ViT (``load_or_train("vit")``: 64 patches, mean pooling, 2 blocks; it has no CLS token, so
-``cls_attention`` does not apply). For every share of patch tokens kept (100 / 75 / 50 / 25 %) and every
+Models: the trained Fashion-MNIST ViT (``load_or_train("fashion_vit")``: 16 patches + CLS, 4 blocks), its
+4x4-patch version (``"fashion_vit_fine"``: 49 patches + CLS, the same blocks), and the trained shapes ViT
+(``load_or_train("vit")``: 64 patches, mean pooling, 2 blocks; it has no CLS token, so ``cls_attention`` does
+not apply). For every share of patch tokens kept (100 / 75 / 50 / 25 %) and every
 token score (``cls_attention``, ``accumulated_attention``, ``token_transition``, ``token_distinctiveness``,
 ``random_tokens``):
 
@@ -41,7 +42,7 @@ SCORES = ("cls_attention", "accumulated_attention", "token_transition", "token_d
 
 
 def test_data(arch: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if arch == "fashion_vit":
+    if arch.startswith("fashion_vit"):
         from whatmatters.vision.pretrained import load_fashion_mnist
 
         return load_fashion_mnist("test", n)
@@ -160,7 +161,8 @@ def table(result: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="fashion_vit,vit", help="comma-separated: fashion_vit, vit")
+    models = "fashion_vit,fashion_vit_fine,vit"
+    parser.add_argument("--models", default=models, help=f"comma-separated, of {models}")
     parser.add_argument("--n-test", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=250)
     parser.add_argument("--repeats", type=int, default=3)

@@ -249,6 +249,17 @@ def test_fashion_vit_trains_and_caches(tmp_path):
         nets.train_shapes("fashion_vit", size=32, n_train=8, epochs=1, n_test=0, max_steps=1)
 
 
+def test_the_fine_fashion_vit_has_49_patch_tokens_and_its_own_cache(tmp_path):
+    from whatmatters.vision import nets
+    from whatmatters.vision.pretrained import FASHION_MNIST_DIR
+
+    if not FASHION_MNIST_DIR.exists():
+        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+    model, info = nets.train_shapes("fashion_vit_fine", n_train=64, epochs=1, batch_size=32, n_test=32, max_steps=1)
+    assert model.grid == 7 and model.pos_embed.shape[1] == 50 and info["steps"] == 1
+    assert nets.cache_path("fashion_vit_fine", cache=tmp_path) != nets.cache_path("fashion_vit", cache=tmp_path)
+
+
 def test_layer_scores_are_registry_entries(vit, images):
     from whatmatters.compress.layer_scoring import LAYER_SCORE_REGISTRY, LAYER_SCORES
 
