@@ -103,9 +103,7 @@ def explain(
             raise
         seconds = time.perf_counter() - start
     one_target = bool((task.target == task.target[0]).all())
-    shown = (
-        None if info.class_agnostic and target is None else int(task.target[0]) if one_target else task.target.tolist()
-    )
+    shown = int(task.target[0]) if one_target else task.target.tolist()
     return info.to_importance(
         out,
         unit=task.unit,

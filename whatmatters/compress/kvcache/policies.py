@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -31,10 +31,10 @@ class _LayerState:
     acc: torch.Tensor | None = None  # heavy_hitter: accumulated attention (b, n_kv, cache_len)
     hist: torch.Tensor | None = None  # scissorhands: important counts of the last queries (b, n_kv, w, cache_len)
     scores: torch.Tensor | None = None  # prefill scores (b, n_kv, prompt_len) when recording
-    since: int = -1  # ``seen`` when ``kept`` was set: the tokens after it are appended in order (not stored)
+    since: int = field(init=False)  # ``seen`` when ``kept`` was set: later tokens follow in order (not stored)
 
     def __post_init__(self) -> None:
-        self.since = self.seen if self.since < 0 else self.since
+        self.since = self.seen
 
     @property
     def length(self) -> int:
