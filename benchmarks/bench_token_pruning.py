@@ -5,11 +5,11 @@ Models: the trained Fashion-MNIST ViT (``load_or_train("fashion_vit")``: 16 patc
 (``load_or_train("vit")``: 64 patches, mean pooling, 2 blocks; it has no CLS token, so ``cls_attention`` does
 not apply). For every share of patch tokens kept (100 / 75 / 50 / 25 %) and every
 token score (``cls_attention``, ``accumulated_attention``, ``token_transition``, ``token_distinctiveness``,
-``random_tokens``):
+``token_diversity``, ``random_tokens``):
 
 * ``once@0``: ``prune_tokens(..., at_layers=0)``, after the first block's attention (earliest, cheapest), or,
-  for ``token_distinctiveness`` (it reads no attention), before it: then every block runs on the kept tokens;
-  ``random_tokens/once@0 before attention`` is random at that same place;
+  for ``token_distinctiveness`` and ``token_diversity`` (they read no attention), before it: then every block
+  runs on the kept tokens; ``random_tokens/once@0 before attention`` is random at that same place;
 * ``once``: ``prune_tokens(..., schedule="once")`` at the default block ``n // 4``;
 * ``progressive``: ``prune_tokens(..., schedule="progressive")`` at the default blocks (every ``n // 4``-th
   from ``n // 4``), each keeping ``keep ** (1 / len)``;
@@ -20,6 +20,8 @@ the fastest of ``--repeats`` passes over the test set in batches of ``--batch``:
 transformer part alone (blocks, final norm and head on precomputed patch embeddings; the convolutional patch
 embedding, which token pruning cannot make cheaper, is about half of these small models' time). The unpruned
 model is timed first and last (the two figures show the run's noise); speed-ups are against their mean.
+Random rows run with ``--random-seeds`` seeds: their accuracy is the mean, with the seeds' range in the JSON
+(``accuracy_seeds``) and the table; their speed is the first seed's.
 """
 
 from __future__ import annotations
@@ -38,7 +40,14 @@ from whatmatters.compress.vit_tokens import vit_layout
 from whatmatters.vision.nets import ShapesViT, load_or_train
 
 BUDGETS = (1.0, 0.75, 0.5, 0.25)
-SCORES = ("cls_attention", "accumulated_attention", "token_transition", "token_distinctiveness", "random_tokens")
+SCORES = (
+    "cls_attention",
+    "accumulated_attention",
+    "token_transition",
+    "token_distinctiveness",
+    "token_diversity",
+    "random_tokens",
+)
 
 
 def test_data(arch: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,22 +101,31 @@ def evaluate(model: ShapesViT, x: torch.Tensor, y: torch.Tensor, args: argparse.
     }
 
 
-def variants(model: torch.nn.Module, keep: float, has_cls: bool) -> dict[str, Callable[[], Any]]:
-    out: dict[str, Callable[[], Any]] = {}
+def variants(model: torch.nn.Module, keep: float, has_cls: bool) -> dict[str, Callable[[int], Any]]:
+    """Name -> ``make(seed)`` of every pruned or merged copy at ``keep`` (the seed matters to random only)."""
+    out: dict[str, Callable[[int], Any]] = {}
     for method in SCORES:
         if method == "cls_attention" and not has_cls:
             continue
-        out[f"{method}/once@0"] = lambda m=method: prune_tokens(model, m, keep, at_layers=0)
+        out[f"{method}/once@0"] = lambda seed, m=method: prune_tokens(model, m, keep, at_layers=0, seed=seed)
         for schedule in ("once", "progressive"):
-            out[f"{method}/{schedule}"] = lambda m=method, s=schedule: prune_tokens(model, m, keep, schedule=s)
-    # token_distinctiveness prunes before the block's attention (its default); random at the same place
-    out["random_tokens/once@0 before attention"] = lambda: prune_tokens(
-        model, "random_tokens", keep, at_layers=0, before_attention=True
+            out[f"{method}/{schedule}"] = lambda seed, m=method, s=schedule: prune_tokens(
+                model, m, keep, schedule=s, seed=seed
+            )
+    # distinctiveness and diversity prune before the block's attention (their default); random at the same place
+    out["random_tokens/once@0 before attention"] = lambda seed: prune_tokens(
+        model, "random_tokens", keep, at_layers=0, before_attention=True, seed=seed
     )
     n = len(vit_layout(model).blocks)
     layers = list(range(n // 4, n, max(1, n // 4)))
-    out["tome/progressive"] = lambda: merge_tokens(model, None, keep=keep, at_layers=layers)
+    out["tome/progressive"] = lambda seed: merge_tokens(model, None, keep=keep, at_layers=layers)
     return out
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) -> float:
+    logits = torch.cat([model(x[i : i + batch]) for i in range(0, len(x), batch)])
+    return float((logits.argmax(1) == y).float().mean())
 
 
 def run_model(arch: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -118,8 +136,13 @@ def run_model(arch: str, args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     for keep in BUDGETS:
         for name, make in variants(model, keep, has_cls).items():
-            pruned, report = make()
+            pruned, report = make(0)
             row = {"method": name, "keep": keep, **evaluate(pruned, x, y, args)}
+            if name.startswith("random"):
+                seeds = [row["accuracy"]] + [
+                    accuracy(make(seed).model, x, y, args.batch) for seed in range(1, args.random_seeds)
+                ]
+                row["accuracy"], row["accuracy_seeds"] = sum(seeds) / len(seeds), seeds
             row["kept_share"] = report.kept_share
             row["tokens"] = [c[2] for c in report.last_forward]
             rows.append(row)
@@ -138,6 +161,11 @@ def run_model(arch: str, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _spread(cell: dict[str, Any]) -> str:
+    seeds = cell.get("accuracy_seeds")
+    return f" ({min(seeds):.3f}-{max(seeds):.3f})" if seeds and len(seeds) > 1 else ""
+
+
 def table(result: dict[str, Any]) -> str:
     keeps = BUDGETS
     head = "| method | " + " | ".join(f"{int(k * 100)} %: acc, speed-up (blocks)" for k in keeps) + " |"
@@ -147,7 +175,8 @@ def table(result: dict[str, Any]) -> str:
         by.setdefault(r["method"], {})[r["keep"]] = r
     for method, cells in by.items():
         parts = [
-            f"{c['accuracy']:.3f}, {c['speedup']:.2f}x ({c['blocks_speedup']:.2f}x)" for c in map(cells.get, keeps)
+            f"{c['accuracy']:.3f}{_spread(c)}, {c['speedup']:.2f}x ({c['blocks_speedup']:.2f}x)"
+            for c in map(cells.get, keeps)
         ]
         lines.append(f"| {method} | " + " | ".join(parts) + " |")
     b = result["baseline"]
@@ -167,6 +196,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=250)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--random-seeds", type=int, default=3, help="seeds of the random rows (accuracy: mean)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     results = [run_model(arch, args) for arch in args.models.split(",")]

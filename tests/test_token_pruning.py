@@ -322,3 +322,43 @@ def test_distinctiveness_scorer_reads_each_blocks_input():
     patches = inputs[0]  # mean pooling: no CLS token
     torch.testing.assert_close(got.values, (patches - patches.mean(1, keepdim=True)).norm(dim=-1))
     assert got.unit == "token" and "token_distinctiveness" in whatmatters.methods(unit="token")
+
+
+def _greedy_diverse(patches: torch.Tensor) -> list[int]:
+    """DivPrune's greedy max-min order of one image's tokens, written plainly (the reference)."""
+    z = torch.nn.functional.normalize(patches.double(), dim=-1)
+    order = [int((z - z.mean(0)).norm(dim=-1).argmax())]  # the most distinct direction first
+    while len(order) < len(z):
+        nearest = {j: min(1 - float(z[j] @ z[i]) for i in order) for j in range(len(z)) if j not in order}
+        order.append(max(nearest, key=lambda j: (nearest[j], -j)))
+    return order
+
+
+def test_diversity_order_equals_the_plain_greedy_max_min_selection():
+    torch.manual_seed(3)
+    before = torch.randn(4, 1 + 9, 8)  # one CLS token, nine patches
+    rank = TOKEN_RULES["token_diversity"](LayerView(None, before, before, 1))
+    for i in range(len(before)):
+        got = rank[i].argsort(descending=True).tolist()
+        assert got == _greedy_diverse(before[i, 1:])
+
+
+def test_diversity_keeps_one_token_of_each_cluster_where_attention_need_not():
+    # ground truth: three tight clusters of patch tokens; keeping three tokens must keep one of each
+    torch.manual_seed(4)
+    centres = torch.eye(3, 8) * 5
+    which = torch.tensor([0, 0, 0, 0, 0, 1, 1, 2, 2])
+    before = torch.cat([torch.zeros(2, 1, 8), (centres[which] + 0.01 * torch.randn(2, 9, 8))], 1)
+    rank = TOKEN_RULES["token_diversity"](LayerView(None, before, before, 1))
+    top = rank.topk(3, dim=1).indices
+    assert [sorted(which[t].tolist()) for t in top] == [[0, 1, 2], [0, 1, 2]]
+
+
+def test_diversity_prunes_before_the_attention_and_is_a_token_scorer():
+    model, x, run = _case("fashion", 3)
+    pruned, report = prune_tokens(model, "token_diversity", keep=0.25, at_layers=0)
+    assert _tokens_entering_attention(pruned, 0, run, x) == 1 + 4 and report.last_forward[0] == (0, 17, 5)
+    got = score(model, "token_diversity", data=x, attn_layers=[0])
+    assert got.unit == "token" and got.values.shape == (3, 16)
+    assert "token_diversity" in whatmatters.methods(unit="token")
+    assert sorted(got.values[0].tolist()) == list(range(1, 17))  # a rank: every patch has its place

@@ -4,7 +4,8 @@
 whose blocks at ``at_layers`` score the patch tokens from their own attention (``TOKEN_RULES`` of
 :mod:`whatmatters.compress.vit_tokens`) and keep the best ones after the attention sub-layer, so the MLP
 and every later block run on fewer tokens (EViT's placement); a score that reads no attention
-(``token_distinctiveness``) prunes the block's input instead, so its attention runs on fewer tokens too.
+(``token_distinctiveness``, ``token_diversity``) prunes the block's input instead, so its attention runs on
+fewer tokens too.
 The CLS token is always kept; every image of a batch keeps the same number of tokens (one ``topk`` +
 ``gather`` per layer, no loops over tokens).
 ``schedule="once"`` prunes at one block; ``"progressive"`` prunes at several, each keeping the same share
@@ -262,7 +263,8 @@ def prune_tokens(
         model: a ViT whose blocks :func:`~whatmatters.compress.vit_tokens.vit_layout` finds (the project's
             ``ShapesViT`` / ``FashionViT``, transformers ``ViTForImageClassification``). Not changed.
         method: the token score, one of ``cls_attention``, ``accumulated_attention``, ``token_transition``,
-            ``token_distinctiveness``, ``random_tokens``, computed inside the forward pass at each pruning block.
+            ``token_distinctiveness``, ``token_diversity``, ``random_tokens``, computed inside the forward pass at
+            each pruning block.
         keep: share of the patch tokens kept after the last pruning block, in ``(0, 1]`` (at least one).
         at_layers: block indices that prune (default: block ``n // 4`` once; progressive: every
             ``n // 4``-th block from there).
@@ -275,8 +277,9 @@ def prune_tokens(
             ``threshold=1.0`` with ``keep=1.0`` keeps every token (the original outputs).
         min_keep: the smallest share an adaptive budget keeps, in ``(0, keep]``.
         before_attention: prune a block's input tokens, so its attention already runs on the kept ones (only
-            the scores that read no attention: ``token_distinctiveness``, ``random_tokens``), instead of the
-            attention sub-layer's output (EViT's placement). Default: before for ``token_distinctiveness``.
+            the scores that read no attention: ``token_distinctiveness``, ``token_diversity``,
+            ``random_tokens``), instead of the attention sub-layer's output (EViT's placement). Default: before
+            for ``token_distinctiveness`` and ``token_diversity``.
         seed: seed of ``random_tokens`` (re-seeded at every forward pass, so a batch always prunes alike).
 
     Returns:

@@ -16,8 +16,12 @@ Per-layer token rules (``TOKEN_RULES``; each also a registered ``compress`` scor
   sub-layer, ``||x_after - x_before|| / ||x_before||`` (TransPrune's token transition, in magnitude).
 * ``token_distinctiveness`` -- how far each patch token is from the mean patch token of its image, at the
   block's input: content stands out from background. It reads no attention (``INPUT_RULES``, with
-  ``random_tokens``), so ``prune_tokens`` can apply it before the block's attention, which then already runs
-  on the kept tokens (its default for this score).
+  ``token_diversity`` and ``random_tokens``), so ``prune_tokens`` can apply it before the block's attention,
+  which then already runs on the kept tokens (its default for this score and ``token_diversity``).
+* ``token_diversity`` -- DivPrune's greedy max-min diversity at the block's input: starting from the token
+  farthest from the mean direction, each next token is the one whose cosine distance to the tokens chosen
+  so far is largest; the score is the reverse of that order (``n`` for the first), so the top ``k`` are the
+  greedy diverse set of size ``k``. The greedy order is sequential: one batched step per token.
 * ``random_tokens`` -- uniform random scores: the baseline every score must beat.
 
 The CLS (and distillation) tokens are never scored: scores are ``(b, n_patches)``.
@@ -25,6 +29,7 @@ The CLS (and distillation) tokens are never scored: scores are ``(b, n_patches)`
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -162,6 +167,22 @@ def _distinctiveness(view: LayerView) -> torch.Tensor:
     return (patches - patches.mean(1, keepdim=True)).norm(dim=-1)
 
 
+def _diversity(view: LayerView) -> torch.Tensor:
+    z = view.before[:, view.n_special :].float()
+    z = z / z.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    b, n, _ = z.shape
+    distance = 1 - z @ z.transpose(1, 2)  # (b, n, n) cosine distance
+    rows = torch.arange(b, device=z.device)
+    rank = torch.zeros(b, n, device=z.device)
+    nearest = torch.full((b, n), math.inf, device=z.device)  # distance to the closest chosen token
+    chosen = (z - z.mean(1, keepdim=True)).norm(dim=-1).argmax(1)
+    for r in range(n):  # greedy selection is sequential: one step per token, each a batched tensor op
+        rank[rows, chosen] = n - r
+        nearest = torch.minimum(nearest, distance[rows, chosen]).masked_fill(rank > 0, -math.inf)
+        chosen = nearest.argmax(1)
+    return rank
+
+
 def _random(view: LayerView) -> torch.Tensor:
     b, t = view.before.shape[0], view.before.shape[1] - view.n_special
     return torch.rand(b, t, generator=view.generator, device=view.before.device)
@@ -172,10 +193,12 @@ TOKEN_RULES: dict[str, Callable[[LayerView], torch.Tensor]] = {
     "accumulated_attention": _received,
     "token_transition": _transition,
     "token_distinctiveness": _distinctiveness,
+    "token_diversity": _diversity,
     "random_tokens": _random,
 }
-INPUT_RULES = frozenset({"token_distinctiveness", "random_tokens"})  # read only the block's input tokens
-BEFORE_ATTENTION = frozenset({"token_distinctiveness"})  # prune_tokens applies these before the attention
+INPUT_RULES = frozenset({"token_distinctiveness", "token_diversity", "random_tokens"})  # read only the input tokens
+# prune_tokens applies these before the block's attention by default
+BEFORE_ATTENTION = frozenset({"token_distinctiveness", "token_diversity"})
 
 
 def layer_indices(n: int, layers: Sequence[int] | None, name: str = "at_layers") -> list[int]:
@@ -250,4 +273,5 @@ def _register(name: str, summary: str) -> None:
 _register("cls_attention", "Attention the CLS query pays to each patch token, mean over heads (EViT)")
 _register("token_transition", "Relative change of each patch token across a block's attention sub-layer (TransPrune)")
 _register("token_distinctiveness", "Distance of each patch token from its image's mean patch token, at a block's input")
+_register("token_diversity", "Greedy max-min cosine diversity order of the patch tokens at a block's input (DivPrune)")
 _register("random_tokens", "Uniform random patch-token scores (seeded by seed=): the baseline for token scores")
