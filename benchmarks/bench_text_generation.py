@@ -163,8 +163,8 @@ def main() -> None:
             "prompts_compared")  # fmt: skip
     for r in rows:
         print(f"{r['method']:<22}" + "".join(f"{r[k]:>15}" for k in keys))
-    meta = {"torch": torch.__version__, "inseq": "0.7.1", "threads": torch.get_num_threads(),
-            "prompts": len(texts), "new_tokens": args.new_tokens, "steps": args.steps, "repeats": args.repeats}  # fmt: skip
+    meta = {"torch": torch.__version__, "inseq": "0.7.1", "threads": torch.get_num_threads(), "prompts": len(texts),
+            "new_tokens": args.new_tokens, "steps": args.steps, "repeats": args.repeats}  # fmt: skip
     print(json.dumps({"rows": rows, **meta}))
 
 

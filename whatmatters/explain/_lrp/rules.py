@@ -70,22 +70,22 @@ def _jt(fn: Callable[[Tensor], Tensor], like: Tensor, s: Tensor) -> Tensor:
     return _vjp(fn, torch.zeros_like(like), s)[1]
 
 
-_CONV_INPUT_GRAD = {1: "conv1d_input", 2: "conv2d_input", 3: "conv3d_input"}
-
-
 def _lin_t(module: nn.Module, w: Tensor, x: Tensor, s: Tensor) -> Tensor:
     """``W^T s`` for the layer with weight ``w`` (no forward pass where torch has the transposed op)."""
     if isinstance(module, nn.Linear):
         return s @ w
-    dims = w.ndim - 2
     if (
         isinstance(module, nn.modules.conv._ConvNd)
         and module.padding_mode == "zeros"
         and not isinstance(module.padding, str)
-        and dims in _CONV_INPUT_GRAD
+        and 1 <= w.ndim - 2 <= 3
     ):
-        fn = getattr(torch.nn.grad, _CONV_INPUT_GRAD[dims])
-        return fn(x.shape, w, s, module.stride, module.padding, module.dilation, module.groups)
+        # the input-gradient half of the convolution's backward; given the real input (not an expanded
+        # stand-in, as torch.nn.grad.conv2d_input passes) oneDNN keeps its fast path (~15 % faster)
+        return torch.ops.aten.convolution_backward(
+            s, x, w, None, module.stride, module.padding, module.dilation, False, [0] * (w.ndim - 2),
+            module.groups, (True, False, False),
+        )[0]  # fmt: skip
     f = _affine(module)
     return _jt(lambda t: f(t, w, None), x, s)
 
