@@ -2,8 +2,9 @@
 counted with hooks on the model (forward calls and rows, gradients reaching the output and the first layer).
 
 With a given target no probe row runs: the method's own first forward checks the target. With
-``target=None`` one prediction of all samples resolves the target (it also gives the output count), except
-for a method that reads no target (Eigen-CAM): it makes no prediction at all.
+``target=None`` a method whose first forward runs the samples themselves (saliency, gradient x input, the
+gradient CAMs, LRP) takes the predicted class from that forward; the others make one prediction of all samples
+first (it also gives the output count); a method that reads no target (Eigen-CAM) makes no prediction at all.
 Integrated gradients adds one no-grad forward of both path ends (input and baseline rows together) for
 its completeness delta: cheaper than carrying those rows through a backward pass.
 """
@@ -17,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import whatmatters as wm
+from whatmatters.core.registry import get_method
 
 
 @pytest.fixture
@@ -63,7 +65,8 @@ X = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 def test_forward_and_backward_calls(counted, method, params, forwards, backward_at_first_layer, target):
     model, seen = counted
     wm.explain(model, X, method, target=target, **params)
-    expected = forwards if target is not None else [5, *forwards]  # + the prediction that resolves the target
+    own = target is not None or get_method(method).predicts_target  # the method's own forward picks the class
+    expected = forwards if own else [5, *forwards]  # + the prediction that resolves the target
     assert seen["forwards"] == expected
     assert seen["backward_at_output"] == len(forwards) - (method == "integrated_gradients")
     assert seen["backward_at_first_layer"] == backward_at_first_layer
@@ -105,3 +108,40 @@ def test_any_target_is_checked_on_the_methods_own_forward(target, method):
     else:
         with pytest.raises(wm.TargetError, match="target"):
             wm.explain(model, X, method, target=target, **params)
+
+
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [("saliency", {}), ("gradient_x_input", {}), ("grad_cam", {"layer": "2"}), ("layer_cam", {"layer": "2"}),
+     ("saliency", {"layer": "2"}), ("lrp_epsilon", {}), ("lrp", {"composite": "epsilon_plus"})],
+)  # fmt: skip
+@pytest.mark.parametrize("batch_size", [None, 2])
+def test_the_predicted_class_from_the_methods_own_forward_is_the_models_prediction(method, params, batch_size):
+    model = small_cnn()
+    with torch.no_grad():
+        predicted = model(X).argmax(1)
+    imp = wm.explain(model, X, method, batch_size=batch_size, **params)
+    given = wm.explain(model, X, method, target=predicted, batch_size=batch_size, **params)
+    assert torch.equal(imp.values, given.values)
+    assert imp.target == given.target == (predicted.tolist() if len(set(predicted.tolist())) > 1 else int(predicted[0]))
+
+
+def test_a_neurons_gradient_and_a_one_output_model_report_their_target():
+    model = small_cnn()
+    with torch.no_grad():
+        predicted = model(X).argmax(1).tolist()
+    imp = wm.explain(model, X, "saliency", layer="2", neuron=0)  # the neuron's gradient reads no target
+    assert imp.target == (predicted if len(set(predicted)) > 1 else predicted[0])
+    regressor = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 1)).eval()
+    assert wm.explain(regressor, X, "saliency").target == 0
+
+
+def test_non_finite_outputs_of_the_samples_are_named_when_the_target_is_predicted():
+    class Broken(torch.nn.Module):  # divides by zero on sample 3, wherever it is in a batch
+        def forward(self, x):
+            flat = x.flatten(1)
+            return flat[:, :3] / (flat[:, :1] - X[3].flatten()[0])
+
+    for batch_size in (None, 2):  # the samples are named by their row in the data, whatever the call
+        with pytest.raises(wm.ModelError, match=r"NaN or infinite outputs for 1 of 5 samples \(rows 3\)"):
+            wm.explain(Broken().eval(), X, "saliency", batch_size=batch_size)

@@ -28,6 +28,7 @@ class Method:
     extras: tuple[str, ...] = ()  # optional dependencies it imports, e.g. ("shap",)
     checks_target: bool = False  # checks a given target on its own first forward: make_task needs no probe row
     class_agnostic: bool = False  # reads no target: with target=None, no prediction is made to choose one
+    predicts_target: bool = False  # target=None: its own forward on the samples picks the predicted class
     # unit -> the function that scores that unit where it is not ``fn`` (``"token"``: it takes a TextTask)
     variants: dict[str, Callable[..., Any]] = field(default_factory=dict, compare=False, hash=False)
 
@@ -194,6 +195,7 @@ def scorer(
     extras: tuple[str, ...] = (),
     checks_target: bool = False,
     class_agnostic: bool = False,
+    predicts_target: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register ``fn`` as a scorer called ``name``.
 
@@ -201,16 +203,15 @@ def scorer(
     method's defaults and appear in ``whatmatters.describe(name)``. ``checks_target``: every model output
     the method reads goes through ``Task.forward_target`` / ``Task.check_first_outputs``, so a given target
     is range-checked on the method's own forward instead of a probe row. ``class_agnostic``: the scores do
-    not depend on the target, so ``target=None`` makes no prediction to choose one.
+    not depend on the target, so ``target=None`` makes no prediction to choose one. ``predicts_target`` (with
+    ``checks_target``): the method's first forward runs every sample itself and reads the target through
+    ``Task.targets_for``, so ``target=None`` takes the predicted class from that forward (no separate prediction).
     """
 
     def register(fn: Callable[..., Any]) -> Callable[..., Any]:
         unit_tuple = (units,) if isinstance(units, str) else tuple(units)
-        SCORERS.add(
-            Method(
-                name, fn, verb, unit_tuple, family, needs, per_sample, aliases, extras, checks_target, class_agnostic
-            )
-        )
+        flags = {"checks_target": checks_target, "class_agnostic": class_agnostic, "predicts_target": predicts_target}
+        SCORERS.add(Method(name, fn, verb, unit_tuple, family, needs, per_sample, aliases, extras, **flags))
         return fn
 
     return register

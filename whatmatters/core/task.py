@@ -53,6 +53,7 @@ class Task:
     batch_size: int | None = None
     progress: bool | None = None
     n_outputs: int | None = None  # the model's output count: found by make_task, or (None) at the first forward
+    predict: bool = False  # target=None for a method that predicts it: rows of target -1 are chosen by targets_for
 
     @property
     def n(self) -> int:
@@ -107,13 +108,44 @@ class Task:
         """Rows per model call: the task's ``batch_size``, else the model's choice for rows like ``x``."""
         return self.batch_size or self.model.rows_per_call(self.inputs if x is None else x)
 
-    def forward_target(self, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
-        """Differentiable target outputs ``(len(x),)`` of a torch model (targets default to the task's)."""
+    def forward_target(
+        self, x: torch.Tensor, target: torch.Tensor | None = None, rows: slice | None = None
+    ) -> torch.Tensor:
+        """Differentiable target outputs ``(len(x),)`` of a torch model (targets default to the task's).
+
+        ``rows``: ``x`` holds the samples ``task.inputs[rows]`` themselves, so their target may be chosen here
+        (:meth:`targets_for`).
+        """
         model = self.torch_model
         out = model.forward(x)
-        self.check_first_outputs(out)
-        tgt = (self.target if target is None else target).to(out.device, torch.long)
+        tgt = self.targets_for(out, self.target if target is None else target, rows)
         return out.gather(1, tgt.unsqueeze(1)).squeeze(1)
+
+    def targets_for(self, out: torch.Tensor, target: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+        """The target of each row of ``out`` (the method's outputs), after :meth:`check_first_outputs`.
+
+        A task that predicts its target (``predict``) takes, for the samples ``rows`` (``out`` is their
+        own outputs), the predicted class (argmax; 0 for one output) and stores it in ``task.target``.
+        """
+        self.check_first_outputs(out)
+        if not self.predict or rows is None:
+            return target.to(out.device, torch.long)
+        if not all_finite(out):
+            check_outputs(self.model.predict(self.inputs))  # names the samples whose outputs are not finite
+        chosen = out.detach().argmax(1) if out.shape[1] > 1 else torch.zeros(len(out), dtype=torch.long)
+        self.target[rows] = chosen.cpu()
+        return chosen.to(out.device)
+
+    def choose_targets(self) -> None:
+        """Choose every undecided target now, by one prediction (for a path that runs no forward of its own)."""
+        if self.predict and bool((self.target < 0).any()):
+            self.target = resolve_target(None, self.model, self.inputs)
+            self.n_outputs = self.model.n_outputs(self.inputs)
+
+    def predicted(self) -> None:
+        """Every target chosen (a method flagged ``predicts_target`` that left one undecided is a bug)."""
+        if self.predict and bool((self.target < 0).any()):
+            raise ModelError("internal error: the method did not choose every sample's target; please report it")
 
     def check_first_outputs(self, outputs: torch.Tensor) -> None:
         """For a task made without a probe row (``n_outputs`` None): the method's own first outputs must be
@@ -353,6 +385,7 @@ def make_task(
     method: tuple[str, Sequence[str]] | None = None,
     checks_target: bool = False,
     class_agnostic: bool = False,
+    predicts_target: bool = False,
 ) -> Task:
     """The one place where a request's inputs are checked, converted and its target resolved.
 
@@ -369,6 +402,8 @@ def make_task(
     a given target: no probe row at all, the task's ``n_outputs`` stays None until that forward. With
     ``class_agnostic`` as well (a method whose scores do not depend on the target), ``target=None`` makes no
     prediction either: the task's target is 0 for every sample, checked on that forward like a given one.
+    With ``predicts_target`` as well (a method whose first forward runs the samples themselves),
+    ``target=None`` makes no prediction here: that forward chooses each sample's class (``Task.predict``).
     """
     seed = _check_int(seed, "seed", positive=False)
     batch_size = _check_int(batch_size, "batch_size", positive=True)
@@ -387,6 +422,9 @@ def make_task(
     labels = to_tensor(y, "y")[0] if y is not None else None
     if labels is not None and len(labels) != len(inputs):
         raise InputError(f"y has {len(labels)} labels for {len(inputs)} samples")
+    if checks_target and predicts_target and target is None and not class_agnostic and isinstance(adapted, TorchModel):
+        undecided = torch.full((len(inputs),), -1)  # the method's own forward chooses each sample's target
+        return Task(adapted, inputs, undecided, bg, labels, names, seed, batch_size, progress, predict=True)
     if checks_target and (target is not None or class_agnostic) and isinstance(adapted, TorchModel):
         n_out, tgt = None, checked_target(0 if target is None else target, len(inputs), None)
     else:

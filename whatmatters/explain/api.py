@@ -91,6 +91,7 @@ def explain(
                 model, data, target, y=y, background=background, feature_names=feature_names,
                 seed=seed, batch_size=batch_size, progress=progress, method=(info.name, info.units),
                 checks_target=info.checks_target, class_agnostic=info.class_agnostic,
+                predicts_target=info.predicts_target,
             )  # fmt: skip
         start = time.perf_counter()
         try:
@@ -102,6 +103,7 @@ def explain(
                 probe(task.model, task.inputs)
             raise
         seconds = time.perf_counter() - start
+        task.predicted()
     one_target = bool((task.target == task.target[0]).all())
     shown = int(task.target[0]) if one_target else task.target.tolist()
     return info.to_importance(

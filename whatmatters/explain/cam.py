@@ -127,14 +127,15 @@ def _layer_pass(
     target: torch.Tensor,
     gradients: bool,
     full_graph: bool = False,
-    check: Callable[[torch.Tensor], None] | None = None,
+    check: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The layer's output for ``x`` and, when ``gradients``, the gradient of each row's target output.
 
     By default the pass runs without autograd up to the layer. With ``full_graph`` it runs with
     autograd from an input that requires grad, for modules that skip the hooked submodule (a fused
     inference kernel) when autograd is off; the backward pass still stops at the layer. ``check`` sees the
-    model's outputs first (``Task.check_first_outputs``: the target is checked on this forward).
+    model's outputs first and gives the rows' targets (``Task.targets_for``: a given target is checked on this
+    forward, an undecided one is the predicted class).
     """
     probe = _LayerProbe(cut=gradients)
     if full_graph and x.is_floating_point():
@@ -152,7 +153,7 @@ def _layer_pass(
             "ambiguous; choose a layer that runs once, e.g. the block that contains it"
         )
     if check is not None:
-        check(out)
+        target = check(out)
     if not gradients:
         return probe.output.detach(), None
     score = out.gather(1, target.view(-1, 1).to(out.device))
@@ -198,13 +199,18 @@ def class_activation_map(
     for s in progress_bar(chunks, len(chunks), description, task.progress if len(chunks) > 1 else False):
         x = model.to_model(task.inputs[s])
         target = task.target[s].to(model.device)
+
+        def check(out: torch.Tensor, target: torch.Tensor = target, s: slice = s) -> torch.Tensor:
+            return task.targets_for(out, target, s)
+
         try:
-            acts, grads = _layer_pass(model, module, name, x, target, gradients, full_graph, task.check_first_outputs)
+            acts, grads = _layer_pass(model, module, name, x, target, gradients, full_graph, check)
         except _LayerDidNotRun:
             if full_graph:
                 raise
             full_graph = True  # a fused fast path skipped the layer: record the whole graph from now on
-            acts, grads = _layer_pass(model, module, name, x, target, gradients, full_graph, task.check_first_outputs)
+            acts, grads = _layer_pass(model, module, name, x, target, gradients, full_graph, check)
+        target = task.target[s].to(model.device)  # as chosen by that forward when it was undecided
         work = torch.promote_types(acts.dtype, torch.float32)
         acts = to_spatial(acts, size, reshape, f"layer {name!r}").to(work)
         if grads is not None:
@@ -221,8 +227,10 @@ def class_activation_map(
 
 
 # --------------------------------------------------------------------------------------------- methods
-# the CAMs whose one forward (through _layer_pass) checks a given target (no probe row)
-GRADIENT_CAM: dict[str, Any] = {"family": "cam", "units": "pixel", "needs": "module", "checks_target": True}
+# the CAMs whose one forward (through _layer_pass) checks a given target (no probe row) or chooses the predicted one
+GRADIENT_CAM: dict[str, Any] = {
+    "family": "cam", "units": "pixel", "needs": "module", "checks_target": True, "predicts_target": True,
+}  # fmt: skip
 # Shared parameters of every CAM: the layer, how to reshape its output, how to normalise the maps.
 _LAYER_DOC = """
     Args:

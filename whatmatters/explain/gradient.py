@@ -60,15 +60,16 @@ def rows_per_call(task: Task, row_numel: int, limit: int | None = None) -> int:
     return max(1, ROW_ELEMENTS // max(1, row_numel))
 
 
-def input_gradients(task: Task, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def input_gradients(task: Task, x: torch.Tensor, target: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
     """Gradient of each row's target output with respect to that row, in one forward/backward call.
 
-    ``x`` is on the model's device and in its dtype; it is not modified (a fresh leaf is used).
+    ``x`` is on the model's device and in its dtype; it is not modified (a fresh leaf is used). ``rows``:
+    ``x`` is ``task.inputs[rows]`` itself, so the forward may choose their target (``Task.targets_for``).
     Raises :class:`ModelError` when the output does not depend differentiably on the input.
     """
     with torch.inference_mode(False), torch.enable_grad():
         leaf = x.detach().clone().requires_grad_(True)
-        out = task.forward_target(leaf, target.clone())  # clones: normal tensors even under inference_mode
+        out = task.forward_target(leaf, target.clone(), rows)  # clones: normal tensors even under inference_mode
         if not out.requires_grad:
             raise ModelError(NO_GRADIENT)
         (grad,) = torch.autograd.grad(out.sum(), leaf, allow_unused=True)
@@ -108,14 +109,16 @@ def gradient_map(
     model = task.torch_model
     site, index = _where(task, layer, neuron)
     rows = rows_per_call(task, math.prod(task.unit_shape))
+    if index is not None:
+        task.choose_targets()  # a neuron's gradient reads no target: the predicted class is only reported
     out = None
     chunks = row_slices(task.n, rows)
     for s in progress_bar(chunks, len(chunks), description, task.progress):
         x = model.to_model(task.inputs[s])
         if site is None:
-            values = fn(x, input_gradients(task, x, task.target[s]))
+            values = fn(x, input_gradients(task, x, task.target[s], s))
         elif index is None:
-            values = fn(*layer_gradients(task, site, x, task.target[s]))
+            values = fn(*layer_gradients(task, site, x, task.target[s], rows=s))
         else:
             values = fn(x, neuron_gradients(task, site, index, x))
         if out is None:
@@ -138,7 +141,7 @@ def _layer_doc(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-@scorer("saliency", **GRADIENT_METHOD)
+@scorer("saliency", predicts_target=True, **GRADIENT_METHOD)
 @_layer_doc
 def saliency(
     task: Task, *, abs: bool = True, layer: str | None = None, neuron: NeuronIndex | None = None
@@ -147,7 +150,7 @@ def saliency(
     return gradient_map(task, lambda x, g: g.abs() if abs else g, "saliency", layer, neuron)
 
 
-@scorer("gradient_x_input", aliases=("input_x_gradient",), **GRADIENT_METHOD)
+@scorer("gradient_x_input", aliases=("input_x_gradient",), predicts_target=True, **GRADIENT_METHOD)
 @_layer_doc
 def gradient_x_input(
     task: Task, *, layer: str | None = None, neuron: NeuronIndex | None = None

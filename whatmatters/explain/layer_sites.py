@@ -111,17 +111,23 @@ def _no_gradient(site: LayerSite) -> ModelError:
 
 
 def layer_gradients(
-    task: Task, site: LayerSite, x: torch.Tensor, target: torch.Tensor, values: torch.Tensor | None = None
+    task: Task,
+    site: LayerSite,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    values: torch.Tensor | None = None,
+    rows: slice | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(activations, d target / d activations)`` for model inputs ``x`` (on the model's device).
 
     With ``values`` the layer's output is replaced by them (rows like ``x``'s): the gradient is taken there.
+    ``rows``: ``x`` is ``task.inputs[rows]`` itself, so the forward may choose their target.
     """
     with torch.inference_mode(False), torch.enable_grad():
         with passing(
             site.module, site.name, lambda t: (t if values is None else values).detach().requires_grad_(True)
         ) as seen:
-            out = task.forward_target(x, target.clone())
+            out = task.forward_target(x, target.clone(), rows)
         if not out.requires_grad:
             raise _no_gradient(site)
         (grad,) = torch.autograd.grad(out.sum(), seen[0], allow_unused=True)

@@ -40,14 +40,19 @@ from whatmatters.explain._lrp.lm import layer_relevance as lm_layer_relevance
 def _run(task: Task, composite: str, canonize: bool, params: dict[str, Any]) -> tuple[torch.Tensor, dict]:
     model = task.torch_model
     size = task.batch_size or task.rows_per_call()
-    rel, _ = lrp(model.module, model.to_model(task.inputs), task.target, composite, canonize=canonize,
-                 batch_size=size, **params)  # fmt: skip
+    rel, _ = lrp(model.module, model.to_model(task.inputs), None, composite, canonize=canonize, batch_size=size,
+                 choose=lambda logits, rows: task.targets_for(logits, task.target[rows], rows), **params)  # fmt: skip
     values = rel.sum(1) if rel.ndim == 4 else rel
     total = values.flatten(1).sum(1)
     return values, {"relevance_sum": total.tolist()}
 
 
-@scorer("lrp", family="lrp", units=("feature", "pixel"), needs="module", checks_target=True)
+LRP_METHOD: dict[str, Any] = {
+    "family": "lrp", "units": ("feature", "pixel"), "needs": "module", "checks_target": True, "predicts_target": True,
+}  # fmt: skip
+
+
+@scorer("lrp", **LRP_METHOD)
 def lrp_scorer(
     task: Task,
     *,
@@ -73,7 +78,7 @@ def lrp_scorer(
     return _run(task, composite, canonize, params)
 
 
-@scorer("lrp_epsilon", family="lrp", units=("feature", "pixel"), needs="module", checks_target=True)
+@scorer("lrp_epsilon", **LRP_METHOD)
 def lrp_epsilon(task: Task, *, epsilon: float = 1e-6, canonize: bool = True) -> tuple[torch.Tensor, dict]:
     """LRP-epsilon on every Linear and Conv layer (``epsilon=0``: LRP-0)."""
     return _run(task, "epsilon", canonize, {"epsilon": epsilon})

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
@@ -128,6 +128,7 @@ def lrp(
     layers: Sequence[str] | None = None,
     softmax_functions: bool = False,
     batch_size: int | None = None,
+    choose: Callable[[Tensor, slice], Tensor] | None = None,
     **params: Any,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Relevance of every input value for the target logit, shaped like ``inputs``.
@@ -139,6 +140,8 @@ def lrp(
     model itself inside :func:`whatmatters.core.state.preserved`. ``softmax_functions`` also treats
     calls of ``torch.softmax`` / ``F.softmax`` as constants (attention written without a Softmax module).
     ``batch_size``: rows per modified backward pass (default: all); the model is prepared once.
+    ``choose(logits, rows)`` (instead of ``target``) gives the targets of the input rows ``rows`` from their
+    logits (``Task.targets_for``: checked, or predicted where undecided).
     """
     work, comp = prepare(model, composite, canonize=canonize, rules=rules, **params)
     device = next((p.device for p in work.parameters()), inputs.device)
@@ -166,20 +169,26 @@ def lrp(
             captured.clear()
             x = inputs[rows].detach().to(device).clone().requires_grad_(True)
             state["input"] = x
-            rel = _relevance(work(x), x, None if targets is None else targets[rows], state)
+            pick = None if choose is None else (lambda logits, rows=rows: choose(logits, rows))
+            rel = _relevance(work(x), x, None if targets is None else targets[rows], state, pick)
             rels.append(rel)
             layer_rels.append({name: t.detach() for name, t in captured.items()})
     layer_rel = {name: torch.cat([d[name] for d in layer_rels]) for name in layer_rels[0]} if layer_rels else {}
     return torch.cat(rels), layer_rel
 
 
-def _relevance(out: Any, x: Tensor, target: Tensor | None, state: dict) -> Tensor:
+def _relevance(
+    out: Any, x: Tensor, target: Tensor | None, state: dict, choose: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
     """One modified backward pass: ``x * d logit[target] / dx`` plus the rules' direct input terms."""
     logits = _logits(out)
     if logits.ndim != 2:
         raise ModelError(f"LRP needs outputs of shape (n, classes); the model returned {tuple(logits.shape)}")
     check_outputs(logits.detach())
-    rows = logits.detach().argmax(1) if target is None else target.to(logits.device)
+    if choose is not None:
+        rows = choose(logits.detach())
+    else:
+        rows = logits.detach().argmax(1) if target is None else target.to(logits.device)
     if target is not None and int(rows.max()) >= logits.shape[1]:
         top = logits.shape[1]
         raise TargetError(
