@@ -250,3 +250,27 @@ def test_the_damped_factor_is_the_same_floats_as_dividing_by_the_stabilised_outp
 
     z = torch.tensor([*values, 0.0, -0.0], dtype=dtype)
     assert torch.equal(damped(z, eps), z / stabilize(z, eps))
+
+
+def _inplace_net() -> nn.Module:
+    torch.manual_seed(5)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(6, 6, 3, padding=1, padding_mode="reflect"),
+        nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(24, 4),
+    ).eval()  # fmt: skip
+
+
+@pytest.mark.parametrize("composite", ["epsilon", "epsilon_plus"])
+def test_rules_applied_as_a_scaled_output_gradient_equal_their_own_backward(monkeypatch, composite):
+    # epsilon and the average-pool rule scale the gradient at the layer's output and let the layer's own backward
+    # run; the rules' explicit backward passes are the reference (in-place ReLUs after the layers, reflect padding)
+    model, x = _inplace_net(), torch.rand(3, 3, 8, 8)
+    layers = ["0", "4", "6"]
+    fast, fast_layers = lrp(model, x, torch.tensor([0, 1, 3]), composite, layers=layers)
+    monkeypatch.setattr(Rule, "output_factor", lambda self, module, z: None)
+    for cls in (RULES["epsilon"], RULES["norm"]):
+        monkeypatch.setattr(cls, "output_factor", lambda self, module, z: None)
+    slow, slow_layers = lrp(model, x, torch.tensor([0, 1, 3]), composite, layers=layers)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-7)
+    for name in layers:  # the relevance arriving at a layer's output is read before the rule scales it
+        torch.testing.assert_close(fast_layers[name], slow_layers[name], rtol=1e-5, atol=1e-7)

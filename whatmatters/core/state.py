@@ -49,7 +49,8 @@ def fingerprint(module: nn.Module) -> tuple[tuple[int, int], ...]:
     O(number of tensors). BatchNorm's running statistics change without a version bump in a train-mode
     forward, but its ``num_batches_tracked`` counter bumps; writes through ``.data`` are not seen.
     """
-    return tuple(_stamp(t) for t in (*module.parameters(), *module.buffers()))
+    _, params, buffers = _walk(module)
+    return tuple(_stamp(t) for t in (*params, *buffers))
 
 
 def weight_copies(module: nn.Module, params: list[nn.Parameter]) -> list[torch.Tensor]:

@@ -56,6 +56,11 @@ def _hook(rule: Rule, state: dict) -> Any:
             return replaced
         if not x.requires_grad:  # nothing upstream to explain
             return output
+        own = output.grad_fn is not None and output.grad_fn is not x.grad_fn  # a node of the layer's own
+        factor = rule.output_factor(module, output) if own else None
+        if factor is not None:  # the layer's own backward applies the rule to the scaled output gradient
+            output.grad_fn.register_prehook(lambda grads: (None if grads[0] is None else grads[0] * factor, *grads[1:]))
+            return output
         return _Relevance.apply(x, output, rule, module, state)
 
     return on_forward
@@ -151,9 +156,8 @@ def lrp(
     captured: dict[str, Tensor] = {}
     rels, layer_rels = [], []
     with ExitStack() as stack:
-        stack.enter_context(preserved(model))
-        if work is not model:
-            stack.enter_context(preserved(work, weights=False))
+        # the hooks go on ``work``; a merged copy only reads the model (so it needs no guard of its own)
+        stack.enter_context(preserved(model) if work is model else preserved(work, weights=False))
         stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.enable_grad())
         if softmax_functions:

@@ -125,6 +125,11 @@ class Rule:
         """Optional replacement of the layer's output (same value, different graph); None keeps it."""
         return None
 
+    def output_factor(self, module: nn.Module, z: Tensor) -> Tensor | None:
+        """``f`` when the rule's ``g_in`` is the layer's own gradient of ``f * g_out`` (then the layer's autograd
+        backward applies the rule to the scaled gradient: no pass of ours); None: :meth:`backward` runs."""
+        return None
+
 
 @dataclass
 class Epsilon(Rule):
@@ -136,6 +141,11 @@ class Epsilon(Rule):
         w, _ = _params(module)
         return _lin_t(module, w, x, damped(z, self.epsilon).mul_(g))
 
+    def output_factor(self, module: nn.Module, z: Tensor) -> Tensor | None:
+        # W^T (g z / (z + eps sign z)) is the layer's input gradient of the scaled output gradient
+        plain = isinstance(module, nn.Linear) or (isinstance(module, nn.modules.conv._ConvNd) and not module.transposed)
+        return damped(z.detach(), self.epsilon) if plain else None
+
 
 @dataclass
 class Norm(Rule):
@@ -146,6 +156,9 @@ class Norm(Rule):
     def backward(self, module: nn.Module, x: Tensor, z: Tensor, g: Tensor) -> Tensor:
         _, gx = _vjp(module.forward, x, damped(z, self.stabilizer).mul_(g))  # forward: no hooks
         return gx
+
+    def output_factor(self, module: nn.Module, z: Tensor) -> Tensor | None:
+        return damped(z.detach(), self.stabilizer)  # the layer's own gradient, of the renormalised output gradient
 
 
 @dataclass
