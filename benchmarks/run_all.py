@@ -1,6 +1,7 @@
 """One benchmark run for the README's ratio tables: every side-by-side benchmark whose reference is installed.
 
     python -m benchmarks.run_all [--quick] [--repeats 5] [--threads 1] [--out benchmarks/results.json]
+    python -m benchmarks.run_all --quick --only lrp,gradient    # writes benchmarks/results.partial.json
     python -m benchmarks.readme_tables        # rewrite the README's tables from results.json
 
 Each anchor times whatmatters and its reference (captum, scikit-learn, zennit, the full KV cache, the
@@ -39,6 +40,7 @@ if str(HERE) not in sys.path:
 import whatmatters as wm  # noqa: E402
 
 RESULTS = HERE / "results.json"
+PARTIAL = RESULTS.with_name("results.partial.json")
 LIBRARIES = ("torch", "numpy", "scikit-learn", "captum", "shap", "zennit", "transformers", "kvpress", "grad-cam")
 
 
@@ -330,8 +332,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--only", default=None, help="comma-separated anchors (default: all)")
     parser.add_argument("--note", default="", help="free text about the machine (e.g. shared, loaded)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=None, help=f"default {RESULTS} ({PARTIAL.name} with --only)")
     args = parser.parse_args(argv)
+    if args.out is None:  # a partial run never replaces the full run that the README's tables come from
+        args.out = PARTIAL if args.only else RESULTS
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     names = args.only.split(",") if args.only else list(ANCHORS)
