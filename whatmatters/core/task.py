@@ -128,7 +128,11 @@ class Task:
         own outputs), the predicted class (argmax; 0 for one output) and stores it in ``task.target``.
         """
         self.check_first_outputs(out)
-        if not self.predict or rows is None:
+        if not self.predict:
+            return target.to(out.device, torch.long)
+        if rows is None:  # rows made from the samples (paths, perturbations) cannot choose their targets
+            if bool((target < 0).any()):
+                raise ModelError("internal error: a target was read before the samples' own forward chose it")
             return target.to(out.device, torch.long)
         if not all_finite(out):
             check_outputs(self.model.predict(self.inputs))  # names the samples whose outputs are not finite
