@@ -3,7 +3,7 @@ counted with hooks on the model (forward calls and rows, gradients reaching the 
 
 With a given target no probe row runs: the method's own first forward checks the target. With
 ``target=None`` a method whose first forward runs the samples themselves (saliency, gradient x input, the
-gradient CAMs, LRP) takes the predicted class from that forward; the others make one prediction of all samples
+gradient CAMs, LRP, DeepLIFT) takes the predicted class from that forward; the others make one prediction of all samples
 first (it also gives the output count); a method that reads no target (Eigen-CAM) makes no prediction at all.
 Integrated gradients adds one no-grad forward of both path ends (input and baseline rows together) for
 its completeness delta: cheaper than carrying those rows through a backward pass.
@@ -57,6 +57,7 @@ X = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(0))
         ("gradient_x_input", {}, [5], 1),
         ("grad_cam", {"layer": "2"}, [5], 0),  # the backward pass stops at the CAM layer
         ("lrp_epsilon", {}, [5], 1),  # one modified backward pass, down to the input
+        ("deeplift", {}, [10], 1),  # the samples and their baselines in one forward, one modified backward
         ("integrated_gradients", {"steps": 8}, [10, 40], 1),  # both path ends, then all 5 x 8 path points
         ("integrated_gradients", {"steps": 8, "internal_batch_size": 16}, [10, 16, 16, 8], 3),
     ],
@@ -87,7 +88,7 @@ def test_a_class_agnostic_method_makes_no_prediction_to_choose_a_target(counted,
 
 def test_a_bad_target_is_still_refused_without_a_probe_row(counted):
     model, _ = counted
-    for method in ("saliency", "grad_cam", "lrp_epsilon", "integrated_gradients"):
+    for method in ("saliency", "grad_cam", "lrp_epsilon", "integrated_gradients", "deeplift", "deeplift_shap"):
         with pytest.raises(wm.TargetError, match="out of range: the model has 3 output"):
             wm.explain(model, X, method, target=3)
     with pytest.raises(wm.InputError, match="failed on an input of shape"):  # the model's own failure, named
@@ -113,7 +114,7 @@ def test_any_target_is_checked_on_the_methods_own_forward(target, method):
 @pytest.mark.parametrize(
     ("method", "params"),
     [("saliency", {}), ("gradient_x_input", {}), ("grad_cam", {"layer": "2"}), ("layer_cam", {"layer": "2"}),
-     ("saliency", {"layer": "2"}), ("lrp_epsilon", {}), ("lrp", {"composite": "epsilon_plus"})],
+     ("saliency", {"layer": "2"}), ("lrp_epsilon", {}), ("lrp", {"composite": "epsilon_plus"}), ("deeplift", {})],
 )  # fmt: skip
 @pytest.mark.parametrize("batch_size", [None, 2])
 def test_the_predicted_class_from_the_methods_own_forward_is_the_models_prediction(method, params, batch_size):

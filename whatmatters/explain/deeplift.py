@@ -98,9 +98,18 @@ def _check_eps(eps: float) -> None:
 
 
 def deeplift_pairs(
-    task: Task, x: torch.Tensor, base: torch.Tensor, target: torch.Tensor, eps: float, description: str
+    task: Task,
+    x: torch.Tensor,
+    base: torch.Tensor,
+    target: torch.Tensor,
+    eps: float,
+    description: str,
+    samples: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """DeepLIFT of rows ``x`` against rows ``base`` (same shape): ``(attributions, f(x) - f(base))``."""
+    """DeepLIFT of rows ``x`` against rows ``base`` (same shape): ``(attributions, f(x) - f(base))``.
+
+    ``samples``: ``x`` is ``task.inputs`` itself, so the forward may choose the targets (``Task.targets_for``).
+    """
     model = task.torch_model
     rows = max(1, rows_per_call(task, int(np.prod(x.shape[1:]))) // 2)
     attributions = torch.empty(x.shape, dtype=model.dtype, device=model.device)
@@ -113,7 +122,10 @@ def deeplift_pairs(
         rules = modified_backward(model.module, deeplift_rules(eps))
         with torch.inference_mode(False), torch.enable_grad(), rules as m:
             leaf = torch.cat([xs, bs]).detach().requires_grad_(True)
-            out = task.forward_target(leaf, target[s].repeat(2).clone())
+            both = model.forward(leaf)
+            task.check_first_outputs(both)  # the baselines' outputs too
+            tgt = task.targets_for(both[:k], target[s].clone(), s if samples else None).repeat(2)
+            out = both.gather(1, tgt.unsqueeze(1)).squeeze(1)
             (grad,) = torch.autograd.grad(out[:k].sum(), leaf)
         replaced += m.calls
         attributions[s] = (xs - bs) * grad[:k]
@@ -133,7 +145,12 @@ def _completeness(attributions: torch.Tensor, differences: torch.Tensor) -> dict
     return {"delta": delta.detach().cpu().double().numpy(), "max_abs_delta": float(delta.abs().max())}
 
 
-@scorer("deeplift", family="gradient", units=GRADIENT_UNITS, needs="module", aliases=("deep_lift",))
+# the first forward runs [samples; baselines]: it checks a given target (no probe row) and, for deeplift, chooses
+# the predicted one
+DEEPLIFT: dict[str, Any] = {"family": "gradient", "units": GRADIENT_UNITS, "needs": "module", "checks_target": True}
+
+
+@scorer("deeplift", aliases=("deep_lift",), predicts_target=True, **DEEPLIFT)
 def deeplift(task: Task, *, baseline: Any = "zero", eps: float = 1e-10) -> tuple[torch.Tensor, dict[str, Any]]:
     """DeepLIFT (rescale rule): ``(x - baseline)`` times multipliers that replace the nonlinearities' gradients.
 
@@ -146,11 +163,11 @@ def deeplift(task: Task, *, baseline: Any = "zero", eps: float = 1e-10) -> tuple
     """
     _check_eps(eps)
     base = input_baselines(task, baseline).to(task.inputs.dtype).expand_as(task.inputs)
-    attributions, differences = deeplift_pairs(task, task.inputs, base, task.target, float(eps), "deeplift")
+    attributions, differences = deeplift_pairs(task, task.inputs, base, task.target, float(eps), "deeplift", True)
     return attributions, _completeness(attributions, differences)
 
 
-@scorer("deeplift_shap", family="gradient", units=GRADIENT_UNITS, needs="module", aliases=("deep_lift_shap",))
+@scorer("deeplift_shap", aliases=("deep_lift_shap",), **DEEPLIFT)
 def deeplift_shap(task: Task, *, max_background: int = 100, eps: float = 1e-10) -> tuple[torch.Tensor, dict[str, Any]]:
     """DeepLiftShap: DeepLIFT averaged over the background rows as baselines (captum's ``DeepLiftShap``).
 
