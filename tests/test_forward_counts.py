@@ -3,8 +3,9 @@ counted with hooks on the model (forward calls and rows, gradients reaching the 
 
 With a given target no probe row runs: the method's own first forward checks the target. With
 ``target=None`` a method whose first forward runs the samples themselves (saliency, gradient x input, the
-gradient CAMs, LRP, DeepLIFT) takes the predicted class from that forward; the others make one prediction of all samples
-first (it also gives the output count); a method that reads no target (Eigen-CAM) makes no prediction at all.
+gradient CAMs, LRP, DeepLIFT; integrated gradients from its forward of both path ends) takes the predicted
+class from that forward; the others make one prediction of all samples first (it also gives the output
+count); a method that reads no target (Eigen-CAM) makes no prediction at all.
 Integrated gradients adds one no-grad forward of both path ends (input and baseline rows together) for
 its completeness delta: cheaper than carrying those rows through a backward pass.
 """
@@ -114,7 +115,8 @@ def test_any_target_is_checked_on_the_methods_own_forward(target, method):
 @pytest.mark.parametrize(
     ("method", "params"),
     [("saliency", {}), ("gradient_x_input", {}), ("grad_cam", {"layer": "2"}), ("layer_cam", {"layer": "2"}),
-     ("saliency", {"layer": "2"}), ("lrp_epsilon", {}), ("lrp", {"composite": "epsilon_plus"}), ("deeplift", {})],
+     ("saliency", {"layer": "2"}), ("lrp_epsilon", {}), ("lrp", {"composite": "epsilon_plus"}), ("deeplift", {}),
+     ("integrated_gradients", {"steps": 4}), ("integrated_gradients", {"steps": 4, "layer": "2"})],
 )  # fmt: skip
 @pytest.mark.parametrize("batch_size", [None, 2])
 def test_the_predicted_class_from_the_methods_own_forward_is_the_models_prediction(method, params, batch_size):

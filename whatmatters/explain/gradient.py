@@ -210,6 +210,24 @@ def _target_outputs(task: Task, x: torch.Tensor, target: torch.Tensor, rows: int
     return torch.cat(outs)
 
 
+def _end_outputs(task: Task, ends: torch.Tensor, rows: int) -> torch.Tensor:
+    """Target outputs (no gradients) of ``ends``: the samples, then any number of baseline rows for them
+    (row ``j`` is for sample ``j % n``), in batches of ``rows``. The samples' own outputs choose an undecided
+    target (``Task.targets_for``) before a baseline row reads it, so no separate prediction runs."""
+    model, n = task.torch_model, task.n
+    outs = []
+    with torch.no_grad():
+        for s in row_slices(len(ends), rows):
+            out = model.forward(model.to_model(ends[s]))
+            task.check_first_outputs(out)  # the baselines' outputs too
+            own = slice(s.start, min(s.stop, n))  # rows of the samples themselves
+            if own.stop > own.start:
+                task.targets_for(out[: own.stop - own.start], task.target[own], own)
+            tgt = task.targets_for(out, task.target[torch.arange(s.start, s.stop) % n], None)
+            outs.append(out.gather(1, tgt.unsqueeze(1)).squeeze(1))
+    return torch.cat(outs)
+
+
 def path_sum(
     task: Task,
     ends: torch.Tensor,
@@ -262,7 +280,7 @@ def path_sum(
     return total
 
 
-@scorer("integrated_gradients", aliases=("ig",), **GRADIENT_METHOD)
+@scorer("integrated_gradients", aliases=("ig",), predicts_target=True, **GRADIENT_METHOD)
 @_layer_doc
 def integrated_gradients(
     task: Task,
@@ -307,7 +325,7 @@ def integrated_gradients(
         def grad_at(path: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
             return layer_gradients(task, site, x_all[i], task.target[i], values=path)[1]
 
-        f_x = _target_outputs(task, task.inputs, task.target, rows)
+        f_x = _end_outputs(task, x_all, rows)  # first: it chooses an undecided target
         f_b = replaced_outputs(task, site, x_all, task.target, b_path.expand_as(x_path), rows)
     else:
         x_path, b_path = x_all, b_all
@@ -317,8 +335,9 @@ def integrated_gradients(
                 return input_gradients(task, path, task.target[i])
 
             ends = torch.cat([x_all, b_all.expand_as(x_all)])  # both ends in one forward call
-            f_x, f_b = _target_outputs(task, ends, task.target.repeat(2), rows).chunk(2)
+            f_x, f_b = _end_outputs(task, ends, rows).chunk(2)
         else:
+            task.choose_targets()  # a neuron's gradient reads no target: the predicted class is only reported
 
             def grad_at(path: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
                 return neuron_gradients(task, site, index, path)
