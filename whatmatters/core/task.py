@@ -15,6 +15,7 @@ from torch import nn
 from whatmatters.core.adapters import Model, TorchModel, row_slices, to_tensor, wrap
 from whatmatters.core.errors import InputError, MethodError, ModelError, TargetError, WhatMattersError
 from whatmatters.core.params import (
+    INT64,
     all_finite,
     check_params,  # noqa: F401  (re-exported: older imports read it from here)
 )
@@ -140,15 +141,19 @@ class Task:
         self.target[rows] = chosen.cpu()
         return chosen.to(out.device)
 
+    def undecided(self) -> bool:
+        """Whether some sample's target is still to be chosen by the method's forward (``predict``)."""
+        return self.predict and bool((self.target < 0).any())
+
     def choose_targets(self) -> None:
         """Choose every undecided target now, by one prediction (for a path that runs no forward of its own)."""
-        if self.predict and bool((self.target < 0).any()):
+        if self.undecided():
             self.target = resolve_target(None, self.model, self.inputs)
             self.n_outputs = self.model.n_outputs(self.inputs)
 
     def predicted(self) -> None:
         """Every target chosen (a method flagged ``predicts_target`` that left one undecided is a bug)."""
-        if self.predict and bool((self.target < 0).any()):
+        if self.undecided():
             raise ModelError("internal error: the method did not choose every sample's target; please report it")
 
     def check_first_outputs(self, outputs: torch.Tensor) -> None:
@@ -212,6 +217,11 @@ def resolve_target(target: Any, model: Model, inputs: torch.Tensor, *, n_outputs
 def checked_target(target: Any, n: int, n_outputs: int | None) -> torch.Tensor:
     """``target`` as ``n`` output indices: one int (for every sample) or one per sample, non-negative, and
     below ``n_outputs`` when it is known (None: checked later against the method's own outputs)."""
+    if isinstance(target, numbers.Integral) and not isinstance(target, bool) and -INT64 <= target < INT64:
+        top = n_outputs if n_outputs is not None else INT64
+        if not 0 <= target < top:  # one int: checked as a number (no tensor, no sync)
+            return checked_target(torch.tensor([int(target)]), 1, n_outputs)  # raises the message below
+        return torch.full((n,), int(target), dtype=torch.long)
     tgt = as_indices(target)
     if tgt.ndim == 0:
         tgt = tgt.expand(n).clone()
