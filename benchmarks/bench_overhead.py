@@ -11,7 +11,11 @@ ResNet-18 (torchvision's layout, random weights, ``benchmarks/nets.py``) at 96 p
 images. Both sides are timed alternately, best of ``--runs``, one torch thread by default, in
 CPU time of the process (``time.process_time``: on a shared machine other processes' load does not count).
 
-    python benchmarks/bench_overhead.py [--runs 5] [--threads 1] [--quick]
+    python benchmarks/bench_overhead.py [--runs 5] [--threads 1] [--quick] [--default-target]
+
+``--default-target`` times instead each method's default call (``target=None``: the predicted class) against
+the same call with the target given, paired the same way: 1.00x means choosing the class cost nothing (it
+came from the method's own forward), about 1 + forward / (method's work) a separate prediction.
 """
 
 from __future__ import annotations
@@ -135,15 +139,18 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="only the 96 px ResNet case")
+    parser.add_argument("--default-target", action="store_true", help="target=None against the target given")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
     for label, model, x, method, params, minimal in cases(args.quick):
 
-        def ours_fn(model=model, x=x, method=method, params=params) -> Any:
-            return wm.explain(model, x, method, target=TARGET, **params)
+        def ours_fn(model=model, x=x, method=method, params=params, target=TARGET) -> Any:
+            return wm.explain(model, x, method, target=target, **params)
 
-        ours, least = paired(ours_fn, minimal, args.runs)
+        if args.default_target:
+            minimal = ours_fn  # the reference: the same call with the target given
+        ours, least = paired(lambda f=ours_fn: f(target=None) if args.default_target else f(), minimal, args.runs)
         rows.append({"case": label, "method": method, "ms": round(ours * 1e3, 2), "minimal_ms": round(least * 1e3, 2),
                      "ratio": round(ours / least, 2)})  # fmt: skip
         print(f"{label:22s} {method:22s} {ours * 1e3:9.2f} ms  minimal {least * 1e3:9.2f} ms  {ours / least:5.2f}x")
