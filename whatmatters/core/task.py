@@ -141,6 +141,19 @@ class Task:
         self.target[rows] = chosen.cpu()
         return chosen.to(out.device)
 
+    def outputs_at_targets(self, out: torch.Tensor, sample_of: torch.Tensor, own: slice | None = None) -> torch.Tensor:
+        """``(len(out),)``: each row of the method's outputs ``out`` at the target of its sample ``sample_of[j]``,
+        after :meth:`check_first_outputs` of every row.
+
+        ``own``: the first rows of ``out`` are the samples ``task.inputs[own]`` themselves; they choose their
+        undecided targets (:meth:`targets_for`) before any row reads them.
+        """
+        self.check_first_outputs(out)
+        if own is not None and own.stop > own.start:
+            self.targets_for(out[: own.stop - own.start], self.target[own], own)
+        tgt = self.targets_for(out, self.target[sample_of], None)
+        return out.gather(1, tgt.unsqueeze(1)).squeeze(1)
+
     def undecided(self) -> bool:
         """Whether some sample's target is still to be chosen by the method's forward (``predict``)."""
         return self.predict and bool((self.target < 0).any())

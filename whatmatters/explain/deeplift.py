@@ -101,14 +101,15 @@ def deeplift_pairs(
     task: Task,
     x: torch.Tensor,
     base: torch.Tensor,
-    target: torch.Tensor,
+    sample_of: torch.Tensor,
     eps: float,
     description: str,
     samples: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepLIFT of rows ``x`` against rows ``base`` (same shape): ``(attributions, f(x) - f(base))``.
 
-    ``samples``: ``x`` is ``task.inputs`` itself, so the forward may choose the targets (``Task.targets_for``).
+    Row ``j`` explains the target of sample ``sample_of[j]``. ``samples``: ``x`` is ``task.inputs`` itself, so
+    the forward may choose the targets (``Task.outputs_at_targets``).
     """
     model = task.torch_model
     rows = max(1, rows_per_call(task, int(np.prod(x.shape[1:]))) // 2)
@@ -122,10 +123,7 @@ def deeplift_pairs(
         rules = modified_backward(model.module, deeplift_rules(eps))
         with torch.inference_mode(False), torch.enable_grad(), rules as m:
             leaf = torch.cat([xs, bs]).detach().requires_grad_(True)
-            both = model.forward(leaf)
-            task.check_first_outputs(both)  # the baselines' outputs too
-            tgt = task.targets_for(both[:k], target[s].clone(), s if samples else None).repeat(2)
-            out = both.gather(1, tgt.unsqueeze(1)).squeeze(1)
+            out = task.outputs_at_targets(model.forward(leaf), sample_of[s].repeat(2), s if samples else None)
             (grad,) = torch.autograd.grad(out[:k].sum(), leaf)
         replaced += m.calls
         attributions[s] = (xs - bs) * grad[:k]
@@ -163,7 +161,8 @@ def deeplift(task: Task, *, baseline: Any = "zero", eps: float = 1e-10) -> tuple
     """
     _check_eps(eps)
     base = input_baselines(task, baseline).to(task.inputs.dtype).expand_as(task.inputs)
-    attributions, differences = deeplift_pairs(task, task.inputs, base, task.target, float(eps), "deeplift", True)
+    samples = torch.arange(task.n)
+    attributions, differences = deeplift_pairs(task, task.inputs, base, samples, float(eps), "deeplift", True)
     return attributions, _completeness(attributions, differences)
 
 
@@ -186,7 +185,7 @@ def deeplift_shap(task: Task, *, max_background: int = 100, eps: float = 1e-10) 
     x = task.inputs.repeat_interleave(nb, dim=0)
     base = bg.repeat(n, *(1,) * (bg.ndim - 1))
     attributions, differences = deeplift_pairs(
-        task, x, base, task.target.repeat_interleave(nb), float(eps), "deeplift_shap"
+        task, x, base, torch.arange(n).repeat_interleave(nb), float(eps), "deeplift_shap"
     )
     attributions = attributions.view(n, nb, *task.unit_shape).mean(1)
     return attributions, _completeness(attributions, differences.view(n, nb).mean(1))

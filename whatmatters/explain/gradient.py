@@ -219,12 +219,8 @@ def _end_outputs(task: Task, ends: torch.Tensor, rows: int) -> torch.Tensor:
     with torch.no_grad():
         for s in row_slices(len(ends), rows):
             out = model.forward(model.to_model(ends[s]))
-            task.check_first_outputs(out)  # the baselines' outputs too
-            own = slice(s.start, min(s.stop, n))  # rows of the samples themselves
-            if own.stop > own.start:
-                task.targets_for(out[: own.stop - own.start], task.target[own], own)
-            tgt = task.targets_for(out, task.target[torch.arange(s.start, s.stop) % n], None)
-            outs.append(out.gather(1, tgt.unsqueeze(1)).squeeze(1))
+            own = slice(s.start, min(s.stop, n))  # rows of the samples themselves (empty past them)
+            outs.append(task.outputs_at_targets(out, torch.arange(s.start, s.stop) % n, own))
     return torch.cat(outs)
 
 
