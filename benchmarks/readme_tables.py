@@ -21,8 +21,9 @@ RESULTS = ROOT / "benchmarks" / "results.json"
 BLOCK = re.compile(r"(<!-- results:(\w+) -->\n)(.*?)(<!-- /results -->)", re.DOTALL)
 
 
-def _spread(row: dict[str, Any], key: str = "ratio") -> str:
-    return f"{row[key]:.2f} ({row['low']:.2f} to {row['high']:.2f})"
+def _spread(value: float, low: float, high: float) -> str:
+    """A median with its rounds' range."""
+    return f"{value:.2f} ({low:.2f} to {high:.2f})"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -34,9 +35,7 @@ def _kv_table(rows: list[dict[str, Any]]) -> list[str]:
     """Added ms per decoded token and at the prefill, ours and (where it ran) kvpress's."""
 
     def added(row: dict[str, Any], key: str) -> str:
-        if key not in row:
-            return "-"
-        return f"{row[key]:.2f} ({row[key + '_low']:.2f} to {row[key + '_high']:.2f})"
+        return _spread(row[key], row[key + "_low"], row[key + "_high"]) if key in row else "-"
 
     header = ["case", "full cache ms/token", "added ms/token: ours", "kvpress", "full prefill ms",
               "added prefill ms: ours", "kvpress"]  # fmt: skip
@@ -74,7 +73,7 @@ def render(name: str, results: dict[str, Any]) -> str:
     extra = "x_forward_backward" in rows[0]
     header = ["case", "whatmatters ms", "reference ms", "ratio"] + (["x forward+backward"] if extra else [])
     body = [
-        [r["case"], f"{r['ours_ms']:.1f}", f"{r['ref_ms']:.1f}", _spread(r)]
+        [r["case"], f"{r['ours_ms']:.1f}", f"{r['ref_ms']:.1f}", _spread(r["ratio"], r["low"], r["high"])]
         + ([f"{r['x_forward_backward']:.2f}"] if extra else [])
         for r in rows
     ]
