@@ -449,13 +449,14 @@ def make_task(
     labels = to_tensor(y, "y")[0] if y is not None else None
     if labels is not None and len(labels) != len(inputs):
         raise InputError(f"y has {len(labels)} labels for {len(inputs)} samples")
-    if checks_target and predicts_target and target is None and not class_agnostic and isinstance(adapted, TorchModel):
-        undecided = torch.full((len(inputs),), -1)  # the method's own forward chooses each sample's target
-        return Task(adapted, inputs, undecided, bg, labels, names, seed, batch_size, progress, predict=True)
-    if checks_target and (target is not None or class_agnostic) and isinstance(adapted, TorchModel):
+    own_forward = checks_target and isinstance(adapted, TorchModel)  # the method's first forward checks the target
+    predict = own_forward and predicts_target and target is None and not class_agnostic
+    if predict:
+        n_out, tgt = None, torch.full((len(inputs),), -1)  # that forward chooses each sample's target
+    elif own_forward and (target is not None or class_agnostic):
         n_out, tgt = None, checked_target(0 if target is None else target, len(inputs), None)
     else:
         n_out = None if target is None else probe(adapted, inputs)
         tgt = resolve_target(target, adapted, inputs, n_outputs=n_out)
         n_out = adapted.n_outputs(inputs)  # known by now: no model call
-    return Task(adapted, inputs, tgt, bg, labels, names, seed, batch_size, progress, n_out)
+    return Task(adapted, inputs, tgt, bg, labels, names, seed, batch_size, progress, n_out, predict)
