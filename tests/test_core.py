@@ -115,10 +115,10 @@ def test_guard_reads_versions_and_reuses_one_copy_across_calls():
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     with preserved(model):
         pass
-    first = [c for _, _, c in state._SNAPSHOTS[model].values()]
+    first = state._SNAPSHOTS[model].copies
     with preserved(model):
         pass
-    assert all(a is b for a, b in zip(first, [c for _, _, c in state._SNAPSHOTS[model].values()]))
+    assert all(a is b for a, b in zip(first, state._SNAPSHOTS[model].copies, strict=True))
     with torch.no_grad():  # the user trains between calls: the next call copies the new values
         model[0].weight.add_(1)
     changed = model[0].weight.detach().clone()
@@ -131,6 +131,24 @@ def test_guard_reads_versions_and_reuses_one_copy_across_calls():
     with preserved(model), torch.no_grad():
         model[2].bias.zero_()
     assert model[2].bias.dtype == torch.float64 and bool((model[2].bias != 0).all())
+
+
+def test_guard_walks_modules_in_modules_order_and_copies_a_replaced_layer():
+    from whatmatters.core import state
+
+    shared = nn.Linear(3, 3)
+    model = nn.Sequential(nn.Linear(3, 3), nn.Sequential(shared, nn.ReLU()), shared, nn.BatchNorm1d(3))
+    modules, params, buffers = state._walk(model)
+    assert modules == list(model.modules()) and params == list(model.parameters())
+    assert buffers == list(model.buffers())
+    with preserved(model):
+        pass
+    model[0] = nn.Linear(3, 3)  # replaced between calls: its weights get a copy of their own
+    before = model[0].weight.detach().clone()
+    with preserved(model), torch.no_grad():
+        model[0].weight.mul_(0)
+    assert torch.equal(model[0].weight, before)
+    assert state._SNAPSHOTS[model].params[0] is model[0].weight
 
 
 def test_a_scorer_that_writes_weights_by_mistake_is_caught_and_restored(monkeypatch):

@@ -143,8 +143,9 @@ class TorchModel(Model):
 
     def to_model(self, x: torch.Tensor) -> torch.Tensor:
         """Inputs moved to the model's device; floating inputs in the model's dtype."""
-        x = x.to(self._device)
-        return x.to(self._dtype) if x.is_floating_point() else x
+        if x.is_floating_point():
+            return x.to(self._device, self._dtype)
+        return x.to(self._device)
 
     def _predict_batch(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

@@ -41,10 +41,11 @@ def plain(value: Any) -> Any:
 def all_finite(tensor: torch.Tensor) -> bool:
     """Whether every element of a tensor is finite: one sum first (a NaN or an infinity reaches it), the
     elementwise test only when the sum is not finite (then a NaN, an infinity or an overflow of the sum)."""
-    if not (tensor.is_floating_point() or tensor.is_complex()):
-        return True
-    tensor = tensor.detach()
-    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+    if tensor.is_floating_point():  # one reduction and one read of a Python float (no further tensor ops)
+        return math.isfinite(tensor.detach().sum().item()) or bool(torch.isfinite(tensor.detach()).all())
+    if tensor.is_complex():
+        return bool(torch.isfinite(tensor.detach()).all())
+    return True
 
 
 def count_non_finite(value: Any) -> int:

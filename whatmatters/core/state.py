@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import operator
 import weakref
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,13 +32,22 @@ _HOOK_DICTS = (
 # counters, and such a change raises ``ModelError``. 0 turns the copies off.
 WEIGHT_SNAPSHOT_LIMIT = 50_000_000
 
-# Per model: parameter id -> (weak reference, (version, data pointer), copy). A copy is taken once and
-# reused by later calls while the parameter's version counter and storage are unchanged (``p.data = t``
-# and ``module.double()`` keep the version but move the storage), so a call costs O(number of tensors)
-# integer reads; the copies go with the model (weak keys). Writes through ``p.data`` bump no counter:
-# whatmatters never writes weights that way.
-_SNAPSHOTS: weakref.WeakKeyDictionary[nn.Module, dict[int, tuple[Any, tuple[int, int], torch.Tensor]]]
-_SNAPSHOTS = weakref.WeakKeyDictionary()
+# Per model: its parameters, their stamps (version, data pointer) and a copy of each. A copy is taken once and
+# reused by later calls while the parameter's version counter and storage are unchanged (``p.data = t`` and
+# ``module.double()`` keep the version but move the storage), so a call costs O(number of tensors) integer
+# reads; the snapshot goes with the model (weak keys). It holds the parameters themselves (a replaced layer's
+# weights live until the model's next call), so identities are compared, never reused ids. Writes through
+# ``p.data`` bump no counter: whatmatters never writes weights that way.
+
+
+@dataclass
+class _Snapshot:
+    params: list[nn.Parameter]
+    stamps: list[tuple[int, int]]
+    copies: list[torch.Tensor]
+
+
+_SNAPSHOTS: weakref.WeakKeyDictionary[nn.Module, _Snapshot] = weakref.WeakKeyDictionary()
 
 
 def _stamp(p: torch.Tensor) -> tuple[int, int]:
@@ -53,17 +64,27 @@ def fingerprint(module: nn.Module) -> tuple[tuple[int, int], ...]:
     return tuple(_stamp(t) for t in (*params, *buffers))
 
 
-def weight_copies(module: nn.Module, params: list[nn.Parameter]) -> list[torch.Tensor]:
-    """Copies of ``params`` at their current values, reused across calls while their versions are unchanged."""
-    cached = _SNAPSHOTS.get(module, {})
-    fresh = {}
-    for p in params:
-        hit = cached.get(id(p))
-        if hit is None or hit[0]() is not p or hit[1] != _stamp(p):
-            hit = (weakref.ref(p), _stamp(p), p.detach().clone())
-        fresh[id(p)] = hit
-    _SNAPSHOTS[module] = fresh
-    return [fresh[id(p)][2] for p in params]
+def weight_snapshot(
+    module: nn.Module, params: list[nn.Parameter], stamps: list[tuple[int, int]], weights: bool | None = None
+) -> _Snapshot | None:
+    """Copies of ``params`` (whose stamps are ``stamps``) at their current values, reused across calls while
+    their versions are unchanged; None when ``weights`` is False, or None and the model is larger than
+    ``WEIGHT_SNAPSHOT_LIMIT`` elements."""
+    if weights is False:
+        return None
+    snap = _SNAPSHOTS.get(module)
+    same = snap is not None and snap.stamps == stamps and len(snap.params) == len(params)
+    if same and all(map(operator.is_, snap.params, params)):
+        return snap
+    if weights is None and sum(p.numel() for p in params) > WEIGHT_SNAPSHOT_LIMIT:
+        return None
+    old = {} if snap is None else {id(p): (st, c) for p, st, c in zip(snap.params, snap.stamps, snap.copies)}
+    copies = []
+    for p, stamp in zip(params, stamps):
+        hit = old.get(id(p))  # the old snapshot holds its parameters: an equal id is the same parameter
+        copies.append(hit[1] if hit is not None and hit[0] == stamp else p.detach().clone())
+    snap = _SNAPSHOTS[module] = _Snapshot(list(params), list(stamps), copies)
+    return snap
 
 
 @contextmanager
@@ -72,7 +93,7 @@ def preserved(module: nn.Module, *, weights: bool | None = None) -> Iterator[nn.
 
     Hooks added inside the block are removed; hooks that were there before stay; gradients that existed
     keep their values. Parameters are checked through their version counters (no copy, no comparison);
-    a changed one is restored from :func:`weight_copies` (``weights=None``: models up to
+    a changed one is restored from :func:`weight_snapshot` (``weights=None``: models up to
     ``WEIGHT_SNAPSHOT_LIMIT`` elements; ``True``: always) or else raises ``ModelError``. Buffers are
     always copied: some kernels update them without bumping their version (BatchNorm's running statistics).
     """
@@ -81,57 +102,73 @@ def preserved(module: nn.Module, *, weights: bool | None = None) -> Iterator[nn.
     grad_flags = [p.requires_grad for p in params]
     grads = [p.grad for p in params]
     # backward() accumulates into an existing .grad in place: keep its values to put back
-    grad_copies = [None if g is None else (g._version, g.detach().clone()) for g in grads]
+    grad_copies = [(g._version, g.detach().clone()) for g in grads if g is not None]
     # hook handles take increasing ids, so the hooks added inside the block are those from here on;
     # a torch release without the counter falls back to listing every module's hooks
     first_new = getattr(RemovableHandle, "next_id", None)
     hooks = [_hook_keys(m) for m in modules] if first_new is None else None
-    if weights is None:
-        weights = sum(p.numel() for p in params) <= WEIGHT_SNAPSHOT_LIMIT
-    copies = weight_copies(module, params) if weights else None
     stamps = [_stamp(p) for p in params]
+    snap = weight_snapshot(module, params, stamps, weights)
     buffer_copies = [b.detach().clone() for b in buffers]
     try:
         yield module
-    finally:
-        for m, training in zip(modules, modes):
-            if m.training != training:
+    finally:  # each check reads all flags first (one list comparison) and restores only on a difference
+        if [m.training for m in modules] != modes:
+            for m, training in zip(modules, modes):
                 m.training = training
-        for p, flag, grad, saved in zip(params, grad_flags, grads, grad_copies):
-            if p.requires_grad != flag:
-                p.requires_grad_(flag)
-            if p.grad is not grad:
-                p.grad = grad
-            if saved is not None and grad._version != saved[0]:
-                with torch.no_grad():
-                    grad.copy_(saved[1])
+        if [p.requires_grad for p in params] != grad_flags:
+            for p, flag in zip(params, grad_flags):
+                if p.requires_grad != flag:
+                    p.requires_grad_(flag)
+        if grad_copies or not all(map(operator.is_, [p.grad for p in params], grads)):
+            _restore_grads(params, grads, grad_copies)
         if first_new is None or RemovableHandle.next_id != first_new:  # else no hook was added
             for i, m in enumerate(modules):
                 _remove_new_hooks(m, first_new, hooks[i] if hooks is not None else {})
-        changed = [i for i, (p, stamp) in enumerate(zip(params, stamps)) if _stamp(p) != stamp]
+        now = [_stamp(p) for p in params]
+        changed = [i for i, (a, b) in enumerate(zip(now, stamps)) if a != b] if now != stamps else []
         with torch.no_grad():
             for b, saved in zip(buffers, buffer_copies):
                 if not torch.equal(b, saved):
                     b.copy_(saved)
-            if copies is not None:
+            if snap is not None:
                 for i in changed:
-                    params[i].copy_(copies[i])
-                    _SNAPSHOTS[module][id(params[i])] = (weakref.ref(params[i]), _stamp(params[i]), copies[i])
-        if changed and copies is None:
+                    params[i].copy_(snap.copies[i])
+                    snap.stamps[i] = _stamp(params[i])  # restored: the copy still holds its values
+        if changed and snap is None:
             raise ModelError("a scorer changed the model's weights in place; this is a bug in whatmatters")
+
+
+def _restore_grads(params: list[nn.Parameter], grads: list[Any], copies: list[tuple[int, torch.Tensor]]) -> None:
+    """Put back each parameter's ``.grad`` object, and the values of those that existed (``copies``, in order)."""
+    saved = iter(copies)
+    for p, grad in zip(params, grads):
+        if p.grad is not grad:
+            p.grad = grad
+        if grad is not None:
+            version, values = next(saved)
+            if grad._version != version:
+                with torch.no_grad():
+                    grad.copy_(values)
 
 
 def _walk(module: nn.Module) -> tuple[list[nn.Module], list[nn.Parameter], list[torch.Tensor]]:
     """Modules, parameters and buffers (each once, in ``module.modules()`` order) in one traversal."""
-    modules = list(module.modules())
+    modules, params, buffers = [], [], []
     seen: set[int] = set()
-    params, buffers = [], []
-    for m in modules:
+    stack = [module]
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        modules.append(m)
         for group, out in ((m._parameters, params), (m._buffers, buffers)):
             for t in group.values():
                 if t is not None and id(t) not in seen:
                     seen.add(id(t))
                     out.append(t)
+        stack.extend(c for c in reversed(m._modules.values()) if c is not None)
     return modules, params, buffers
 
 
@@ -229,11 +266,27 @@ def capture(layer: nn.Module, *, grads: bool = False) -> Iterator[dict[str, Any]
 
 
 def parameter_device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
-    for p in module.parameters():
-        return p.device, (p.dtype if p.dtype.is_floating_point else torch.float32)
-    for b in module.buffers():
-        return b.device, (b.dtype if b.dtype.is_floating_point else torch.float32)
+    """Device and (floating) dtype of the module's first parameter, else of its first buffer, else CPU float32."""
+    for group in ("_parameters", "_buffers"):
+        stack = [module]
+        while stack:  # module.modules() order, stopping at the first tensor
+            m = stack.pop()
+            t = next((t for t in getattr(m, group).values() if t is not None), None)
+            if t is not None:
+                return t.device, (t.dtype if t.dtype.is_floating_point else torch.float32)
+            stack.extend(c for c in reversed(m._modules.values()) if c is not None)
     return torch.device("cpu"), torch.float32
+
+
+def autograd_on() -> AbstractContextManager[Any]:
+    """Autograd on for the block, also inside ``torch.no_grad()`` or ``torch.inference_mode()`` (tensors made
+    there are normal ones); nothing to enter when it already is on."""
+    if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+        return nullcontext()
+    stack = ExitStack()
+    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.enable_grad())
+    return stack
 
 
 def require_eval(module: nn.Module, allow_train: bool = False) -> None:

@@ -27,7 +27,7 @@ T = TypeVar("T")
 def progress_bar(items: Iterable[T], total: int, description: str, enabled: bool | None) -> Iterator[T]:
     """A rich progress bar over ``items`` when ``enabled`` (None: only on a terminal and long work)."""
     if enabled is None:
-        enabled = sys.stderr.isatty() and total > 20
+        enabled = total > 20 and sys.stderr.isatty()
     if not enabled:
         yield from items
         return
@@ -120,6 +120,8 @@ class Task:
         model = self.torch_model
         out = model.forward(x)
         tgt = self.targets_for(out, self.target if target is None else target, rows)
+        if tgt.is_inference():  # made under torch.inference_mode: gather saves it for the backward
+            tgt = tgt.clone()
         return out.gather(1, tgt.unsqueeze(1)).squeeze(1)
 
     def targets_for(self, out: torch.Tensor, target: torch.Tensor, rows: slice | None = None) -> torch.Tensor:

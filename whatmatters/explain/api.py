@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import time
 from typing import Any
 
@@ -104,8 +105,6 @@ def explain(
             raise
         seconds = time.perf_counter() - start
         task.predicted()
-    one_target = bool((task.target == task.target[0]).all())
-    shown = int(task.target[0]) if one_target else task.target.tolist()
     return info.to_importance(
         out,
         unit=task.unit,
@@ -113,8 +112,15 @@ def explain(
         params=params,
         seed=task.seed,
         seconds=seconds,
-        target=None if info.class_agnostic and target is None else shown,  # no target was chosen
+        target=None if info.class_agnostic and target is None else _shown_target(target, task.target),
     )
+
+
+def _shown_target(given: Any, target: torch.Tensor) -> int | list[int]:
+    """The target an Importance reports: one int when every sample has the same, else one per sample."""
+    if isinstance(given, numbers.Integral) and not isinstance(given, bool):  # checked when the task was made
+        return int(given)
+    return int(target[0]) if bool((target == target[0]).all()) else target.tolist()
 
 
 def _token_ids_for(info: Any, model: Any, data: Any) -> bool:

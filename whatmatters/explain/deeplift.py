@@ -26,6 +26,7 @@ from torch import nn
 from whatmatters.core.adapters import row_slices
 from whatmatters.core.errors import MethodError
 from whatmatters.core.registry import scorer
+from whatmatters.core.state import autograd_on
 from whatmatters.core.task import Task, progress_bar
 from whatmatters.explain.gradient import GRADIENT_UNITS, input_baselines, rows_per_call
 from whatmatters.explain.modified_backward import local_vjp, modified_backward
@@ -121,7 +122,7 @@ def deeplift_pairs(
         xs, bs = model.to_model(x[s]), model.to_model(base[s])
         k = len(xs)
         rules = modified_backward(model.module, deeplift_rules(eps))
-        with torch.inference_mode(False), torch.enable_grad(), rules as m:
+        with autograd_on(), rules as m:
             leaf = torch.cat([xs, bs]).detach().requires_grad_(True)
             out = task.outputs_at_targets(model.forward(leaf), sample_of[s].repeat(2), s if samples else None)
             (grad,) = torch.autograd.grad(out[:k].sum(), leaf)

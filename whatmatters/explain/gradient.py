@@ -18,6 +18,7 @@ import torch
 from whatmatters.core.adapters import row_slices
 from whatmatters.core.errors import MethodError, ModelError
 from whatmatters.core.registry import scorer
+from whatmatters.core.state import autograd_on
 from whatmatters.core.task import Task, progress_bar
 from whatmatters.explain.baselines import baseline_row, baseline_values
 from whatmatters.explain.layer_sites import (
@@ -67,9 +68,9 @@ def input_gradients(task: Task, x: torch.Tensor, target: torch.Tensor, rows: sli
     ``x`` is ``task.inputs[rows]`` itself, so the forward may choose their target (``Task.targets_for``).
     Raises :class:`ModelError` when the output does not depend differentiably on the input.
     """
-    with torch.inference_mode(False), torch.enable_grad():
-        leaf = x.detach().clone().requires_grad_(True)
-        out = task.forward_target(leaf, target.clone(), rows)  # clones: normal tensors even under inference_mode
+    with autograd_on():
+        leaf = x.detach().clone().requires_grad_(True)  # a copy: also a normal tensor under inference_mode
+        out = task.forward_target(leaf, target, rows)
         if not out.requires_grad:
             raise ModelError(NO_GRADIENT)
         (grad,) = torch.autograd.grad(out.sum(), leaf, allow_unused=True)
@@ -121,6 +122,8 @@ def gradient_map(
             values = fn(*layer_gradients(task, site, x, task.target[s], rows=s))
         else:
             values = fn(x, neuron_gradients(task, site, index, x))
+        if len(chunks) == 1:  # (contiguous: a gradient straight from the output's backward may be an expanded view)
+            return values.contiguous(), _where_extra(site, index)
         if out is None:
             out = torch.empty((task.n, *values.shape[1:]), dtype=values.dtype, device=values.device)
         out[s] = values

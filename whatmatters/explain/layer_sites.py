@@ -21,7 +21,7 @@ from torch import nn
 from whatmatters.core.adapters import row_slices
 from whatmatters.core.errors import MethodError, ModelError
 from whatmatters.core.layers import first_tensor, resolve_layer
-from whatmatters.core.state import hooks
+from whatmatters.core.state import autograd_on, hooks
 from whatmatters.core.task import Task
 
 NeuronIndex = int | tuple[int, ...] | list[int]
@@ -123,11 +123,11 @@ def layer_gradients(
     With ``values`` the layer's output is replaced by them (rows like ``x``'s): the gradient is taken there.
     ``rows``: ``x`` is ``task.inputs[rows]`` itself, so the forward may choose their target.
     """
-    with torch.inference_mode(False), torch.enable_grad():
+    with autograd_on():
         with passing(
             site.module, site.name, lambda t: (t if values is None else values).detach().requires_grad_(True)
         ) as seen:
-            out = task.forward_target(x, target.clone(), rows)
+            out = task.forward_target(x, target, rows)
         if not out.requires_grad:
             raise _no_gradient(site)
         (grad,) = torch.autograd.grad(out.sum(), seen[0], allow_unused=True)
@@ -143,12 +143,10 @@ def neuron_gradients(
     of the target output with respect to the neuron (one pass: the chain rule through that one neuron)."""
     from whatmatters.explain.gradient import NO_GRADIENT
 
-    with torch.inference_mode(False), torch.enable_grad():
+    with autograd_on():
         inputs = x.detach().clone().requires_grad_(True)
         with passing(site.module, site.name, lambda t: t) as seen:
-            out = (
-                task.forward_target(inputs, target.clone()) if target is not None else task.torch_model.forward(inputs)
-            )
+            out = task.forward_target(inputs, target) if target is not None else task.torch_model.forward(inputs)
         value = seen[0].flatten(1)[:, neuron]
         if not value.requires_grad:
             raise ModelError(NO_GRADIENT)

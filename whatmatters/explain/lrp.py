@@ -33,6 +33,7 @@ from whatmatters.explain._lrp import (
     register_composite,
     token_relevance,
 )
+from whatmatters.explain._lrp.core import relevance
 from whatmatters.explain._lrp.lm import is_language_model
 from whatmatters.explain._lrp.lm import layer_relevance as lm_layer_relevance
 
@@ -40,7 +41,7 @@ from whatmatters.explain._lrp.lm import layer_relevance as lm_layer_relevance
 def _run(task: Task, composite: str, canonize: bool, params: dict[str, Any]) -> tuple[torch.Tensor, dict]:
     model = task.torch_model
     size = task.batch_size or task.rows_per_call()
-    rel, _ = lrp(model.module, model.to_model(task.inputs), None, composite, canonize=canonize, batch_size=size,
+    rel, _ = relevance(model.module, model.to_model(task.inputs), None, composite, canonize=canonize, batch_size=size,
                  choose=lambda logits, rows: task.targets_for(logits, task.target[rows], rows), **params)  # fmt: skip
     values = rel.sum(1) if rel.ndim == 4 else rel
     total = values.flatten(1).sum(1)

@@ -23,6 +23,7 @@ from whatmatters.core import hf
 from whatmatters.core.adapters import row_slices
 from whatmatters.core.errors import MethodError, ModelError
 from whatmatters.core.fractions import whole
+from whatmatters.core.state import autograd_on
 from whatmatters.core.task import progress_bar
 from whatmatters.core.text import TextTask, text_scorer
 from whatmatters.explain.gradient import NO_GRADIENT, path_points
@@ -53,7 +54,7 @@ def _gradients(
     chunks = [order[s] for s in row_slices(len(sample), task.rows_per_call())]
     out = None
     for rows in progress_bar(chunks, len(chunks), description, task.progress):
-        with torch.inference_mode(False), torch.enable_grad():
+        with autograd_on():
             leaf = embeds(rows).detach().clone().requires_grad_(True)
             score = task.scores(sample[rows], embeds=leaf, slots=slot[rows])
             if not score.requires_grad:
@@ -89,7 +90,7 @@ def _shared_gradients(
         where[group] = torch.arange(len(group))
         rows = torch.isin(inverse, group).nonzero().flatten()  # the (sample, slot) rows of these keys
         slots, at = torch.unique(slot.cpu()[rows], return_inverse=True)
-        with torch.inference_mode(False), torch.enable_grad():
+        with autograd_on():
             leaf = embeds(first[group]).detach().clone().requires_grad_(True)
             scores = task.scores(sample[first[group]], embeds=leaf)[:, slots.to(task.device)]  # (r, slots)
             if not scores.requires_grad:

@@ -148,6 +148,29 @@ def lrp(
     ``choose(logits, rows)`` (instead of ``target``) gives the targets of the input rows ``rows`` from their
     logits (``Task.targets_for``: checked, or predicted where undecided).
     """
+    with preserved(model):
+        return relevance(
+            model, inputs, target, composite, canonize=canonize, rules=rules, layers=layers,
+            softmax_functions=softmax_functions, batch_size=batch_size, choose=choose, **params,
+        )  # fmt: skip
+
+
+def relevance(
+    model: nn.Module,
+    inputs: Tensor,
+    target: Any = None,
+    composite: str | Composite = "epsilon_plus",
+    *,
+    canonize: bool = True,
+    rules: dict[str, str | Rule] | None = None,
+    layers: Sequence[str] | None = None,
+    softmax_functions: bool = False,
+    batch_size: int | None = None,
+    choose: Callable[[Tensor, slice], Tensor] | None = None,
+    **params: Any,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """:func:`lrp` for a caller that keeps ``model`` unchanged itself (``explain``'s guard): no guard of its own
+    on the model (a BatchNorm-merged copy, ours, is still guarded)."""
     work, comp = prepare(model, composite, canonize=canonize, rules=rules, **params)
     device = next((p.device for p in work.parameters()), inputs.device)
     targets = _target_rows(target, len(inputs)) if target is not None else None
@@ -156,8 +179,8 @@ def lrp(
     captured: dict[str, Tensor] = {}
     rels, layer_rels = [], []
     with ExitStack() as stack:
-        # the hooks go on ``work``; a merged copy only reads the model (so it needs no guard of its own)
-        stack.enter_context(preserved(model) if work is model else preserved(work, weights=False))
+        if work is not model:  # the hooks go on our merged copy, which only reads the model
+            stack.enter_context(preserved(work, weights=False))
         stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.enable_grad())
         if softmax_functions:
@@ -177,6 +200,8 @@ def lrp(
             rel = _relevance(work(x), x, None if targets is None else targets[rows], state, pick)
             rels.append(rel)
             layer_rels.append({name: t.detach() for name, t in captured.items()})
+    if len(rels) == 1:
+        return rels[0], layer_rels[0]
     layer_rel = {name: torch.cat([d[name] for d in layer_rels]) for name in layer_rels[0]} if layer_rels else {}
     return torch.cat(rels), layer_rel
 
