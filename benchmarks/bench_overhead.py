@@ -1,8 +1,10 @@
 """What a score costs beyond the model's own work: ``wm.explain`` time / the minimal torch work, per method.
 
 The minimal work is written by hand for each method: one forward + one backward to the input (saliency,
-gradient x input and LRP: one modified backward), the same over the inputs and their zero reference in one
-batch (DeepLIFT, whose rescale rule needs the reference's activations), ``steps`` x rows of forward +
+gradient x input), the same with each Linear / Conv / average-pool output gradient scaled by ``|z| / (|z| +
+eps)`` (LRP-epsilon, on a BatchNorm-folded copy made once), the inputs and their zero reference in one batch
+with each ReLU's and max pool's gradient replaced by its DeepLIFT multiplier (rescale rule, captum's max-pool
+rule), and for both also the plain forward + backward (rows "vs plain forward+backward"), ``steps`` x rows of forward +
 backward in one batch (integrated gradients, SmoothGrad), a forward + the backward from the class score to
 the CAM layer only (the Grad-CAM family), one forward to the layer + one SVD of its activations (Eigen-CAM),
 and one batched forward over all perturbed rows (ablation). Token attribution is timed against captum and
@@ -31,6 +33,7 @@ from nets import resnet18
 from torch import nn
 
 import whatmatters as wm
+from whatmatters.explain.lrp import merge_batchnorm
 
 TARGET = 2
 
@@ -46,6 +49,93 @@ def reference_gradient(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     both = torch.cat([x, torch.zeros_like(x)]).requires_grad_(True)
     (grad,) = torch.autograd.grad(model(both)[: len(x), TARGET].sum(), both)
     return grad[: len(x)]
+
+
+def epsilon_lrp(model: nn.Module, x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """LRP-epsilon's least work: one forward in which each Linear / Conv / average-pool output ``z`` will scale
+    its gradient by ``|z| / (|z| + eps)`` (tensor hooks), one backward; relevance = input x gradient. ``model``
+    has no BatchNorm (ours folds it into a cached copy; this reference gets a folded copy made once)."""
+
+    def scaled(_m: nn.Module, _inp: Any, z: torch.Tensor) -> None:
+        a = z.detach().abs()
+        factor = a.div_(a + eps)
+        z.register_hook(lambda g: g * factor)
+
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d, nn.AdaptiveAvgPool2d))]
+    handles = [m.register_forward_hook(scaled) for m in layers]
+    try:
+        return x * input_gradient(model, x)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class _Times(torch.autograd.Function):
+    """``y`` forward; the output gradient times ``m`` backwards (to the module input: no gradient of its own)."""
+
+    @staticmethod
+    def forward(ctx: Any, y: torch.Tensor, x: torch.Tensor, m: Any) -> torch.Tensor:  # type: ignore[override]
+        ctx.m = m
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[None, torch.Tensor, None]:  # type: ignore[override]
+        return None, ctx.m(g), None
+
+
+def _rescale(x: torch.Tensor, y: torch.Tensor) -> Any:
+    """DeepLIFT's multiplier of a ReLU on rows ``[samples; baselines]``: ``dy / dx``, the gradient where ``dx`` ~ 0."""
+    k = len(x) // 2
+    dx, dy = x[:k] - x[k:], y[:k] - y[k:]
+    small = dx.abs() < 1e-10
+    m = torch.where(small, (x[:k] > 0).to(x.dtype), dy / dx.masked_fill(small, 1.0))
+    return lambda g: torch.cat([g[:k] * m, torch.zeros_like(m)])
+
+
+def _pool(module: nn.MaxPool2d, x: torch.Tensor, y: torch.Tensor) -> Any:
+    """captum's max-pool rule: each window's rise to the common maximum goes to the sample's argmax, the rest
+    to the baseline's, divided by ``dx`` (the plain max-pool gradient where ``dx`` ~ 0)."""
+    k = len(x) // 2
+    _, idx = nn.functional.max_pool2d(x, module.kernel_size, module.stride, module.padding, return_indices=True)
+    top = torch.maximum(y[:k], y[k:])
+    dx = x[:k] - x[k:]
+    small = dx.abs() < 1e-10
+    plane = x[:k].flatten(2)
+
+    def m(g: torch.Tensor) -> torch.Tensor:
+        gk = g[:k].flatten(2)
+        up = plane.new_zeros(plane.shape).scatter_add_(2, idx[:k].flatten(2), gk * (top - y[k:]).flatten(2))
+        up.scatter_add_(2, idx[k:].flatten(2), gk * (y[:k] - top).flatten(2))
+        plain = plane.new_zeros(plane.shape).scatter_add_(2, idx[:k].flatten(2), gk)
+        new = torch.where(small, plain.view_as(dx), up.view_as(dx) / dx.masked_fill(small, 1.0))
+        return torch.cat([new, torch.zeros_like(new)])
+
+    return m
+
+
+def rescale_deeplift(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """DeepLIFT's least work: the inputs and their (zero) reference in one forward, in which each ReLU / max
+    pool will multiply its output gradient by its multiplier (computed in the forward), one backward."""
+    kept: list[torch.Tensor] = []
+
+    def before(m: nn.Module, inp: tuple) -> tuple | None:
+        kept.append(inp[0])  # an in-place ReLU gets a copy to write, so its input stays the one to route to
+        return (inp[0].clone(),) if getattr(m, "inplace", False) else None
+
+    def after(m: nn.Module, _inp: tuple, y: torch.Tensor) -> torch.Tensor:
+        xi = kept.pop()
+        rule = _pool(m, xi.detach(), y.detach()) if isinstance(m, nn.MaxPool2d) else _rescale(xi.detach(), y.detach())
+        return _Times.apply(y.detach(), xi, rule)
+
+    hooked = [m for m in model.modules() if isinstance(m, (nn.ReLU, nn.MaxPool2d))]
+    handles = [h for m in hooked for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
+    try:
+        both = torch.cat([x, torch.zeros_like(x)]).requires_grad_(True)
+        (grad,) = torch.autograd.grad(model(both)[: len(x), TARGET].sum(), both)
+    finally:
+        for h in handles:
+            h.remove()
+    return x * grad[: len(x)]
 
 
 def first_component(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -106,6 +196,7 @@ def cases(quick: bool) -> list[tuple[str, nn.Module, torch.Tensor, str, dict, Ca
     mlp = nn.Sequential(nn.Linear(30, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)).eval()
     rows = torch.randn(256, 30)
     net = resnet18()
+    folded = merge_batchnorm(net)[0]  # made once, as ours is (a cached BatchNorm-free copy)
     sizes = [(96, 8)] if quick else [(96, 8), (224, 16)]
     out = []
     for name, params, minimal in [
@@ -113,11 +204,12 @@ def cases(quick: bool) -> list[tuple[str, nn.Module, torch.Tensor, str, dict, Ca
         ("gradient_x_input", {}, lambda m, x: input_gradient(m, x)),
         ("integrated_gradients", {"steps": 16}, lambda m, x: batched_gradient(m, x, 16)),
         ("smoothgrad", {"n_samples": 16}, lambda m, x: batched_gradient(m, x, 16)),
-        ("deeplift", {}, lambda m, x: reference_gradient(m, x)),
-        ("lrp_epsilon", {}, lambda m, x: input_gradient(m, x)),
+        ("deeplift", {}, lambda m, x: rescale_deeplift(m, x)),
+        ("lrp_epsilon", {}, lambda m, x: epsilon_lrp(m, x)),
         ("ablation", {"baseline": "zero"}, lambda m, x: forward_rows(m, x)),
     ]:
         out.append(("MLP 256 rows", mlp, rows, name, params, (lambda f=minimal: f(mlp, rows))))
+    out += plain_references("MLP 256 rows", mlp, rows)
     for size, n in sizes:
         x = torch.randn(n, 3, size, size)
         label = f"ResNet-18 {n}x{size}px"
@@ -125,13 +217,22 @@ def cases(quick: bool) -> list[tuple[str, nn.Module, torch.Tensor, str, dict, Ca
             ("saliency", {}, lambda m, x: input_gradient(m, x)),
             ("integrated_gradients", {"steps": 8}, lambda m, x: batched_gradient(m, x, 8)),
             ("smoothgrad", {"n_samples": 8}, lambda m, x: batched_gradient(m, x, 8)),
-            ("deeplift", {}, lambda m, x: reference_gradient(m, x)),
+            ("deeplift", {}, lambda m, x: rescale_deeplift(m, x)),
             ("grad_cam", {"layer": "layer4"}, lambda m, x: layer_gradient(m, m.layer4, x)),
             ("eigen_cam", {"layer": "layer4"}, lambda m, x: first_component(m, m.layer4, x)),
-            ("lrp_epsilon", {}, lambda m, x: input_gradient(m, x)),
+            ("lrp_epsilon", {}, lambda _m, x: epsilon_lrp(folded, x)),
         ]:
             out.append((label, net, x, name, params, (lambda f=minimal, x=x: f(net, x))))
+        out += plain_references(label, net, x)
     return out
+
+
+def plain_references(label: str, model: nn.Module, x: torch.Tensor) -> list[tuple]:
+    """DeepLIFT and LRP-epsilon against the unmodified forward + backward (what their rules add is in the ratio)."""
+    return [
+        (f"{label}, vs plain forward+backward", model, x, "deeplift", {}, lambda: reference_gradient(model, x)),
+        (f"{label}, vs plain forward+backward", model, x, "lrp_epsilon", {}, lambda: input_gradient(model, x)),
+    ]
 
 
 def main() -> None:

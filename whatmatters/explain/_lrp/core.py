@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from whatmatters.core.errors import InputError, MethodError, ModelError, TargetError
-from whatmatters.core.state import hooks, preserved
+from whatmatters.core.state import hooks, parameter_device_dtype, preserved
 from whatmatters.core.task import as_indices, check_outputs
 from whatmatters.explain._lrp.canonizers import canonized
 from whatmatters.explain._lrp.composites import Composite, get_composite
@@ -172,7 +172,7 @@ def relevance(
     """:func:`lrp` for a caller that keeps ``model`` unchanged itself (``explain``'s guard): no guard of its own
     on the model (a BatchNorm-merged copy, ours, is still guarded)."""
     work, comp = prepare(model, composite, canonize=canonize, rules=rules, **params)
-    device = next((p.device for p in work.parameters()), inputs.device)
+    device = parameter_device_dtype(work)[0]
     targets = _target_rows(target, len(inputs)) if target is not None else None
     size = batch_size or max(len(inputs), 1)
     state: dict = {}
@@ -185,8 +185,6 @@ def relevance(
         stack.enter_context(torch.enable_grad())
         if softmax_functions:
             stack.enter_context(constant_softmax())
-        for p in work.parameters():
-            p.requires_grad_(False)
         stack.enter_context(attached(work, comp, state))
         if layers:
             stack.enter_context(_capture(work, layers, captured))
