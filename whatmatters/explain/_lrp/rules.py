@@ -95,6 +95,12 @@ def _signed(x: Tensor) -> bool:
     return x.numel() > 0 and bool(torch.amin(x) < 0)  # one reduction, no boolean tensor (10x faster on CPU)
 
 
+def _stackable(module: nn.Module) -> bool:
+    """Whether weights can be stacked along input or output channels (one layer pass for several weights):
+    a Linear, or a Conv without groups."""
+    return getattr(module, "groups", 1) == 1
+
+
 def _by_sign(x: Tensor, at_nonneg: Tensor, at_neg: Tensor | None) -> Tensor:
     """The gradient of the ``x >= 0`` terms where ``x >= 0``, of the ``x < 0`` terms elsewhere.
 
@@ -190,6 +196,10 @@ class AlphaBeta(Rule):
                 zz = f(x, w_pos, bias)  # the up part has no negative terms: its stabilizer is + eps
                 den = zz.add_(self.stabilizer) if up else stabilize(zz, self.stabilizer)
                 return _lin_t(module, w_pos, x, torch.div(r, den, out=den)), None
+            if _stackable(module):  # [x+, x-] as one input of twice the channels: one pass each way
+                both, w_both = torch.cat([x.clamp(min=0), x.clamp(max=0)], 1), torch.cat([w_pos, w_neg], 1)
+                share = r / stabilize(f(both, w_both, bias), self.stabilizer)
+                return _lin_t(module, w_both, both, share).chunk(2, 1)
             share = r / stabilize(f(x.clamp(min=0), w_pos, bias) + f(x.clamp(max=0), w_neg, None), self.stabilizer)
             return _lin_t(module, w_pos, x, share), _lin_t(module, w_neg, x, share)
 
@@ -224,7 +234,19 @@ class Gamma(Rule):
         bu = None if b is None else b + self.gamma * b.clamp(min=0)
         bd = None if b is None else b + self.gamma * b.clamp(max=0)
         r = z * g
-        if not _signed(x):  # x- = 0: the x- terms vanish
+        signed = _signed(x)
+        if _stackable(module):  # both parts as one layer of twice the outputs: one pass each way
+            inp, w_up, w_down = x, wu, wd
+            if signed:  # and [x+, x-] as one input of twice the channels
+                inp = torch.cat([x.clamp(min=0), x.clamp(max=0)], 1)
+                w_up, w_down = torch.cat([wu, wd], 1), torch.cat([wd, wu], 1)
+            w2 = torch.cat([w_up, w_down])
+            zu, zd = f(inp, w2, None if b is None else torch.cat([bu, bd])).chunk(2, 1)
+            up = r * (z > 0) / stabilize(zu, self.stabilizer)
+            down = r * (z < 0) / stabilize(zd, self.stabilizer)
+            g_in = _lin_t(module, w2, inp, torch.cat([up, down], 1))
+            return _by_sign(x, *g_in.chunk(2, 1)) if signed else g_in
+        if not signed:  # x- = 0: the x- terms vanish
             up = r * (z > 0) / stabilize(f(x, wu, bu), self.stabilizer)
             down = r * (z < 0) / stabilize(f(x, wd, bd), self.stabilizer)
             return _lin_t(module, wu, x, up) + _lin_t(module, wd, x, down)
