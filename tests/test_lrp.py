@@ -239,13 +239,13 @@ def test_unsigned_input_shortcut_changes_no_relevance(golden, composite, monkeyp
     torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("rule", ["zplus", "alpha2_beta1", "gamma"])
+@pytest.mark.parametrize("rule", ["zplus", "alpha2_beta1", "gamma", "zbox"])
 @pytest.mark.parametrize("signed", [True, False])
 @pytest.mark.parametrize("layer", ["conv", "linear"])
 def test_stacked_weights_pass_equals_one_pass_per_weight(rule, signed, layer, monkeypatch):
-    """z+, alpha-beta and gamma run their weights (x+ / x- terms, up / down parts) as one stacked layer pass
-    (unsigned z+ and alpha-beta have one weight per part); forcing one pass per weight (as for grouped
-    convolutions) gives the same relevance (float64)."""
+    """z+, alpha-beta, gamma and z-beta run their weights (x+ / x- terms, up / down parts, the bounds' terms) as
+    one stacked layer pass (unsigned z+ and alpha-beta have one weight per part); forcing one pass per weight
+    (as for grouped convolutions) gives the same relevance (float64)."""
     from whatmatters.explain._lrp import rules as rules_module
 
     torch.manual_seed(3)
@@ -255,11 +255,12 @@ def test_stacked_weights_pass_equals_one_pass_per_weight(rule, signed, layer, mo
     x = (x if signed else x.abs()).double()
     model(x)  # materialise the lazy layer
     comp = get_composite("epsilon")
-    stacked, _ = lrp(model, x, 1, comp, rules={"0": rule})
+    first_rule = ZBox(-3.0, 3.0) if rule == "zbox" else rule
+    stacked, _ = lrp(model, x, 1, comp, rules={"0": first_rule})
     calls = []
     monkeypatch.setattr(rules_module, "_stackable", lambda m: calls.append(1) and False)
-    per_weight, _ = lrp(model, x, 1, comp, rules={"0": rule})
-    assert calls or (not signed and rule != "gamma"), "the rule did not ask whether its weights stack"
+    per_weight, _ = lrp(model, x, 1, comp, rules={"0": first_rule})
+    assert calls or (not signed and rule in ("zplus", "alpha2_beta1")), "the rule did not ask whether its weights stack"
     torch.testing.assert_close(stacked, per_weight, rtol=1e-10, atol=1e-12)
     assert float(stacked.abs().sum()) > 0
 

@@ -277,6 +277,12 @@ class ZBox(Rule):
         wp, wn = w.clamp(min=0), w.clamp(max=0)
         low = torch.as_tensor(self.low, dtype=x.dtype, device=x.device).expand_as(x[0]).expand_as(x)
         high = torch.as_tensor(self.high, dtype=x.dtype, device=x.device).expand_as(x[0]).expand_as(x)
+        if _stackable(module):  # [x, l, h] as one input of three times the channels: one pass each way
+            inp, w3 = torch.cat([x, low, high], 1), torch.cat([w, -wp, -wn], 1)
+            g_x, g_low, g_high = _lin_t(module, w3, inp, z * g / stabilize(f(inp, w3, None), self.stabilizer)).chunk(
+                3, 1
+            )
+            return x * g_x + low * g_low + high * g_high
         zz = f(x, w, None) - f(low, wp, None) - f(high, wn, None)
         s = z * g / stabilize(zz, self.stabilizer)
         return x * _lin_t(module, w, x, s) - low * _lin_t(module, wp, x, s) - high * _lin_t(module, wn, x, s)
