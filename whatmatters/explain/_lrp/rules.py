@@ -192,16 +192,18 @@ class AlphaBeta(Rule):
 
         def part(w_pos: Tensor, w_neg: Tensor, bias: Tensor | None, up: bool) -> tuple[Tensor, Tensor | None]:
             """Gradients through ``w_pos x+ + w_neg x- + bias``: at ``x >= 0`` and (signed inputs) at ``x < 0``."""
-            if not signed:  # x- = 0: one layer pass and one transposed pass
-                zz = f(x, w_pos, bias)  # the up part has no negative terms: its stabilizer is + eps
+
+            def share(zz: Tensor) -> Tensor:  # the up part has no negative terms: its stabilizer is + eps
                 den = zz.add_(self.stabilizer) if up else stabilize(zz, self.stabilizer)
-                return _lin_t(module, w_pos, x, torch.div(r, den, out=den)), None
+                return torch.div(r, den, out=den)
+
+            if not signed:  # x- = 0: one layer pass and one transposed pass
+                return _lin_t(module, w_pos, x, share(f(x, w_pos, bias))), None
             if _stackable(module):  # [x+, x-] as one input of twice the channels: one pass each way
                 both, w_both = torch.cat([x.clamp(min=0), x.clamp(max=0)], 1), torch.cat([w_pos, w_neg], 1)
-                share = r / stabilize(f(both, w_both, bias), self.stabilizer)
-                return _lin_t(module, w_both, both, share).chunk(2, 1)
-            share = r / stabilize(f(x.clamp(min=0), w_pos, bias) + f(x.clamp(max=0), w_neg, None), self.stabilizer)
-            return _lin_t(module, w_pos, x, share), _lin_t(module, w_neg, x, share)
+                return _lin_t(module, w_both, both, share(f(both, w_both, bias))).chunk(2, 1)
+            s = share(f(x.clamp(min=0), w_pos, bias) + f(x.clamp(max=0), w_neg, None))
+            return _lin_t(module, w_pos, x, s), _lin_t(module, w_neg, x, s)
 
         up, up_neg = part(wp, wn, _pos(b), True)
         if self.beta == 0:
