@@ -1,14 +1,15 @@
 """What a score costs beyond the model's own work: ``wm.explain`` time / the minimal torch work, per method.
 
 The minimal work is written by hand for each method: one forward + one backward to the input (saliency,
-gradient x input), the same with each Linear / Conv / average-pool output gradient scaled by ``|z| / (|z| +
-eps)`` (LRP-epsilon, on a BatchNorm-folded copy made once), the inputs and their zero reference in one batch
-with each ReLU's and max pool's gradient replaced by its DeepLIFT multiplier (rescale rule, captum's max-pool
-rule), and for both also the plain forward + backward (rows "vs plain forward+backward"), ``steps`` x rows of forward +
-backward in one batch (integrated gradients, SmoothGrad), a forward + the backward from the class score to
-the CAM layer only (the Grad-CAM family), one forward to the layer + one SVD of its activations (Eigen-CAM),
-and one batched forward over all perturbed rows (ablation). Token attribution is timed against captum and
-inseq in ``bench_text_attribution.py`` / ``bench_text_generation.py`` instead. Cases: an MLP on 256 rows,
+gradient x input); the same with each Linear / Conv / average-pool output gradient scaled by
+``|z| / (|z| + eps)`` (LRP-epsilon, on a BatchNorm-folded copy made once); the inputs and their zero reference
+(one shared row) in one batch with each ReLU's and max pool's gradient replaced by its DeepLIFT multiplier
+(rescale rule, captum's max-pool rule); for both of these also the plain forward + backward (rows "vs plain
+forward+backward"); ``steps`` x rows of forward + backward in one batch (integrated gradients, SmoothGrad); a
+forward + the backward from the class score to the CAM layer only (the Grad-CAM family); one forward to the
+layer + one SVD of its activations (Eigen-CAM); and one batched forward over all perturbed rows (ablation).
+Token attribution is timed against captum and inseq in ``bench_text_attribution.py`` /
+``bench_text_generation.py`` instead. Cases: an MLP on 256 rows,
 ResNet-18 (torchvision's layout, random weights, ``benchmarks/nets.py``) at 96 px x 8 images and 224 px x 16
 images. Both sides are timed alternately, best of ``--runs``, one torch thread by default, in
 CPU time of the process (``time.process_time``: on a shared machine other processes' load does not count).
@@ -45,8 +46,9 @@ def input_gradient(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def reference_gradient(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """DeepLIFT's least work: the inputs and their (zero) reference in one forward, one backward."""
-    both = torch.cat([x, torch.zeros_like(x)]).requires_grad_(True)
+    """The unmodified work of DeepLIFT: the inputs and their (zero, shared) reference row in one forward, one
+    backward."""
+    both = torch.cat([x, torch.zeros_like(x[:1])]).requires_grad_(True)
     (grad,) = torch.autograd.grad(model(both)[: len(x), TARGET].sum(), both)
     return grad[: len(x)]
 
@@ -83,19 +85,18 @@ class _Times(torch.autograd.Function):
         return None, ctx.m(g), None
 
 
-def _rescale(x: torch.Tensor, y: torch.Tensor) -> Any:
-    """DeepLIFT's multiplier of a ReLU on rows ``[samples; baselines]``: ``dy / dx``, the gradient where ``dx`` ~ 0."""
-    k = len(x) // 2
+def _rescale(x: torch.Tensor, y: torch.Tensor, k: int) -> Any:
+    """DeepLIFT's multiplier of a ReLU on rows ``[k samples; one baseline]``: ``dy / dx``, the gradient where
+    ``dx`` ~ 0."""
     dx, dy = x[:k] - x[k:], y[:k] - y[k:]
     small = dx.abs() < 1e-10
     m = torch.where(small, (x[:k] > 0).to(x.dtype), dy / dx.masked_fill(small, 1.0))
-    return lambda g: torch.cat([g[:k] * m, torch.zeros_like(m)])
+    return lambda g: torch.cat([g[:k] * m, torch.zeros_like(g[k:])])
 
 
-def _pool(module: nn.MaxPool2d, x: torch.Tensor, y: torch.Tensor) -> Any:
+def _pool(module: nn.MaxPool2d, x: torch.Tensor, y: torch.Tensor, k: int) -> Any:
     """captum's max-pool rule: each window's rise to the common maximum goes to the sample's argmax, the rest
     to the baseline's, divided by ``dx`` (the plain max-pool gradient where ``dx`` ~ 0)."""
-    k = len(x) // 2
     _, idx = nn.functional.max_pool2d(x, module.kernel_size, module.stride, module.padding, return_indices=True)
     top = torch.maximum(y[:k], y[k:])
     dx = x[:k] - x[k:]
@@ -105,17 +106,17 @@ def _pool(module: nn.MaxPool2d, x: torch.Tensor, y: torch.Tensor) -> Any:
     def m(g: torch.Tensor) -> torch.Tensor:
         gk = g[:k].flatten(2)
         up = plane.new_zeros(plane.shape).scatter_add_(2, idx[:k].flatten(2), gk * (top - y[k:]).flatten(2))
-        up.scatter_add_(2, idx[k:].flatten(2), gk * (y[:k] - top).flatten(2))
+        up.scatter_add_(2, idx[k:].flatten(2).expand_as(gk), gk * (y[:k] - top).flatten(2))
         plain = plane.new_zeros(plane.shape).scatter_add_(2, idx[:k].flatten(2), gk)
         new = torch.where(small, plain.view_as(dx), up.view_as(dx) / dx.masked_fill(small, 1.0))
-        return torch.cat([new, torch.zeros_like(new)])
+        return torch.cat([new, torch.zeros_like(x[k:])])
 
     return m
 
 
 def rescale_deeplift(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """DeepLIFT's least work: the inputs and their (zero) reference in one forward, in which each ReLU / max
-    pool will multiply its output gradient by its multiplier (computed in the forward), one backward."""
+    """DeepLIFT's least work: the inputs and their (zero, shared) reference row in one forward, in which each
+    ReLU / max pool will multiply its output gradient by its multiplier (computed in the forward), one backward."""
     kept: list[torch.Tensor] = []
 
     def before(m: nn.Module, inp: tuple) -> tuple | None:
@@ -124,13 +125,14 @@ def rescale_deeplift(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
     def after(m: nn.Module, _inp: tuple, y: torch.Tensor) -> torch.Tensor:
         xi = kept.pop()
-        rule = _pool(m, xi.detach(), y.detach()) if isinstance(m, nn.MaxPool2d) else _rescale(xi.detach(), y.detach())
+        args = (xi.detach(), y.detach(), len(x))
+        rule = _pool(m, *args) if isinstance(m, nn.MaxPool2d) else _rescale(*args)
         return _Times.apply(y.detach(), xi, rule)
 
     hooked = [m for m in model.modules() if isinstance(m, (nn.ReLU, nn.MaxPool2d))]
     handles = [h for m in hooked for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
     try:
-        both = torch.cat([x, torch.zeros_like(x)]).requires_grad_(True)
+        both = torch.cat([x, torch.zeros_like(x[:1])]).requires_grad_(True)
         (grad,) = torch.autograd.grad(model(both)[: len(x), TARGET].sum(), both)
     finally:
         for h in handles:

@@ -121,6 +121,24 @@ def test_deeplift_is_complete_with_max_pooling_shared_modules_and_softmax(build)
     assert imp.values.abs().sum() > 0
 
 
+@pytest.mark.parametrize("build", [lambda: cnn(nn.MaxPool2d), lambda: SharedActivations().double().eval()])
+def test_a_shared_baseline_is_one_row_of_the_batch_and_gives_the_per_sample_result(build):
+    """``baseline="mean"`` runs one baseline row per model call (forward hooks count the rows); the same
+    baseline given once per sample (one row each) gives the same attributions and deltas."""
+    model = build()
+    x = torch.rand(6, 3, 8, 8, dtype=torch.float64) if isinstance(model, nn.Sequential) else torch.randn(6, 5).double()
+    rows = []
+    handle = model.register_forward_pre_hook(lambda _m, args: rows.append(len(args[0])))
+    try:
+        shared = wm.explain(model, x, "deeplift", target=1, baseline="mean")
+    finally:
+        handle.remove()
+    assert rows == [len(x) + 1]
+    each = wm.explain(model, x, "deeplift", target=1, baseline=x.mean(0, keepdim=True).expand_as(x).clone())
+    torch.testing.assert_close(shared.values, each.values, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(shared.extra["delta"], each.extra["delta"], atol=1e-12)
+
+
 def test_gradient_shap_matches_captum_on_the_same_draws(case):
     model, x, target = case
     n, m, sd = len(x), 7, 0.1

@@ -58,9 +58,10 @@ X = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(0))
         ("gradient_x_input", {}, [5], 1),
         ("grad_cam", {"layer": "2"}, [5], 0),  # the backward pass stops at the CAM layer
         ("lrp_epsilon", {}, [5], 1),  # one modified backward pass, down to the input
-        ("deeplift", {}, [10], 1),  # the samples and their baselines in one forward, one modified backward
-        ("integrated_gradients", {"steps": 8}, [10, 40], 1),  # both path ends, then all 5 x 8 path points
-        ("integrated_gradients", {"steps": 8, "internal_batch_size": 16}, [10, 16, 16, 8], 3),
+        ("deeplift", {}, [6], 1),  # the samples and their (shared) baseline row in one forward, one modified backward
+        ("deeplift", {"baseline": torch.zeros_like(X)}, [10], 1),  # a baseline per sample: twice the rows
+        ("integrated_gradients", {"steps": 8}, [6, 40], 1),  # both path ends (one baseline row), then 5 x 8 points
+        ("integrated_gradients", {"steps": 8, "internal_batch_size": 16}, [6, 16, 16, 8], 3),
     ],
 )
 @pytest.mark.parametrize("target", [1, None])

@@ -305,3 +305,18 @@ def test_ground_truth_informative_features_come_first(informative_mlp, method):
     top3 = {int(i) for i in agg.argsort(descending=True)[:3]}
     assert len(top3 & {0, 1, 2}) / 3 == 1.0
     assert agg[:3].min() > 2 * agg[3:].max()
+
+
+def test_a_shared_baseline_gives_the_same_integrated_gradients_and_delta_as_one_per_sample():
+    """Both path ends run as the samples plus one baseline row; the same baseline once per sample agrees."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double().eval()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    for target in (None, [0, 1, 2, 0, 1, 2]):
+        shared = wm.explain(model, x, "integrated_gradients", target=target, baseline="mean", steps=8)
+        each = wm.explain(
+            model, x, "integrated_gradients", target=target, baseline=x.mean(0).expand_as(x).clone(), steps=8
+        )
+        torch.testing.assert_close(shared.values, each.values, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(shared.extra["delta"], each.extra["delta"], atol=1e-12)
+        assert shared.target == each.target

@@ -1,6 +1,7 @@
 """DeepLIFT (rescale rule) and DeepLiftShap: contributions of ``x - baseline`` with multipliers, not gradients.
 
-A sample and its baseline go through the model in one batch (rows ``[x; b]``). In the backward pass each
+The samples and their baselines go through the model in one batch (rows ``[x; b]``; a baseline shared by all
+samples, such as the zero one, is one row of that batch). In the backward pass each
 nonlinearity's gradient is replaced by its multiplier ``(f(x) - f(b)) / (x - b)`` (the rescale rule of
 Shrikumar et al. 2017; where ``|x - b| < eps`` the ordinary gradient), max pooling by captum's rule (the
 change of each window's maximum sent to the sample's argmax, as captum does). Linear layers keep their
@@ -42,9 +43,9 @@ def _floor(eps: float, x: torch.Tensor) -> float:
     return max(eps, torch.finfo(x.dtype).tiny)
 
 
-def _rescale(eps: float):
+def _rescale(eps: float, samples: int | None):
     def rule(module: nn.Module, x: torch.Tensor, y: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        k = len(x) // 2
+        k = len(x) // 2 if samples is None else samples  # rows [samples; their baselines, or one for all]
         dx = x[:k] - x[k:]
         small = dx.abs() < _floor(eps, dx)
         out = torch.empty_like(grad)
@@ -64,16 +65,16 @@ def _pool_indices(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return pool(x.detach(), *args, return_indices=True)[1].flatten(2)
 
 
-def _max_pool(eps: float):
+def _max_pool(eps: float, samples: int | None):
     def rule(module: nn.Module, x: torch.Tensor, y: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        k = len(x) // 2
+        k = len(x) // 2 if samples is None else samples
         out, ref = y[:k], y[k:]
         top = torch.maximum(out, ref)
         g = grad[:k]
         idx = _pool_indices(module, x)  # one pooling pass for the samples and the baselines
         # the rise to the common maximum goes to the sample's argmax, the rest to the baseline's (one scatter)
         both = torch.cat([g * (top - ref), g * (out - top)], dim=1).flatten(2)
-        where = torch.cat([idx[:k], idx[k:]], dim=1)
+        where = torch.cat([idx[:k], idx[k:].expand(k, -1, -1)], dim=1)
         plane = x[:k].flatten(2)
         spread = plane.new_zeros(k, 2 * plane.shape[1], plane.shape[2]).scatter_add_(2, where, both)
         spread = (spread[:, : plane.shape[1]] + spread[:, plane.shape[1] :]).view_as(x[:k])
@@ -83,13 +84,15 @@ def _max_pool(eps: float):
         if bool(small.any()):
             plain = plane.new_zeros(plane.shape).scatter_add_(2, idx[:k], g.flatten(2)).view_as(x[:k])
             new = torch.where(small, plain, new)
-        return torch.cat([new, torch.zeros_like(new)])
+        return torch.cat([new, torch.zeros_like(x[k:])])
 
     return rule
 
 
-def deeplift_rules(eps: float) -> dict[type, Any]:
-    rescale, pool = _rescale(eps), _max_pool(eps)
+def deeplift_rules(eps: float, samples: int | None = None) -> dict[type, Any]:
+    """The rules for rows ``[samples; baselines]``: ``samples`` rows (None: half of them), then one baseline
+    per sample or one for all of them."""
+    rescale, pool = _rescale(eps, samples), _max_pool(eps, samples)
     return {**{t: rescale for t in ELEMENTWISE}, **{t: pool for t in POOLS}}
 
 
@@ -107,24 +110,29 @@ def deeplift_pairs(
     description: str,
     samples: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """DeepLIFT of rows ``x`` against rows ``base`` (same shape): ``(attributions, f(x) - f(base))``.
+    """DeepLIFT of rows ``x`` against rows ``base`` (same shape, or one row for all): ``(attributions, f(x) -
+    f(base))``. A shared baseline goes through the model once per call (rows ``[x; b]``, not ``[x; b x n]``).
 
     Row ``j`` explains the target of sample ``sample_of[j]``. ``samples``: ``x`` is ``task.inputs`` itself, so
     the forward may choose the targets (``Task.outputs_at_targets``).
     """
     model = task.torch_model
+    shared = len(base) == 1
     rows = max(1, rows_per_call(task, int(np.prod(x.shape[1:]))) // 2)
     attributions = torch.empty(x.shape, dtype=model.dtype, device=model.device)
     differences = torch.empty(len(x), dtype=model.dtype, device=model.device)
     replaced = 0
     chunks = row_slices(len(x), rows)
     for s in progress_bar(chunks, len(chunks), description, task.progress):
-        xs, bs = model.to_model(x[s]), model.to_model(base[s])
+        xs, bs = model.to_model(x[s]), model.to_model(base if shared else base[s])
         k = len(xs)
-        rules = modified_backward(model.module, deeplift_rules(eps))
+        rules = modified_backward(model.module, deeplift_rules(eps, k))
         with autograd_on(), rules as m:
             leaf = torch.cat([xs, bs]).detach().requires_grad_(True)
-            out = task.outputs_at_targets(model.forward(leaf), sample_of[s].repeat(2), s if samples else None)
+            raw = model.forward(leaf)
+            if shared:  # the one baseline row, read at every sample's target
+                raw = torch.cat([raw[:k], raw[k:].expand(k, -1)])
+            out = task.outputs_at_targets(raw, sample_of[s].repeat(2), s if samples else None)
             (grad,) = torch.autograd.grad(out[:k].sum(), leaf)
         replaced += m.calls
         attributions[s] = (xs - bs) * grad[:k]
@@ -161,7 +169,7 @@ def deeplift(task: Task, *, baseline: Any = "zero", eps: float = 1e-10) -> tuple
     ``extra["delta"]``: ``sum(attributions) - (f(x) - f(baseline))`` per sample (0 up to rounding).
     """
     _check_eps(eps)
-    base = input_baselines(task, baseline).to(task.inputs.dtype).expand_as(task.inputs)
+    base = input_baselines(task, baseline).to(task.inputs.dtype)  # (1, ...) when shared: one row per model call
     samples = torch.arange(task.n)
     attributions, differences = deeplift_pairs(task, task.inputs, base, samples, float(eps), "deeplift", True)
     return attributions, _completeness(attributions, differences)

@@ -215,15 +215,23 @@ def _target_outputs(task: Task, x: torch.Tensor, target: torch.Tensor, rows: int
 
 def _end_outputs(task: Task, ends: torch.Tensor, rows: int) -> torch.Tensor:
     """Target outputs (no gradients) of ``ends``: the samples, then any number of baseline rows for them
-    (row ``j`` is for sample ``j % n``), in batches of ``rows``. The samples' own outputs choose an undecided
-    target (``Task.targets_for``) before a baseline row reads it, so no separate prediction runs."""
+    (row ``j`` is for sample ``j % n``) or one baseline row for all (read at every sample's target), in batches
+    of ``rows``. The samples' own outputs choose an undecided target (``Task.targets_for``) before a baseline
+    row reads it, so no separate prediction runs."""
     model, n = task.torch_model, task.n
+    shared = len(ends) == n + 1
     outs = []
     with torch.no_grad():
         for s in row_slices(len(ends), rows):
             out = model.forward(model.to_model(ends[s]))
             own = slice(s.start, min(s.stop, n))  # rows of the samples themselves (empty past them)
-            outs.append(task.outputs_at_targets(out, torch.arange(s.start, s.stop) % n, own))
+            sample_of = torch.arange(s.start, s.stop) % n
+            if shared and s.stop > n:  # the last row is every sample's baseline
+                out, sample_of = (
+                    torch.cat([out[:-1], out[-1:].expand(n, -1)]),
+                    torch.cat([sample_of[:-1], torch.arange(n)]),
+                )
+            outs.append(task.outputs_at_targets(out, sample_of, own))
     return torch.cat(outs)
 
 
@@ -333,7 +341,7 @@ def integrated_gradients(
             def grad_at(path: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
                 return input_gradients(task, path, task.target[i])
 
-            ends = torch.cat([x_all, b_all.expand_as(x_all)])  # both ends in one forward call
+            ends = torch.cat([x_all, b_all])  # both ends in one forward call (a shared baseline: one row)
             f_x, f_b = _end_outputs(task, ends, rows).chunk(2)
         else:
             task.choose_targets()  # a neuron's gradient reads no target: the predicted class is only reported
