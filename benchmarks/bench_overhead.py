@@ -7,7 +7,9 @@ gradient x input); the same with each Linear / Conv / average-pool output gradie
 (rescale rule, captum's max-pool rule); for both of these also the plain forward + backward (rows "vs plain
 forward+backward"); ``steps`` x rows of forward + backward in one batch (integrated gradients, SmoothGrad); a
 forward + the backward from the class score to the CAM layer only (the Grad-CAM family); one forward to the
-layer + one SVD of its activations (Eigen-CAM); and one batched forward over all perturbed rows (ablation).
+layer + one SVD of its activations (Eigen-CAM); one batched forward over all perturbed rows (ablation); the
+coalition rows of KernelSHAP (each sample's features inside a coalition, a background row's outside), in calls
+of 4096 rows, and their mean per coalition (``kernel_shap``, linear estimator: its regression is on top).
 Token attribution is timed against captum and inseq in ``bench_text_attribution.py`` /
 ``bench_text_generation.py`` instead. Cases: an MLP on 256 rows,
 ResNet-18 (torchvision's layout, random weights, ``benchmarks/nets.py``) at 96 px x 8 images and 224 px x 16
@@ -182,6 +184,19 @@ def forward_rows(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model(variants.reshape(-1, d))
 
 
+def coalition_rows(model: nn.Module, x: torch.Tensor, evals: int, n_background: int) -> torch.Tensor:
+    """KernelSHAP's least work: ``evals`` coalitions per sample, each sample's features inside it and a background
+    row's outside, over ``n_background`` rows; their mean per coalition; the two ends' outputs."""
+    bg = x[:n_background]
+    masks = torch.rand(len(x), evals, x.shape[1]) < 0.5
+    rows = torch.where(masks[:, :, None, :], x[:, None, None, :], bg[None, None])
+    with torch.no_grad():  # in calls of 4096 rows (one call of all of them runs out of cache: slower)
+        flat = rows.reshape(-1, x.shape[1])
+        out = torch.cat([model(flat[i : i + 4096])[:, TARGET] for i in range(0, len(flat), 4096)])
+        ends = model(torch.cat([bg, x]))[:, TARGET]
+    return out.view(len(x), evals, -1).mean(2), ends
+
+
 def paired(ours: Callable[[], Any], minimal: Callable[[], Any], runs: int) -> tuple[float, float]:
     """Best CPU times of the two, timed alternately so that machine noise hits both alike."""
     best = [float("inf"), float("inf")]
@@ -211,6 +226,9 @@ def cases(quick: bool) -> list[tuple[str, nn.Module, torch.Tensor, str, dict, Ca
         ("ablation", {"baseline": "zero"}, lambda m, x: forward_rows(m, x)),
     ]:
         out.append(("MLP 256 rows", mlp, rows, name, params, (lambda f=minimal: f(mlp, rows))))
+    shap = {"estimator": "linear", "max_evals": 64, "max_background": 20}
+    few = rows[:32]
+    out.append(("MLP 32 rows", mlp, few, "kernel_shap", shap, lambda: coalition_rows(mlp, few, 62, 20)))
     out += plain_references("MLP 256 rows", mlp, rows)
     for size, n in sizes:
         x = torch.randn(n, 3, size, size)
