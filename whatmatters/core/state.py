@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import operator
 import weakref
 from collections.abc import Callable, Iterator
@@ -297,13 +298,14 @@ def require_eval(module: nn.Module, allow_train: bool = False) -> None:
         )
 
 
-def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorator: run ``fn(module, ...)`` inside :func:`preserved`."""
+def guarded(fn: Callable[..., Any], name: str | None = None) -> Callable[..., Any]:
+    """``fn(module, ...)`` run inside :func:`preserved` (its signature and documentation; ``name``: its new name)."""
 
+    @functools.wraps(fn)
     def wrapper(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         with preserved(module):
             return fn(module, *args, **kwargs)
 
-    wrapper.__doc__ = fn.__doc__
-    wrapper.__name__ = fn.__name__
+    if name is not None:
+        wrapper.__name__ = wrapper.__qualname__ = name
     return wrapper

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from whatmatters.core.errors import InputError, MethodError, ModelError, TargetError
-from whatmatters.core.state import hooks, parameter_device_dtype, preserved
+from whatmatters.core.state import guarded, hooks, parameter_device_dtype, preserved
 from whatmatters.core.task import as_indices, check_outputs
 from whatmatters.explain._lrp.canonizers import canonized
 from whatmatters.explain._lrp.composites import Composite, get_composite
@@ -122,7 +122,7 @@ def _target_rows(target: Any, n: int) -> Tensor:
     return t
 
 
-def lrp(
+def relevance(
     model: nn.Module,
     inputs: Tensor,
     target: Any = None,
@@ -147,30 +147,10 @@ def lrp(
     ``batch_size``: rows per modified backward pass (default: all); the model is prepared once.
     ``choose(logits, rows)`` (instead of ``target``) gives the targets of the input rows ``rows`` from their
     logits (``Task.targets_for``: checked, or predicted where undecided).
+
+    :func:`lrp` is this function inside :func:`~whatmatters.core.state.preserved` of the model; ``relevance``
+    itself is for a caller that guards the model already (``explain``).
     """
-    with preserved(model):
-        return relevance(
-            model, inputs, target, composite, canonize=canonize, rules=rules, layers=layers,
-            softmax_functions=softmax_functions, batch_size=batch_size, choose=choose, **params,
-        )  # fmt: skip
-
-
-def relevance(
-    model: nn.Module,
-    inputs: Tensor,
-    target: Any = None,
-    composite: str | Composite = "epsilon_plus",
-    *,
-    canonize: bool = True,
-    rules: dict[str, str | Rule] | None = None,
-    layers: Sequence[str] | None = None,
-    softmax_functions: bool = False,
-    batch_size: int | None = None,
-    choose: Callable[[Tensor, slice], Tensor] | None = None,
-    **params: Any,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """:func:`lrp` for a caller that keeps ``model`` unchanged itself (``explain``'s guard): no guard of its own
-    on the model (a BatchNorm-merged copy, ours, is still guarded)."""
     work, comp = prepare(model, composite, canonize=canonize, rules=rules, **params)
     device = parameter_device_dtype(work)[0]
     targets = _target_rows(target, len(inputs)) if target is not None else None
@@ -202,6 +182,9 @@ def relevance(
         return rels[0], layer_rels[0]
     layer_rel = {name: torch.cat([d[name] for d in layer_rels]) for name in layer_rels[0]} if layer_rels else {}
     return torch.cat(rels), layer_rel
+
+
+lrp = guarded(relevance, "lrp")
 
 
 def _relevance(
