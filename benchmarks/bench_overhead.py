@@ -10,8 +10,10 @@ forward + the backward from the class score to the CAM layer only (the Grad-CAM 
 layer + one SVD of its activations (Eigen-CAM); one batched forward over all perturbed rows (ablation); the
 coalition rows of KernelSHAP (each sample's features inside a coalition, a background row's outside), in calls
 of 4096 rows, and their mean per coalition (``kernel_shap``, linear estimator: its regression is on top).
-Token attribution is timed against captum and inseq in ``bench_text_attribution.py`` /
-``bench_text_generation.py`` instead. Cases: an MLP on 256 rows,
+Token attribution of MiniLM (a linear head on all-MiniLM-L6-v2, 32 sentences): the tokenized sentences' word
+embeddings (``steps`` scaled copies for integrated gradients) through the model, one backward to them;
+captum and inseq are compared in ``bench_text_attribution.py`` / ``bench_text_generation.py``. Cases: an MLP on
+256 rows, MiniLM,
 ResNet-18 (torchvision's layout, random weights, ``benchmarks/nets.py``) at 96 px x 8 images and 224 px x 16
 images. Both sides are timed alternately, best of ``--runs``, one torch thread by default, in
 CPU time of the process (``time.process_time``: on a shared machine other processes' load does not count).
@@ -197,6 +199,44 @@ def coalition_rows(model: nn.Module, x: torch.Tensor, evals: int, n_background: 
     return out.view(len(x), evals, -1).mean(2), ends
 
 
+def token_gradient(model: nn.Module, tok: Any, texts: list[str], steps: int = 1) -> torch.Tensor:
+    """Token attribution's least work: the sentences tokenized, the word embeddings' output (``steps`` scaled
+    copies of it for a path method) through the classifier, one backward to them."""
+    enc = tok(texts, padding=True, return_tensors="pt")
+    emb = model.get_input_embeddings()(enc["input_ids"]).detach()
+    mask = enc["attention_mask"]
+    if steps > 1:
+        emb = (emb[None] * torch.linspace(0, 1, steps)[:, None, None, None]).flatten(0, 1)
+        mask = mask.repeat(steps, 1)
+    emb.requires_grad_(True)
+    (grad,) = torch.autograd.grad(model(inputs_embeds=emb, attention_mask=mask).logits[:, TARGET].sum(), emb)
+    return grad
+
+
+def minilm_cases() -> list[tuple]:
+    """MiniLM (all-MiniLM-L6-v2 + a linear head, 4 classes) on 32 sentences; none without the text extras."""
+    try:
+        from bench_text_attribution import SENTENCES
+
+        from whatmatters.text.heads import PooledClassifier
+        from whatmatters.text.pretrained import load_minilm
+
+        encoder, tok = load_minilm()
+    except Exception as err:  # transformers or the packaged model missing: the other cases still run
+        print(f"no MiniLM case: {type(err).__name__}: {err}")
+        return []
+    torch.manual_seed(0)
+    model = PooledClassifier(encoder, 4).eval()
+    texts = [SENTENCES[i % len(SENTENCES)] for i in range(32)]
+    label = "MiniLM 32 sentences"
+    return [
+        (label, model, texts, "saliency", {"tokenizer": tok}, lambda: token_gradient(model, tok, texts)),
+        (label, model, texts, "gradient_x_input", {"tokenizer": tok}, lambda: token_gradient(model, tok, texts)),
+        (label, model, texts, "integrated_gradients", {"tokenizer": tok, "steps": 8},
+         lambda: token_gradient(model, tok, texts, 8)),
+    ]  # fmt: skip
+
+
 def paired(ours: Callable[[], Any], minimal: Callable[[], Any], runs: int) -> tuple[float, float]:
     """Best CPU times of the two, timed alternately so that machine noise hits both alike."""
     best = [float("inf"), float("inf")]
@@ -244,7 +284,7 @@ def cases(quick: bool) -> list[tuple[str, nn.Module, torch.Tensor, str, dict, Ca
         ]:
             out.append((label, net, x, name, params, (lambda f=minimal, x=x: f(net, x))))
         out += plain_references(label, net, x)
-    return out
+    return out + minilm_cases()
 
 
 def plain_references(label: str, model: nn.Module, x: torch.Tensor) -> list[tuple]:
