@@ -148,7 +148,20 @@ def test_guard_walks_modules_in_modules_order_and_copies_a_replaced_layer():
     with preserved(model), torch.no_grad():
         model[0].weight.mul_(0)
     assert torch.equal(model[0].weight, before)
-    assert state._SNAPSHOTS[model].params[0] is model[0].weight
+    assert state._SNAPSHOTS[model].params[0]() is model[0].weight
+
+
+def test_the_snapshot_does_not_keep_a_model_alive_even_when_a_parameter_refers_to_it():
+    import gc
+    import weakref
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    model[0].weight.register_hook(lambda g, m=model: g)  # the parameter holds its model
+    wm.explain(model, torch.randn(5, 3), "saliency", target=0)
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
 
 
 def test_a_scorer_that_writes_weights_by_mistake_is_caught_and_restored(monkeypatch):

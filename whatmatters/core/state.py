@@ -36,14 +36,14 @@ WEIGHT_SNAPSHOT_LIMIT = 50_000_000
 # Per model: its parameters, their stamps (version, data pointer) and a copy of each. A copy is taken once and
 # reused by later calls while the parameter's version counter and storage are unchanged (``p.data = t`` and
 # ``module.double()`` keep the version but move the storage), so a call costs O(number of tensors) integer
-# reads; the snapshot goes with the model (weak keys). It holds the parameters themselves (a replaced layer's
-# weights live until the model's next call), so identities are compared, never reused ids. Writes through
-# ``p.data`` bump no counter: whatmatters never writes weights that way.
+# reads; the snapshot goes with the model (weak keys) and holds weak references to the parameters (a parameter
+# that holds its module, through a hook, must not keep it alive). Writes through ``p.data`` bump no counter:
+# whatmatters never writes weights that way.
 
 
 @dataclass
 class _Snapshot:
-    params: list[nn.Parameter]
+    params: list[weakref.ref]
     stamps: list[tuple[int, int]]
     copies: list[torch.Tensor]
 
@@ -75,16 +75,16 @@ def weight_snapshot(
         return None
     snap = _SNAPSHOTS.get(module)
     same = snap is not None and snap.stamps == stamps and len(snap.params) == len(params)
-    if same and all(map(operator.is_, snap.params, params)):
+    if same and all(map(operator.is_, [ref() for ref in snap.params], params)):
         return snap
     if weights is None and sum(p.numel() for p in params) > WEIGHT_SNAPSHOT_LIMIT:
         return None
-    old = {} if snap is None else {id(p): (st, c) for p, st, c in zip(snap.params, snap.stamps, snap.copies)}
+    old = {} if snap is None else {id(r()): (r, st, c) for r, st, c in zip(snap.params, snap.stamps, snap.copies)}
     copies = []
     for p, stamp in zip(params, stamps):
-        hit = old.get(id(p))  # the old snapshot holds its parameters: an equal id is the same parameter
-        copies.append(hit[1] if hit is not None and hit[0] == stamp else p.detach().clone())
-    snap = _SNAPSHOTS[module] = _Snapshot(list(params), list(stamps), copies)
+        hit = old.get(id(p))  # the same parameter only if its reference still points to it (ids are reused)
+        copies.append(hit[2] if hit is not None and hit[0]() is p and hit[1] == stamp else p.detach().clone())
+    snap = _SNAPSHOTS[module] = _Snapshot([weakref.ref(p) for p in params], list(stamps), copies)
     return snap
 
 
