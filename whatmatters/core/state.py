@@ -108,7 +108,7 @@ def preserved(module: nn.Module, *, weights: bool | None = None) -> Iterator[nn.
     # a torch release without the counter falls back to listing every module's hooks
     first_new = getattr(RemovableHandle, "next_id", None)
     hooks = [_hook_keys(m) for m in modules] if first_new is None else None
-    stamps = [_stamp(p) for p in params]
+    stamps = [(p._version, p.data_ptr()) for p in params]  # _stamp, inlined: read for every tensor on every call
     snap = weight_snapshot(module, params, stamps, weights)
     buffer_copies = [b.detach().clone() for b in buffers]
     try:
@@ -126,7 +126,7 @@ def preserved(module: nn.Module, *, weights: bool | None = None) -> Iterator[nn.
         if first_new is None or RemovableHandle.next_id != first_new:  # else no hook was added
             for i, m in enumerate(modules):
                 _remove_new_hooks(m, first_new, hooks[i] if hooks is not None else {})
-        now = [_stamp(p) for p in params]
+        now = [(p._version, p.data_ptr()) for p in params]
         changed = [i for i, (a, b) in enumerate(zip(now, stamps)) if a != b] if now != stamps else []
         with torch.no_grad():
             for b, saved in zip(buffers, buffer_copies):
@@ -169,7 +169,8 @@ def _walk(module: nn.Module) -> tuple[list[nn.Module], list[nn.Parameter], list[
                 if t is not None and id(t) not in seen:
                     seen.add(id(t))
                     out.append(t)
-        stack.extend(c for c in reversed(m._modules.values()) if c is not None)
+        if m._modules:  # leaves (most modules) have none
+            stack.extend([c for c in reversed(m._modules.values()) if c is not None])
     return modules, params, buffers
 
 
