@@ -174,6 +174,30 @@ def test_modified_relu_gradients_match_captum(case, name, reference):
     assert_parity(imp.values, quiet(getattr(captum_attr, reference)(model).attribute, x.clone(), target=target))
 
 
+class SharedInplace(nn.Module):
+    """One in-place ReLU module used after both layers (the hooks see each call's own autograd node)."""
+
+    def __init__(self, shared: bool):
+        super().__init__()
+        torch.manual_seed(1)
+        self.a, self.b, self.c = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.r1 = nn.ReLU(inplace=shared)
+        self.r2 = self.r1 if shared else nn.ReLU()
+
+    def forward(self, x):
+        return self.c(self.r2(self.b(self.r1(self.a(x)))))
+
+
+@pytest.mark.parametrize("name", ["guided_backprop", "deconvolution"])
+def test_modified_relu_gradients_with_a_shared_inplace_relu_equal_separate_ones(name):
+    x = torch.randn(5, 6, dtype=torch.float64)
+    shared = wm.explain(SharedInplace(True).double().eval(), x, name, target=1).values
+    separate = wm.explain(SharedInplace(False).double().eval(), x, name, target=1).values
+    torch.testing.assert_close(shared, separate, rtol=0, atol=0)
+    plain = wm.explain(SharedInplace(False).double().eval(), x, "saliency", abs=False, target=1).values
+    assert not torch.equal(separate, plain)  # the rule changed something
+
+
 @pytest.mark.parametrize("upsample", ["nearest", "bilinear"])
 def test_guided_grad_cam_matches_captum(upsample):
     model, x = cnn(nn.MaxPool2d), torch.rand(4, 3, 8, 8, dtype=torch.float64)

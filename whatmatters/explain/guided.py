@@ -22,19 +22,19 @@ from whatmatters.core.registry import scorer
 from whatmatters.core.task import Task
 from whatmatters.explain.cam import _grad_cam_map, class_activation_map
 from whatmatters.explain.gradient import GRADIENT_UNITS, _gradient_map
-from whatmatters.explain.modified_backward import modified_backward
+from whatmatters.explain.modified_backward import modified_node_backward
 
 
-def _guided(module: nn.Module, x: torch.Tensor, y: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    return (grad * (x > 0)).clamp_min(0)
+def _guided(own: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    return own.clamp_min(0)  # the ReLU's own gradient (grad where its input was positive), its positive part
 
 
-def _deconv(module: nn.Module, x: torch.Tensor, y: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+def _deconv(own: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return grad.clamp_min(0)
 
 
 def _relu_gradients(task: Task, rule: Any, description: str) -> torch.Tensor:
-    with modified_backward(task.torch_model.module, {nn.ReLU: rule}) as state:
+    with modified_node_backward(task.torch_model.module, (nn.ReLU,), rule) as state:
         out = _gradient_map(task, lambda x, g: g, description)
     if state.calls == 0:
         warnings.warn(

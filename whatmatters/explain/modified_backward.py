@@ -5,7 +5,9 @@ forward pre-hook keeps the module's input (and hands the module a copy, so in-pl
 change it); a forward hook returns the module's own output through :class:`_Replaced`, whose backward
 calls a rule ``rule(module, x, y, grad_y) -> grad_x``. Forward values are unchanged. Each call of a module
 gets its own pair, so a module used several times (one ``nn.ReLU`` shared by all layers) works.
-DeepLIFT's rescale rule, guided backpropagation and deconvolution are rules.
+DeepLIFT's rescale rule is such a rule. A rule that needs no forward values (guided backpropagation,
+deconvolution) goes through :func:`modified_node_backward` instead: a hook on the module output's autograd
+node rewrites the gradient that node computed, so nothing is copied or kept.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from torch import nn
 from whatmatters.core.state import hooks
 
 Rule = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (the gradient the module's own backward gives its input, the gradient at its output) -> the input's gradient
+NodeRule = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class _Replaced(torch.autograd.Function):
@@ -80,5 +84,24 @@ def modified_backward(model: nn.Module, rules: dict[type, Rule]) -> Iterator[_Ca
         if type(module) in rules:
             handles.append(module.register_forward_pre_hook(state.before))
             handles.append(module.register_forward_hook(state.after))
+    with hooks(*handles):
+        yield state
+
+
+@contextmanager
+def modified_node_backward(model: nn.Module, types: tuple[type, ...], rule: NodeRule) -> Iterator[_Calls]:
+    """Within the block, the input gradient of every call of a module of ``types`` is ``rule(own, grad_out)``
+    (``own``: what the module's backward gave). A hook on the output's autograd node rewrites it, so nothing
+    is kept from the forward pass; in-place modules work (their output's node is their own). Yields a counter
+    of the calls modified (0: none of these modules ran); hooks are removed on exit, also on error.
+    """
+    state = _Calls({})
+
+    def after(_module: nn.Module, _args: Any, out: Any) -> None:
+        if isinstance(out, torch.Tensor) and out.grad_fn is not None:
+            state.calls += 1
+            out.grad_fn.register_hook(lambda grad_in, grad_out: (rule(grad_in[0], grad_out[0]), *grad_in[1:]))
+
+    handles = [m.register_forward_hook(after) for m in model.modules() if isinstance(m, types)]
     with hooks(*handles):
         yield state
