@@ -253,3 +253,27 @@ def test_per_slot_backward_passes_without_a_batching_rule_give_the_same_gradient
     want = torch.stack([2 * leaf, leaf.cos(), leaf.prod(1, keepdim=True) / leaf]).detach()
     torch.testing.assert_close(batched, want)
     torch.testing.assert_close(looped, want)
+
+
+@pytest.mark.parametrize("method", ["saliency", "gradient_x_input"])
+def test_a_text_classifier_chooses_its_class_in_the_methods_own_forward(method):
+    """target=None: saliency and gradient x input take each text's predicted class from their own forward (one
+    model call in all), with the maps and reported targets of the call given those classes."""
+    from text_toys import KEY, KeyClassifier, key_rows
+
+    model = KeyClassifier().eval()
+    ids, _ = key_rows(6)
+    ids[::2] = torch.where(ids[::2] == KEY, 9, ids[::2])  # no key in every other row: class 0 there
+    with torch.no_grad():
+        predicted = model(input_ids=ids).logits.argmax(1)
+    assert 0 < int(predicted.sum()) < len(ids)
+    calls = []
+    handle = model.register_forward_pre_hook(lambda _m, _a: calls.append(1))
+    try:
+        chosen = wm.explain(model, ids, method)
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+    given = wm.explain(model, ids, method, target=predicted.tolist())
+    assert chosen.target == given.target == predicted.tolist()
+    torch.testing.assert_close(chosen.values, given.values)

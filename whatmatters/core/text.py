@@ -59,6 +59,7 @@ class TextTask:
     batch_size: int | None = None
     progress: bool | None = None
     generated: bool = False
+    predict: bool = False  # a classifier's target=None: targets -1 until the method's own forward chooses them
 
     unit = "token"
 
@@ -114,6 +115,7 @@ class TextTask:
         embeds: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         slots: torch.Tensor | None = None,
+        own: bool = False,
     ) -> torch.Tensor:
         """Target outputs of rows built from samples ``rows`` (one forward pass, differentiable in ``embeds``).
 
@@ -121,6 +123,8 @@ class TextTask:
         output) and ``mask`` (default: the samples' attention mask) have one row per entry of ``rows``.
         Returns ``(r, T)`` (every target slot), or ``(r,)`` with ``slots`` (one slot per row). An LM reads
         only the positions up to the last one that predicts a requested slot, and computes logits there only.
+        ``own``: the rows are the samples themselves (their own embeddings), so a classifier's undecided
+        targets (``predict``) are their predicted classes, chosen here and kept in ``target``.
         """
         device = self.device
         ids = self.input_ids[rows] if ids is None else ids
@@ -128,6 +132,8 @@ class TextTask:
         if self.kind == "classifier":
             with replaced_output(self.embedding, embeds):
                 logits = _logits(self.model(input_ids=ids.to(device), attention_mask=mask.to(device)), 2)
+            if self.predict:
+                self._choose(rows, logits, own)
             out = logits.gather(1, self.target[rows].to(device))  # (r, 1)
             return out if slots is None else out[:, 0]
         wanted = torch.arange(self.n_slots) if slots is None else slots.cpu()
@@ -151,6 +157,20 @@ class TextTask:
         picked = logits[torch.arange(len(rows), device=device), at][:, None]  # (r, 1, V)
         tokens = self.target[rows.cpu(), slots.cpu()].to(device)[:, None]
         return _token_output(picked, tokens, self.output)[:, 0]
+
+    def _choose(self, rows: torch.Tensor, logits: torch.Tensor, own: bool) -> None:
+        """Undecided targets of the samples ``rows``: their predicted classes, from their own ``logits``."""
+        undecided = self.target[rows.cpu(), 0] < 0
+        if not bool(undecided.any()):
+            return
+        if not own:
+            raise ModelError("internal error: a target was read before the samples' own forward chose it")
+        self.target[rows.cpu()[undecided], 0] = logits.detach().argmax(1).cpu()[undecided]
+
+    def choose_targets(self) -> None:
+        """Every undecided target chosen now, by one prediction (for a method that runs no forward of the samples)."""
+        if self.predict and bool((self.target < 0).any()):
+            self.target = _class_target(self.model, None, self.input_ids, self.attention_mask, self.n)
 
     def slot_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(sample, slot) index of every real target slot, each ``(P,)``, slot by slot (rows of one call
@@ -398,6 +418,7 @@ def make_text_task(
     seed: int = 0,
     batch_size: int | None = None,
     progress: bool | None = None,
+    predicts_target: bool = False,
 ) -> TextTask:
     """The one place where a token-attribution request is checked, tokenized, generated and its target resolved.
 
@@ -408,6 +429,8 @@ def make_text_task(
     ``output`` is what is explained per target token (``"probability"``, inseq's default;
     ``"log_probability"`` or ``"logit"``). Texts longer than the model's context (``max_length``, default
     ``max_position_embeddings``) are truncated with a warning (an LM's prompt keeps its last tokens).
+    ``predicts_target`` (a method whose first forward runs the texts themselves): a classifier's ``target=None``
+    makes no prediction here; that forward chooses each text's class (``TextTask.predict``).
     """
     if not isinstance(model, nn.Module):
         raise ModelError(f"token attribution needs a PyTorch (Hugging Face) model, got a {type(model).__name__}")
@@ -439,9 +462,10 @@ def make_text_task(
         rows = _truncate(rows, limit, "first", "texts")
         words = [w[: len(r)] for w, r in zip(words, rows)]
         ids, mask = _pad(rows, pad, left=False)
-        tgt = _class_target(model, target, ids, mask, n)
-        return _finish(TextTask(model, ids, mask, tgt, torch.ones_like(tgt, dtype=torch.bool), "classifier"),
-                       rows, words, tokenizer, output, seed, batch_size, progress)  # fmt: skip
+        predict = predicts_target and target is None
+        tgt = torch.full((n, 1), -1) if predict else _class_target(model, target, ids, mask, n)
+        task = TextTask(model, ids, mask, tgt, torch.ones_like(tgt, dtype=torch.bool), "classifier", predict=predict)
+        return _finish(task, rows, words, tokenizer, output, seed, batch_size, progress)
     if target is None and generate is None:
         raise TargetError("a causal LM explains a continuation: pass target=['continuation', ...] or generate=N")
     if target is not None and generate is not None:
@@ -551,17 +575,29 @@ def _word_strings(tokenizer: Any, tokens: list[str], word_ids: list[int]) -> lis
 
 
 # ------------------------------------------------------------------ registering token scorers
+_CHOOSES_CLASS: set[Callable[..., Any]] = set()
+
+
+def chooses_class(fn: Callable[..., Any]) -> bool:
+    """Whether a token scorer takes a classifier's predicted class from its own forward of the texts."""
+    return fn in _CHOOSES_CLASS
+
+
 def text_scorer(
-    name: str, *, family: str, aliases: tuple[str, ...] = ()
+    name: str, *, family: str, aliases: tuple[str, ...] = (), predicts_target: bool = False
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register ``fn(task: TextTask, **params)`` as the token implementation of method ``name``.
 
     A name already registered (``integrated_gradients`` for features and pixels) gains unit ``token``
     and runs ``fn`` on text; a new name becomes a token-only method. The function returns ``(values,
     extra)`` like every scorer; ``task.extra()`` (tokens, words, layout) is added by the caller.
+    ``predicts_target``: ``fn``'s first forward runs the texts themselves (``TextTask.scores(..., own=True)``),
+    so a classifier's predicted class comes from it (:func:`chooses_class`).
     """
 
     def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if predicts_target:
+            _CHOOSES_CLASS.add(fn)
         if name in SCORERS.entries:
             SCORERS.extend(name, "token", fn, aliases)
         else:

@@ -13,7 +13,7 @@ from whatmatters.core.importance import Importance
 from whatmatters.core.params import check_params
 from whatmatters.core.registry import get_method, keyword_defaults
 from whatmatters.core.task import Task, check_units, guarded, make_task, probe, torch_module
-from whatmatters.core.text import is_text_request, make_text_task
+from whatmatters.core.text import chooses_class, is_text_request, make_text_task
 
 
 def explain(
@@ -162,10 +162,12 @@ def explain_text(
     with guarded(model, allow_train_mode):
         for p in model.parameters():  # gradients reach the embeddings only (flags restored by guarded)
             p.requires_grad_(False)
-        task = make_text_task(model, data, target, **options)
+        task = make_text_task(model, data, target, predicts_target=chooses_class(fn), **options)
         start = time.perf_counter()
         out = fn(task, **params)
         seconds = time.perf_counter() - start
+        if task.predict and bool((task.target < 0).any()):
+            raise ModelError("internal error: the method did not choose every text's class; please report it")
     target_out = task.target[:, 0].tolist() if task.kind == "classifier" else "continuation"
     if task.kind == "classifier" and len(set(target_out)) == 1:
         target_out = target_out[0]

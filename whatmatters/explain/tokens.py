@@ -38,6 +38,7 @@ def _gradients(
     embeds: Any,
     description: str,
     key: torch.Tensor | None = None,
+    own: bool = False,
 ) -> torch.Tensor:
     """Gradient of each row's target output with respect to its word embeddings, ``(r, S, d)``.
 
@@ -46,6 +47,7 @@ def _gradients(
     padding, so the rows of a call share most of it (an LM's call cuts the padding all its rows have).
     ``key``: rows with the same key have the same embeddings (one sample at one path point); an LM with
     several target slots then runs one forward pass per key for all its slots (:func:`_shared_gradients`).
+    ``own``: the rows are the samples' own embeddings, so a classifier's forward chooses undecided targets.
     """
     if key is not None and task.kind == "lm" and task.n_slots > 1:
         return _shared_gradients(task, sample, slot, embeds, description, key)
@@ -56,7 +58,7 @@ def _gradients(
     for rows in progress_bar(chunks, len(chunks), description, task.progress):
         with autograd_on():
             leaf = embeds(rows).detach().clone().requires_grad_(True)
-            score = task.scores(sample[rows], embeds=leaf, slots=slot[rows])
+            score = task.scores(sample[rows], embeds=leaf, slots=slot[rows], own=own)
             if not score.requires_grad:
                 raise ModelError(NO_GRADIENT)
             (grad,) = torch.autograd.grad(score.sum(), leaf)
@@ -124,17 +126,17 @@ def _scatter(task: TextTask, sample: torch.Tensor, slot: torch.Tensor, per_pair:
 def _plain_gradient(task: TextTask, combine: Any, description: str) -> tuple[torch.Tensor, dict[str, Any]]:
     sample, slot = task.slot_pairs()
     emb = task.word_embeddings(task.input_ids)
-    grads = _gradients(task, sample, slot, lambda s: emb[sample[s]], description, key=sample)
+    grads = _gradients(task, sample, slot, lambda s: emb[sample[s]], description, key=sample, own=True)
     return _scatter(task, sample, slot, combine(emb[sample], grads)), task.extra()
 
 
-@text_scorer("saliency", family="gradient")
+@text_scorer("saliency", family="gradient", predicts_target=True)
 def token_saliency(task: TextTask) -> tuple[torch.Tensor, dict[str, Any]]:
     """Saliency of tokens: the L2 norm of the target's gradient with respect to each token's word embedding."""
     return _plain_gradient(task, lambda e, g: g.norm(dim=-1), "saliency")
 
 
-@text_scorer("gradient_x_input", family="gradient")
+@text_scorer("gradient_x_input", family="gradient", predicts_target=True)
 def token_gradient_x_input(task: TextTask) -> tuple[torch.Tensor, dict[str, Any]]:
     """Gradient x input of tokens: word embedding times the target's gradient there, summed over the embedding."""
     return _plain_gradient(task, lambda e, g: (e * g).sum(-1), "gradient x input")
