@@ -255,10 +255,15 @@ def test_per_slot_backward_passes_without_a_batching_rule_give_the_same_gradient
     torch.testing.assert_close(looped, want)
 
 
-@pytest.mark.parametrize("method", ["saliency", "gradient_x_input"])
-def test_a_text_classifier_chooses_its_class_in_the_methods_own_forward(method):
-    """target=None: saliency and gradient x input take each text's predicted class from their own forward (one
-    model call in all), with the maps and reported targets of the call given those classes."""
+@pytest.mark.parametrize(
+    ("method", "params", "calls"),
+    [("saliency", {}, 1), ("gradient_x_input", {}, 1), ("integrated_gradients", {"steps": 8}, 3), ("occlusion", {}, 2)],
+)
+def test_a_text_classifier_chooses_its_class_in_the_methods_own_forward(method, params, calls):
+    """target=None: the token methods take each text's predicted class from their own forward of the texts
+    (saliency, gradient x input: their one call; integrated gradients: the samples' end, then the path and the
+    baseline's end; occlusion: the unoccluded texts, then the variants), with the maps and reported targets of
+    the call given those classes."""
     from text_toys import KEY, KeyClassifier, key_rows
 
     model = KeyClassifier().eval()
@@ -267,13 +272,13 @@ def test_a_text_classifier_chooses_its_class_in_the_methods_own_forward(method):
     with torch.no_grad():
         predicted = model(input_ids=ids).logits.argmax(1)
     assert 0 < int(predicted.sum()) < len(ids)
-    calls = []
-    handle = model.register_forward_pre_hook(lambda _m, _a: calls.append(1))
+    seen = []
+    handle = model.register_forward_pre_hook(lambda _m, _a: seen.append(1))
     try:
-        chosen = wm.explain(model, ids, method)
+        chosen = wm.explain(model, ids, method, **params)
     finally:
         handle.remove()
-    assert len(calls) == 1
-    given = wm.explain(model, ids, method, target=predicted.tolist())
+    assert len(seen) == calls
+    given = wm.explain(model, ids, method, target=predicted.tolist(), **params)
     assert chosen.target == given.target == predicted.tolist()
     torch.testing.assert_close(chosen.values, given.values)

@@ -163,7 +163,7 @@ def baseline_ids(task: TextTask, baseline: Any) -> torch.Tensor | None:
     return torch.where(keep, task.input_ids, torch.full_like(task.input_ids, value))
 
 
-@text_scorer("integrated_gradients", family="gradient")
+@text_scorer("integrated_gradients", family="gradient", predicts_target=True)
 def token_integrated_gradients(
     task: TextTask, *, baseline: Any = "zero", steps: int = 50, rule: str = "gausslegendre", delta: bool = True
 ) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -194,6 +194,10 @@ def token_integrated_gradients(
         i, al = rows_sample[s], a[step[s]].view(-1, 1, 1)
         return b[i] + al * (x[i] - b[i])
 
+    if delta:  # the samples' own outputs first: they choose a classifier's undecided classes
+        f_x = _all_scores(task, None)
+    else:
+        task.choose_targets()
     key = rows_sample * k + step  # rows of one sample at one path point share their embeddings
     grads = _gradients(task, rows_sample, rows_slot, path, "integrated gradients", key=key)
     w = weights.to(grads.device, grads.dtype)[step].view(-1, 1, 1)
@@ -202,18 +206,20 @@ def token_integrated_gradients(
     per_pair = per_pair * task.context_mask()[sample, slot].to(per_pair.device)
     extra: dict[str, Any] = {"baseline": baseline}
     if delta:
-        with torch.no_grad():
-            error = per_pair.sum(-1).cpu() - (_all_scores(task, None) - _all_scores(task, b))[sample, slot]
+        error = per_pair.sum(-1).cpu() - (f_x - _all_scores(task, b))[sample, slot]
         extra |= {"delta": error.tolist(), "max_abs_delta": float(error.abs().max())}
     return _scatter(task, sample, slot, per_pair), {**task.extra(), **extra}
 
 
 def _all_scores(task: TextTask, embeds: torch.Tensor | None) -> torch.Tensor:
-    """``(n, T)`` target outputs of every sample (with ``embeds``: those word embeddings), no gradients."""
+    """``(n, T)`` target outputs of every sample (with ``embeds``: those word embeddings), no gradients.
+    Without ``embeds`` the rows are the samples themselves: they choose a classifier's undecided classes."""
     outs = []
-    for s in row_slices(task.n, task.rows_per_call()):
-        rows = torch.arange(s.start, s.stop)
-        outs.append(task.scores(rows, embeds=None if embeds is None else embeds[s]).float().cpu())
+    with torch.no_grad():
+        for s in row_slices(task.n, task.rows_per_call()):
+            rows = torch.arange(s.start, s.stop)
+            own = embeds is None
+            outs.append(task.scores(rows, embeds=None if own else embeds[s], own=own).float().cpu())
     return torch.cat(outs)
 
 
@@ -231,7 +237,7 @@ def _variants(task: TextTask, window: int) -> tuple[torch.Tensor, torch.Tensor, 
     return sample, start, cover.float() * valid[..., None]
 
 
-@text_scorer("occlusion", family="perturbation", aliases=("leave_one_out",))
+@text_scorer("occlusion", family="perturbation", aliases=("leave_one_out",), predicts_target=True)
 def token_occlusion(
     task: TextTask, *, window: int = 1, baseline: Any = "remove"
 ) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -250,7 +256,7 @@ def token_occlusion(
     replace = None if isinstance(baseline, str) and baseline == "remove" else baseline_ids(task, baseline)
     sample, start, cover = _variants(task, window)
     hidden = cover[sample, start].bool()
-    full = _all_scores(task, None)  # (n, T)
+    full = _all_scores(task, None)  # (n, T); the samples' own outputs choose a classifier's undecided classes
     chunks = row_slices(len(sample), task.rows_per_call())
     drops = torch.empty((len(sample), task.n_slots))
     with torch.no_grad():
