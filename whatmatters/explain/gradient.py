@@ -203,16 +203,6 @@ def input_baselines(task: Task, baseline: Any) -> torch.Tensor:
     return baseline_row(task, value).unsqueeze(0)
 
 
-def _target_outputs(task: Task, x: torch.Tensor, target: torch.Tensor, rows: int) -> torch.Tensor:
-    """Target outputs of the rows of ``x`` (no gradients), in batches of ``rows``."""
-    model = task.torch_model
-    outs = []
-    with torch.no_grad():
-        for s in row_slices(len(x), rows):
-            outs.append(task.forward_target(model.to_model(x[s]), target[s]))
-    return torch.cat(outs)
-
-
 def _end_outputs(task: Task, ends: torch.Tensor, rows: int) -> torch.Tensor:
     """Target outputs (no gradients) of ``ends``: the samples, then any number of baseline rows for them
     (row ``j`` is for sample ``j % n``) or one baseline row for all (read at every sample's target), in batches

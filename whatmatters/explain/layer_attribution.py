@@ -23,7 +23,7 @@ from whatmatters.core.registry import scorer
 from whatmatters.core.task import Task, progress_bar
 from whatmatters.explain.gradient import (
     GRADIENT_UNITS,
-    _target_outputs,
+    _end_outputs,
     _where_extra,
     input_baselines,
     path_points,
@@ -88,10 +88,8 @@ def layer_conductance(
         acts, grads = layer_gradients(task, site, path, task.target[s].repeat_interleave(len(a)))
         acts, grads = acts.view(m, len(a), *site.shape), grads.view(m, len(a), *site.shape)
         total[s] += (grads[:, :-1] * (acts[:, 1:] - acts[:, :-1])).sum(1)
-    delta = total.flatten(1).sum(1) - (
-        _target_outputs(task, x_all, task.target, rows)
-        - _target_outputs(task, b_all.expand_as(x_all), task.target, rows)
-    )
+    f_x, f_b = _end_outputs(task, torch.cat([x_all, b_all]), rows).chunk(2)  # both ends in one batch
+    delta = total.flatten(1).sum(1) - (f_x - f_b)
     extra = {"delta": delta.detach().cpu().double().numpy(), "max_abs_delta": float(delta.abs().max())}
     return total, {**extra, **_where_extra(site, None)}
 
