@@ -340,7 +340,7 @@ def integrated_gradients(
                 return neuron_gradients(task, site, index, path)
 
             f_x = layer_activations(task, site, x_all, rows).flatten(1)[:, index]
-            f_b = layer_activations(task, site, b_all.expand_as(x_all), rows).flatten(1)[:, index]
+            f_b = layer_activations(task, site, b_all, rows).flatten(1)[:, index]  # a shared baseline: one row
     total = path_sum(task, x_path, b_path, points, rows, grad_at, "integrated gradients")
     attributions = (x_path - b_path) * total
     delta = attributions.flatten(1).sum(1) - (f_x - f_b)
