@@ -320,3 +320,22 @@ def test_a_shared_baseline_gives_the_same_integrated_gradients_and_delta_as_one_
         torch.testing.assert_close(shared.values, each.values, rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(shared.extra["delta"], each.extra["delta"], atol=1e-12)
         assert shared.target == each.target
+
+
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [("deeplift", {}), ("integrated_gradients", {"steps": 6}), ("layer_conductance", {"layer": "1", "steps": 6})],
+)
+@pytest.mark.parametrize("target", [None, 1])
+def test_a_shared_baseline_row_gives_the_same_result_in_batches_of_two(method, params, target):
+    """Calls of 2 rows put the shared baseline row in a call of its own (5 samples + 1): same values, targets
+    and deltas as one call."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(36, 3))
+    model = model.double().eval()
+    x = torch.rand(5, 3, 8, 8, dtype=torch.float64)
+    one = wm.explain(model, x, method, target=target, baseline="mean", **params)
+    split = wm.explain(model, x, method, target=target, baseline="mean", batch_size=2, **params)
+    torch.testing.assert_close(one.values, split.values, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(one.extra["delta"], split.extra["delta"], atol=1e-12)
+    assert one.target == split.target
