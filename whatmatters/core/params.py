@@ -179,6 +179,8 @@ def check_params(
     names); ``fn``, the entry's function, gives the annotations that values must fit. Values under
     ``context`` names (targets, data) are someone else's to check and pass unchanged.
     """
+    if not given:
+        return {}
     unknown = sorted(set(given) - set(accepted))
     if unknown:
         raise MethodError(f"{owner} got unknown parameter(s) {unknown}; it accepts {sorted(accepted) or 'none'}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numbers
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -29,11 +29,10 @@ def progress_bar(items: Iterable[T], total: int, description: str, enabled: bool
     if enabled is None:
         enabled = total > 20 and sys.stderr.isatty()
     if not enabled:
-        yield from items
-        return
+        return iter(items)
     from rich.progress import track
 
-    yield from track(items, total=total, description=description, transient=True)
+    return iter(track(items, total=total, description=description, transient=True))
 
 
 @dataclass
@@ -322,16 +321,13 @@ def torch_module(model: Any) -> nn.Module | None:
     return module if isinstance(module, nn.Module) else None
 
 
-@contextmanager
-def guarded(model: Any, allow_train_mode: bool = False) -> Iterator[None]:
+def guarded(model: Any, allow_train_mode: bool = False) -> AbstractContextManager[Any]:
     """A torch model is refused in training mode and left exactly as it was; other models pass through."""
     module = torch_module(model)
     if module is None:
-        yield
-        return
+        return nullcontext()
     require_eval(module, allow_train_mode)
-    with preserved(module):
-        yield
+    return preserved(module)
 
 
 def _check_int(value: Any, name: str, *, positive: bool) -> int | None:

@@ -68,17 +68,18 @@ def explain(
     if info.verb != "explain":
         hint = "whatmatters.compress.score(model, method, data=...)" if info.verb == "compress" else info.verb
         raise MethodError(f"{method!r} is a {info.verb} method, not an explain method; use {hint} for it")
-    text = dict(tokenizer=tokenizer, attention_mask=attention_mask, generate=generate)
+    module = torch_module(model)
     text_data = is_text_request(data, tokenizer, attention_mask, generate) or _token_ids_for(info, model, data)
     wants_text = "token" in info.variants or tokenizer is not None  # else a string is non-numeric data
-    if text_data and wants_text and torch_module(model) is not None:
-        text["output"] = params.pop("output", None)  # on text, output= is a task option, not a method's
+    if text_data and wants_text and module is not None:
+        output = params.pop("output", None)  # on text, output= is a task option, not a method's
         return explain_text(
-            model, data, info, target, **text, max_length=max_length, seed=seed, batch_size=batch_size,
-            progress=progress, allow_train_mode=allow_train_mode, params=params,
+            model, data, info, target, tokenizer=tokenizer, attention_mask=attention_mask, generate=generate,
+            output=output, max_length=max_length, seed=seed, batch_size=batch_size, progress=progress,
+            allow_train_mode=allow_train_mode, params=params,
         )  # fmt: skip
     params = check_params(info.name, params, info.defaults, fn=info.fn)
-    if info.needs in ("gradients", "module") and torch_module(model) is None:
+    if info.needs in ("gradients", "module") and module is None:
         raise ModelError(
             f"{info.name} needs gradients, so it needs a PyTorch nn.Module; for a {type(model).__name__} "
             f"use a model-agnostic method: {', '.join(m for m in _agnostic())}"
