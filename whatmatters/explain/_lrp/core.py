@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from whatmatters.core.errors import InputError, MethodError, ModelError, TargetError
-from whatmatters.core.state import guarded, hooks, parameter_device_dtype, preserved
+from whatmatters.core.state import autograd_on, guarded, hooks, parameter_device_dtype, preserved
 from whatmatters.core.task import as_indices, check_outputs
 from whatmatters.explain._lrp.canonizers import canonized
 from whatmatters.explain._lrp.composites import Composite, get_composite
@@ -161,8 +161,7 @@ def relevance(
     with ExitStack() as stack:
         if work is not model:  # the hooks go on our merged copy, which only reads the model
             stack.enter_context(preserved(work, weights=False))
-        stack.enter_context(torch.inference_mode(False))
-        stack.enter_context(torch.enable_grad())
+        stack.enter_context(autograd_on())
         if softmax_functions:
             stack.enter_context(constant_softmax())
         stack.enter_context(attached(work, comp, state))

@@ -38,7 +38,7 @@ from whatmatters.core import hf
 from whatmatters.core.errors import InputError, MethodError, ModelError
 from whatmatters.core.fractions import whole
 from whatmatters.core.importance import Importance
-from whatmatters.core.state import Tally, find_module, hooks, preserved
+from whatmatters.core.state import Tally, autograd_on, find_module, hooks, preserved
 from whatmatters.core.task import as_indices
 from whatmatters.explain._lrp.rules import damped
 
@@ -316,8 +316,7 @@ def lm_lrp(
         kwargs["attention_mask"] = attention_mask.to(device)
     with ExitStack() as stack:
         stack.enter_context(preserved(model, weights=False))
-        stack.enter_context(torch.inference_mode(False))
-        stack.enter_context(torch.enable_grad())
+        stack.enter_context(autograd_on())
         model.eval()
         for q in model.parameters():
             q.requires_grad_(False)
