@@ -108,7 +108,7 @@ def preserved(module: nn.Module, *, weights: bool | None = None) -> Iterator[nn.
     # a torch release without the counter falls back to listing every module's hooks
     first_new = getattr(RemovableHandle, "next_id", None)
     hooks = [_hook_keys(m) for m in modules] if first_new is None else None
-    stamps = [(p._version, p.data_ptr()) for p in params]  # _stamp, inlined: read for every tensor on every call
+    stamps = [_stamp(p) for p in params]
     snap = weight_snapshot(module, params, stamps, weights)
     buffer_copies = [b.detach().clone() for b in buffers]
     try:
@@ -126,7 +126,7 @@ def preserved(module: nn.Module, *, weights: bool | None = None) -> Iterator[nn.
         if first_new is None or RemovableHandle.next_id != first_new:  # else no hook was added
             for i, m in enumerate(modules):
                 _remove_new_hooks(m, first_new, hooks[i] if hooks is not None else {})
-        now = [(p._version, p.data_ptr()) for p in params]
+        now = [_stamp(p) for p in params]
         changed = [i for i, (a, b) in enumerate(zip(now, stamps)) if a != b] if now != stamps else []
         with torch.no_grad():
             for b, saved in zip(buffers, buffer_copies):
@@ -268,15 +268,10 @@ def capture(layer: nn.Module, *, grads: bool = False) -> Iterator[dict[str, Any]
 
 
 def parameter_device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
-    """Device and (floating) dtype of the module's first parameter, else of its first buffer, else CPU float32."""
-    for group in ("_parameters", "_buffers"):
-        stack = [module]
-        while stack:  # module.modules() order, stopping at the first tensor
-            m = stack.pop()
-            t = next((t for t in getattr(m, group).values() if t is not None), None)
-            if t is not None:
-                return t.device, (t.dtype if t.dtype.is_floating_point else torch.float32)
-            stack.extend(c for c in reversed(m._modules.values()) if c is not None)
+    for p in module.parameters():
+        return p.device, (p.dtype if p.dtype.is_floating_point else torch.float32)
+    for b in module.buffers():
+        return b.device, (b.dtype if b.dtype.is_floating_point else torch.float32)
     return torch.device("cpu"), torch.float32
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from whatmatters.core.errors import InputError, MethodError, ModelError, TargetError
-from whatmatters.core.state import autograd_on, guarded, hooks, parameter_device_dtype, preserved
+from whatmatters.core.state import autograd_on, guarded, hooks, preserved
 from whatmatters.core.task import as_indices, check_outputs
 from whatmatters.explain._lrp.canonizers import canonized
 from whatmatters.explain._lrp.composites import Composite, get_composite
@@ -152,7 +152,7 @@ def relevance(
     itself is for a caller that guards the model already (``explain``).
     """
     work, comp = prepare(model, composite, canonize=canonize, rules=rules, **params)
-    device = parameter_device_dtype(work)[0]
+    device = next((p.device for p in work.parameters()), inputs.device)
     targets = _target_rows(target, len(inputs)) if target is not None else None
     size = batch_size or max(len(inputs), 1)
     state: dict = {}
