@@ -167,10 +167,19 @@ class TextTask:
             raise ModelError("internal error: a target was read before the samples' own forward chose it")
         self.target[rows.cpu()[undecided], 0] = logits.detach().argmax(1).cpu()[undecided]
 
+    def undecided(self) -> bool:
+        """Whether some text's class is still to be chosen by the method's forward (``predict``), as ``Task``'s."""
+        return self.predict and bool((self.target < 0).any())
+
     def choose_targets(self) -> None:
         """Every undecided target chosen now, by one prediction (for a method that runs no forward of the samples)."""
-        if self.predict and bool((self.target < 0).any()):
+        if self.undecided():
             self.target = _class_target(self.model, None, self.input_ids, self.attention_mask, self.n)
+
+    def predicted(self) -> None:
+        """Every class chosen (a token scorer flagged ``predicts_target`` that left one undecided is a bug)."""
+        if self.undecided():
+            raise ModelError("internal error: the method did not choose every text's class; please report it")
 
     def slot_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(sample, slot) index of every real target slot, each ``(P,)``, slot by slot (rows of one call
