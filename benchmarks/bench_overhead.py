@@ -186,7 +186,9 @@ def forward_rows(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model(variants.reshape(-1, d))
 
 
-def coalition_rows(model: nn.Module, x: torch.Tensor, evals: int, n_background: int) -> torch.Tensor:
+def coalition_rows(
+    model: nn.Module, x: torch.Tensor, evals: int, n_background: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """KernelSHAP's least work: ``evals`` coalitions per sample, each sample's features inside it and a background
     row's outside, over ``n_background`` rows; their mean per coalition; the two ends' outputs."""
     bg = x[:n_background]
