@@ -18,7 +18,7 @@ ResNet-18 (torchvision's layout, random weights, ``benchmarks/nets.py``) at 96 p
 images. Both sides are timed alternately, best of ``--runs``, one torch thread by default, in
 CPU time of the process (``time.process_time``: on a shared machine other processes' load does not count).
 
-    python benchmarks/bench_overhead.py [--runs 5] [--threads 1] [--quick] [--default-target]
+    python benchmarks/bench_overhead.py [--runs 5] [--threads 1] [--quick] [--default-target] [--only MLP]
 
 ``--default-target`` times instead each method's default call (``target=None``: the predicted class) against
 the same call with the target given, paired the same way: 1.00x means choosing the class cost nothing (it
@@ -303,10 +303,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="only the 96 px ResNet case")
     parser.add_argument("--default-target", action="store_true", help="target=None against the target given")
+    parser.add_argument("--only", default="", help="only the cases whose 'case: method' contains this text")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
     for label, model, x, method, params, minimal in cases(args.quick):
+        if args.only not in f"{label}: {method}":
+            continue
 
         def ours_fn(model=model, x=x, method=method, params=params, target=TARGET) -> Any:
             return wm.explain(model, x, method, target=target, **params)

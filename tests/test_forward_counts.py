@@ -149,3 +149,39 @@ def test_non_finite_outputs_of_the_samples_are_named_when_the_target_is_predicte
     for batch_size in (None, 2):  # the samples are named by their row in the data, whatever the call
         with pytest.raises(wm.ModelError, match=r"NaN or infinite outputs for 1 of 5 samples \(rows 3\)"):
             wm.explain(Broken().eval(), X, "saliency", batch_size=batch_size)
+
+
+def test_cpu_calls_are_capped_to_cache_sized_batches():
+    """On a CPU, path points of a wide MLP go through in calls of CACHE_ROWS rows (not all 16 x 96 at once);
+    batch_size / internal_batch_size still decide when given, and the attributions are the same."""
+    from whatmatters.core.adapters import CACHE_ROWS, wrap
+
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(6, 512), torch.nn.ReLU(), torch.nn.Linear(512, 3)).eval()
+    x = torch.randn(96, 6)
+    assert wrap(mlp).cache_rows() == CACHE_ROWS  # 515 output values per row: 2**18 // 515 < CACHE_ROWS
+    calls: list[int] = []
+    handle = mlp.register_forward_hook(lambda _m, inputs, _o: calls.append(len(inputs[0])))
+    try:
+        capped = wm.explain(mlp, x, "integrated_gradients", target=1, steps=16)
+        path_calls, calls[:] = [c for c in calls if c != 97], []  # (97: both path ends, one no-grad call)
+        whole = wm.explain(mlp, x, "integrated_gradients", target=1, steps=16, internal_batch_size=16 * 96)
+        whole_calls, calls[:] = [c for c in calls if c != 97], []
+        wm.explain(mlp, x, "smoothgrad", target=1, n_samples=16, batch_size=192)
+        given_calls = calls[:]
+    finally:
+        handle.remove()
+    assert path_calls == [CACHE_ROWS // 16 * 16] * 3  # whole paths of 32 samples per call
+    assert whole_calls == [16 * 96]
+    assert given_calls == [192] * 8
+    torch.testing.assert_close(capped.values, whole.values, rtol=1e-5, atol=1e-6)
+
+
+def test_cache_cap_is_for_cpus_and_linear_layers_only():
+    from whatmatters.core.adapters import wrap
+
+    adapted = wrap(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)))
+    assert adapted.cache_rows() == 2**18 // 10
+    adapted._device = torch.device("cuda")  # (no GPU needed: the cap reads only the device's type)
+    assert adapted.cache_rows() is None
+    assert wrap(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())).cache_rows() is None

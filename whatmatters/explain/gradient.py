@@ -3,7 +3,8 @@
 All of them are gradients of the target output with respect to the input, taken in batches of
 rows on the model's device and in its dtype. Rows per forward/backward call are bounded: by
 ``internal_batch_size`` (integrated gradients), else the ``batch_size`` given to ``explain``, else
-about ``ROW_ELEMENTS`` input values per call. The user's inputs are never modified.
+about ``ROW_ELEMENTS`` input values per call (on a CPU, at most as many rows as keep the Linear layers'
+outputs of a call in cache: ``TorchModel.cache_rows``). The user's inputs are never modified.
 """
 
 from __future__ import annotations
@@ -51,14 +52,17 @@ GRADIENT_METHOD: dict[str, Any] = {
 
 
 def rows_per_call(task: Task, row_numel: int, limit: int | None = None) -> int:
-    """Rows per forward/backward call: ``limit`` (checked), else ``batch_size``, else about ``ROW_ELEMENTS`` values."""
+    """Rows per forward/backward call: ``limit`` (checked), else ``batch_size``, else about ``ROW_ELEMENTS`` values
+    (on a CPU at most :meth:`TorchModel.cache_rows`)."""
     if limit is not None:
         if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
             raise MethodError(f"internal_batch_size must be a positive integer, got {limit!r}")
         return limit
     if task.batch_size:
         return int(task.batch_size)
-    return max(1, ROW_ELEMENTS // max(1, row_numel))
+    rows = max(1, ROW_ELEMENTS // max(1, row_numel))
+    cap = task.torch_model.cache_rows()
+    return rows if cap is None else min(rows, cap)
 
 
 def input_gradients(task: Task, x: torch.Tensor, target: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
@@ -299,7 +303,8 @@ def integrated_gradients(
             ``"gausslegendre"`` (captum's default), ``"riemann_trapezoid"``,
             ``"riemann_middle"``, ``"riemann_left"`` or ``"riemann_right"``.
         internal_batch_size: at most this many (sample x step) rows per forward/backward call
-            (default: the ``batch_size`` given to explain, else about ``ROW_ELEMENTS`` input values).
+            (default: the ``batch_size`` given to explain, else about ``ROW_ELEMENTS`` input values, on a
+            CPU at most ``TorchModel.cache_rows()`` rows).
             The path points are built one call at a time, so memory stays bounded for any ``steps``.
 
     ``extra["delta"]`` is the completeness error per sample, ``sum(attributions) - (f(x) - f(baseline))``
