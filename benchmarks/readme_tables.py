@@ -58,7 +58,7 @@ def render(name: str, results: dict[str, Any]) -> str:
     m = results["machine"]
     note = f"; {m['note']}" if m.get("note") else ""
     what = (
-        "added = ours - full cache, per round, CPU time"
+        "added = ours - full cache, per round (its median decoded token), CPU time"
         if name == "kv_eviction"
         else f"ratio: whatmatters / {anchor['reference']}, per round"
     )

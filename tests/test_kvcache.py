@@ -235,6 +235,20 @@ def test_padded_batch_refused_and_hooks_removed_on_error(models, ids):
     assert _n_hooks(model) == hooks
 
 
+def test_padded_mask_refused_on_a_cache_filled_before_the_block(models, ids):
+    """One new token on a cache the hooks have not seen is that cache's first call: its mask is checked too
+    (only later decoding steps on an evicted cache skip the check, their earlier columns were checked)."""
+    from whatmatters.core import hf
+
+    model = models["llama"]
+    with torch.no_grad():
+        cache = model(ids[:1], use_cache=True).past_key_values
+        mask = torch.ones(1, PROMPT + 1, dtype=torch.long)
+        mask[0, :2] = 0
+        with pytest.raises(InputError, match="padded"), evicting_kv(model, "knorm", 0.5):
+            model(ids[:1, :1], attention_mask=mask, use_cache=True, **hf.cache_kwargs(model, cache))
+
+
 def test_evict_scores_bad_input(models):
     with pytest.raises(InputError, match="2-D integer"):
         evict_scores(models["llama"], torch.zeros(5), "knorm")

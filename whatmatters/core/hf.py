@@ -61,10 +61,19 @@ def _cache_type() -> type:
     return Cache
 
 
+_CACHE_NAMES = ("cache", "past_key_values", "past_key_value")  # looked up first (once per layer and token)
+
+
 def find_cache(values: Mapping[str, Any] | Any) -> Any | None:
     """The ``transformers.Cache`` among a call's keyword arguments or a model output (dict or tuple), else None."""
     cache_type = _cache_type()
-    items = values.values() if isinstance(values, Mapping) else values if isinstance(values, (tuple, list)) else ()
+    if isinstance(values, Mapping):
+        for name in _CACHE_NAMES:
+            if isinstance(found := values.get(name), cache_type):
+                return found
+        items = values.values()
+    else:
+        items = values if isinstance(values, (tuple, list)) else ()
     return next((v for v in items if isinstance(v, cache_type)), None)
 
 

@@ -159,18 +159,21 @@ def _model_pre_hook(handle: KVEviction, first_layer: int):
     """Refuse padded batches; give direct calls on an evicted cache their true positions."""
 
     def pre_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
+        cache = hf.find_cache(kwargs)
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        state = handle._layers.get(first_layer)
+        evicted = cache is not None and state is not None and state.cache() is cache
         mask = kwargs.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.ndim == 2 and not bool(mask.bool().all()):
+        # a decoding step's mask holds the checked prompt's and the generated tokens' columns: checked once
+        new_columns = not evicted or not isinstance(ids, torch.Tensor) or ids.shape[-1] != 1
+        if new_columns and isinstance(mask, torch.Tensor) and mask.ndim == 2 and not bool(mask.bool().all()):
             raise InputError(
                 "evicting_kv does not support padded batches (the attention_mask has zeros): evicted caches no "
                 "longer line up with the padding mask. Generate the sequences one at a time or without padding"
             )
-        cache = hf.find_cache(kwargs)
-        ids = kwargs.get("input_ids", args[0] if args else None)
         if isinstance(ids, torch.Tensor) and (cache is None or cache.get_seq_length() == 0):
             hf.token_ids(ids, module)  # the prompt, once: bad ids get an error here, not from the embedding
-        state = handle._layers.get(first_layer)
-        if kwargs.get("position_ids") is None and cache is not None and state is not None and state.cache() is cache:
+        if kwargs.get("position_ids") is None and evicted:
             emb = kwargs.get("inputs_embeds")
             ref = ids if ids is not None else emb
             if ref is not None and cache.get_seq_length() > 0:
