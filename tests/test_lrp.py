@@ -244,8 +244,8 @@ def test_unsigned_input_shortcut_changes_no_relevance(golden, composite, monkeyp
 @pytest.mark.parametrize("layer", ["conv", "linear"])
 def test_stacked_weights_pass_equals_one_pass_per_weight(rule, signed, layer, monkeypatch):
     """z+, alpha-beta, gamma and z-beta run their weights (x+ / x- terms, up / down parts, the bounds' terms) as
-    one stacked layer pass (unsigned z+ and alpha-beta have one weight per part); forcing one pass per weight
-    (as for grouped convolutions) gives the same relevance (float64)."""
+    one stacked layer pass (on unsigned inputs alpha-beta and gamma read ``W x`` off the layer's output and pass
+    ``W+ x`` only); forcing one pass per weight (as for grouped convolutions) gives the same relevance (float64)."""
     from whatmatters.explain._lrp import rules as rules_module
 
     torch.manual_seed(3)
@@ -263,6 +263,21 @@ def test_stacked_weights_pass_equals_one_pass_per_weight(rule, signed, layer, mo
     assert calls or (not signed and rule in ("zplus", "alpha2_beta1")), "the rule did not ask whether its weights stack"
     torch.testing.assert_close(stacked, per_weight, rtol=1e-10, atol=1e-12)
     assert float(stacked.abs().sum()) > 0
+
+
+@pytest.mark.parametrize("rule", ["zplus", "alpha2_beta1", "gamma", "zbox"])
+@pytest.mark.parametrize("signed", [True, False])
+def test_rules_on_token_sequences_are_the_rules_on_their_rows(rule, signed):
+    """A Linear layer on (n, tokens, features) is the same layer on each token's row: its channels are the last
+    dimension, not dimension 1 (a rule that stacked along dimension 1 failed with a shape error there)."""
+    torch.manual_seed(4)
+    layer = nn.Linear(6, 5).double()
+    x = torch.randn(3, 7, 6, dtype=torch.float64)
+    x = x if signed else x.abs()
+    z, g = layer(x).detach(), torch.randn(3, 7, 5, dtype=torch.float64)
+    r = ZBox(-3.0, 3.0) if rule == "zbox" else RULES[rule]()
+    rows = r.backward(layer, x.reshape(-1, 6), z.reshape(-1, 5), g.reshape(-1, 5))
+    torch.testing.assert_close(r.backward(layer, x, z, g), rows.reshape(3, 7, 6), rtol=1e-10, atol=1e-12)
 
 
 @settings(max_examples=50, deadline=None)

@@ -90,6 +90,17 @@ def _lin_t(module: nn.Module, w: Tensor, x: Tensor, s: Tensor) -> Tensor:
     return _jt(lambda t: f(t, w, None), x, s)
 
 
+def _plain(module: nn.Module) -> bool:
+    """A Linear or (not transposed) Conv layer: its output ``z`` is ``f(x, weight, bias)`` of :func:`_affine`."""
+    return isinstance(module, nn.Linear) or (isinstance(module, nn.modules.conv._ConvNd) and not module.transposed)
+
+
+def _from_output(module: nn.Module, x: Tensor) -> bool:
+    """Whether a rule may read ``W x`` off the layer's output instead of a pass of its own: an input without
+    negative entries, and a plain layer whose weights stack (one transposed pass for two weights)."""
+    return _plain(module) and _stackable(module) and not _signed(x)
+
+
 def _signed(x: Tensor) -> bool:
     """Whether a layer input has negative entries (a ReLU network's hidden inputs have none)."""
     return x.numel() > 0 and bool(torch.amin(x) < 0)  # one reduction, no boolean tensor (10x faster on CPU)
@@ -108,6 +119,12 @@ def _by_sign(x: Tensor, at_nonneg: Tensor, at_neg: Tensor | None) -> Tensor:
     input without negative entries needs only that one (``at_neg`` None).
     """
     return at_nonneg if at_neg is None else torch.where(x >= 0, at_nonneg, at_neg)
+
+
+def _ch(module: nn.Module) -> int:
+    """The channel dimension of the layer's inputs and outputs: the last for a Linear (also on token
+    sequences), 1 for a Conv. Weights stack along their own dimension 0 (outputs) or 1 (inputs)."""
+    return -1 if isinstance(module, nn.Linear) else 1
 
 
 def _pos(t: Tensor | None) -> Tensor | None:
@@ -149,8 +166,7 @@ class Epsilon(Rule):
 
     def output_factor(self, module: nn.Module, z: Tensor) -> Tensor | None:
         # W^T (g z / (z + eps sign z)) is the layer's input gradient of the scaled output gradient
-        plain = isinstance(module, nn.Linear) or (isinstance(module, nn.modules.conv._ConvNd) and not module.transposed)
-        return damped(z.detach(), self.epsilon) if plain else None
+        return damped(z.detach(), self.epsilon) if _plain(module) else None
 
 
 @dataclass
@@ -188,7 +204,9 @@ class AlphaBeta(Rule):
         f = _affine(module)
         wp, wn = w.clamp(min=0), w.clamp(max=0)
         r = z * g
-        signed = _signed(x)
+        if self.beta != 0 and _from_output(module, x):
+            return self._unsigned(module, x, z, r, w, wp, _pos(b))
+        signed, ch = _signed(x), _ch(module)
 
         def part(w_pos: Tensor, w_neg: Tensor, bias: Tensor | None, up: bool) -> tuple[Tensor, Tensor | None]:
             """Gradients through ``w_pos x+ + w_neg x- + bias``: at ``x >= 0`` and (signed inputs) at ``x < 0``."""
@@ -200,8 +218,8 @@ class AlphaBeta(Rule):
             if not signed:  # x- = 0: one layer pass and one transposed pass
                 return _lin_t(module, w_pos, x, share(f(x, w_pos, bias))), None
             if _stackable(module):  # [x+, x-] as one input of twice the channels: one pass each way
-                both, w_both = torch.cat([x.clamp(min=0), x.clamp(max=0)], 1), torch.cat([w_pos, w_neg], 1)
-                return _lin_t(module, w_both, both, share(f(both, w_both, bias))).chunk(2, 1)
+                both, w_both = torch.cat([x.clamp(min=0), x.clamp(max=0)], ch), torch.cat([w_pos, w_neg], 1)
+                return _lin_t(module, w_both, both, share(f(both, w_both, bias))).chunk(2, ch)
             s = share(f(x.clamp(min=0), w_pos, bias) + f(x.clamp(max=0), w_neg, None))
             return _lin_t(module, w_pos, x, s), _lin_t(module, w_neg, x, s)
 
@@ -211,6 +229,17 @@ class AlphaBeta(Rule):
         down, down_neg = part(wn, wp, _neg(b), False)
         neg = None if up_neg is None else self.alpha * up_neg - self.beta * down_neg
         return _by_sign(x, self.alpha * up - self.beta * down, neg)
+
+    def _unsigned(
+        self, module: nn.Module, x: Tensor, z: Tensor, r: Tensor, w: Tensor, wp: Tensor, bp: Tensor | None
+    ) -> Tensor:
+        """``x >= 0``: the negative part is ``z`` minus the positive one, and ``W-^T s = W^T s - W+^T s``, so one
+        layer pass (``W+ x + b+``) and one transposed pass of ``[W+; W]`` (twice the outputs)."""
+        zp = _affine(module)(x, wp, bp)
+        s_down = r / stabilize(z - zp, self.stabilizer)
+        s_up = r.div_(zp.add_(self.stabilizer))  # the up part has no negative terms: its stabilizer is + eps
+        s = torch.cat([torch.add(s_up.mul_(self.alpha), s_down, alpha=self.beta), s_down.mul_(-self.beta)], _ch(module))
+        return _lin_t(module, torch.cat([wp, w]), x, s)
 
 
 def ZPlus(stabilizer: float = 1e-6) -> AlphaBeta:
@@ -236,18 +265,21 @@ class Gamma(Rule):
         bu = None if b is None else b + self.gamma * b.clamp(min=0)
         bd = None if b is None else b + self.gamma * b.clamp(max=0)
         r = z * g
+        ch = _ch(module)
+        if _from_output(module, x):  # z = W+ x + b+ + W- x + b-: only W+ x + b+ needs a pass
+            return self._unsigned(module, x, z, r, w, f(x, w.clamp(min=0), _pos(b)))
         signed = _signed(x)
         if _stackable(module):  # both parts as one layer of twice the outputs: one pass each way
             inp, w_up, w_down = x, wu, wd
             if signed:  # and [x+, x-] as one input of twice the channels
-                inp = torch.cat([x.clamp(min=0), x.clamp(max=0)], 1)
+                inp = torch.cat([x.clamp(min=0), x.clamp(max=0)], ch)
                 w_up, w_down = torch.cat([wu, wd], 1), torch.cat([wd, wu], 1)
             w2 = torch.cat([w_up, w_down])
-            zu, zd = f(inp, w2, None if b is None else torch.cat([bu, bd])).chunk(2, 1)
+            zu, zd = f(inp, w2, None if b is None else torch.cat([bu, bd])).chunk(2, ch)
             up = r * (z > 0) / stabilize(zu, self.stabilizer)
             down = r * (z < 0) / stabilize(zd, self.stabilizer)
-            g_in = _lin_t(module, w2, inp, torch.cat([up, down], 1))
-            return _by_sign(x, *g_in.chunk(2, 1)) if signed else g_in
+            g_in = _lin_t(module, w2, inp, torch.cat([up, down], ch))
+            return _by_sign(x, *g_in.chunk(2, ch)) if signed else g_in
         if not signed:  # x- = 0: the x- terms vanish
             up = r * (z > 0) / stabilize(f(x, wu, bu), self.stabilizer)
             down = r * (z < 0) / stabilize(f(x, wd, bd), self.stabilizer)
@@ -258,6 +290,19 @@ class Gamma(Rule):
         g_pos = _lin_t(module, wu, x, up) + _lin_t(module, wd, x, down)
         g_neg = _lin_t(module, wd, x, up) + _lin_t(module, wu, x, down)
         return _by_sign(x, g_pos, g_neg)
+
+    def _unsigned(self, module: nn.Module, x: Tensor, z: Tensor, r: Tensor, w: Tensor, zp: Tensor) -> Tensor:
+        """``x >= 0``, ``zp = W+ x + b+``: where ``z > 0`` the up part ``z + gamma zp`` (positive), elsewhere the
+        down part ``z + gamma (z - zp)`` (negative, so its stabiliser is ``- eps``) share ``r``; then
+        ``wu^T up + wd^T down = W^T (up + (1 + gamma) down) + gamma W+^T (up - down)``: one transposed pass of
+        ``[W; W+]``. (The parts' supports are disjoint: one quotient ``q`` serves both.)"""
+        gamma, eps = self.gamma, self.stabilizer
+        up = z > 0
+        a = torch.add(z, zp, alpha=gamma)
+        den = torch.where(up, a.add_(eps), torch.sub(z, zp, alpha=gamma / (1 + gamma)).mul_(1 + gamma).sub_(eps))
+        q = r.div_(den)
+        s = torch.cat([torch.where(up, q, q * (1 + gamma)), torch.where(up, q, -q).mul_(gamma)], _ch(module))
+        return _lin_t(module, torch.cat([w, w.clamp(min=0)]), x, s)
 
 
 @dataclass
@@ -280,10 +325,10 @@ class ZBox(Rule):
         low = torch.as_tensor(self.low, dtype=x.dtype, device=x.device).expand_as(x[0]).expand_as(x)
         high = torch.as_tensor(self.high, dtype=x.dtype, device=x.device).expand_as(x[0]).expand_as(x)
         if _stackable(module):  # [x, l, h] as one input of three times the channels: one pass each way
-            inp, w3 = torch.cat([x, low, high], 1), torch.cat([w, -wp, -wn], 1)
-            g_x, g_low, g_high = _lin_t(module, w3, inp, z * g / stabilize(f(inp, w3, None), self.stabilizer)).chunk(
-                3, 1
-            )
+            ch = _ch(module)
+            inp, w3 = torch.cat([x, low, high], ch), torch.cat([w, -wp, -wn], 1)
+            s = z * g / stabilize(f(inp, w3, None), self.stabilizer)
+            g_x, g_low, g_high = _lin_t(module, w3, inp, s).chunk(3, ch)
             return x * g_x + low * g_low + high * g_high
         zz = f(x, w, None) - f(low, wp, None) - f(high, wn, None)
         s = z * g / stabilize(zz, self.stabilizer)
