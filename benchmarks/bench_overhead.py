@@ -1,15 +1,15 @@
 """What a score costs beyond the model's own work: ``wm.explain`` time / the minimal torch work, per method.
 
-The minimal work is written by hand for each method: one forward + one backward to the input (saliency,
-gradient x input); the same with each Linear / Conv / average-pool output gradient scaled by
-``|z| / (|z| + eps)`` (LRP-epsilon, on a BatchNorm-folded copy made once); the inputs and their zero reference
-(one shared row) in one batch with each ReLU's and max pool's gradient replaced by its DeepLIFT multiplier
-(rescale rule, captum's max-pool rule); for both of these also the plain forward + backward (rows "vs plain
-forward+backward"); ``steps`` x rows of forward + backward in one batch (integrated gradients, SmoothGrad); a
-forward + the backward from the class score to the CAM layer only (the Grad-CAM family); one forward to the
-layer + one SVD of its activations (Eigen-CAM); one batched forward over all perturbed rows (ablation); the
-coalition rows of KernelSHAP (each sample's features inside a coalition, a background row's outside), in calls
-of 4096 rows, and their mean per coalition (``kernel_shap``, linear estimator: its regression is on top).
+The minimal work is written by hand for each method: one forward + one backward to the input (saliency, gradient x
+input); the same with each Linear / Conv / average-pool output gradient scaled by ``|z| / (|z| + eps)``
+(LRP-epsilon, on a BatchNorm-folded copy made once); the inputs and their zero reference (one shared row) in one
+batch with each ReLU's and max pool's gradient replaced by its DeepLIFT multiplier (rescale rule, captum's max-pool
+rule); for both of these also the plain forward + backward (rows "vs plain forward+backward"); ``steps`` x rows of
+forward + backward in calls of 512 rows (integrated gradients, SmoothGrad); a forward + the backward from the class
+score to the CAM layer only (the Grad-CAM family); one forward to the layer + one SVD of its activations
+(Eigen-CAM); one batched forward over all perturbed rows (ablation); the coalition rows of KernelSHAP (each
+sample's features inside a coalition, a background row's outside), in calls of 4096 rows, and their mean per
+coalition (``kernel_shap``, linear estimator: its regression is on top).
 Token attribution of MiniLM (a linear head on all-MiniLM-L6-v2, 32 sentences): the tokenized sentences' word
 embeddings (``steps`` scaled copies for integrated gradients) through the model, one backward to them;
 captum and inseq are compared in ``bench_text_attribution.py`` / ``bench_text_generation.py``. Cases: an MLP on
@@ -174,8 +174,11 @@ def layer_output(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.T
     return seen["a"]
 
 
-def batched_gradient(model: nn.Module, x: torch.Tensor, steps: int) -> torch.Tensor:
-    return input_gradient(model, x.repeat(steps, *[1] * (x.ndim - 1)))
+def batched_gradient(model: nn.Module, x: torch.Tensor, steps: int, rows: int = 512) -> torch.Tensor:
+    """``steps`` copies of every row, forward + backward in calls of ``rows`` (512 keeps a call of the MLP in
+    cache; one call of all 4096 rows took 1.0-1.5x as long over rounds, depending on where its memory landed)."""
+    copies = x.repeat(steps, *[1] * (x.ndim - 1))
+    return torch.cat([input_gradient(model, copies[i : i + rows]) for i in range(0, len(copies), rows)])
 
 
 def forward_rows(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
