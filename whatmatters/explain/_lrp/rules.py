@@ -97,8 +97,9 @@ def _plain(module: nn.Module) -> bool:
 
 def _from_output(module: nn.Module, x: Tensor) -> bool:
     """Whether a rule may read ``W x`` off the layer's output instead of a pass of its own: an input without
-    negative entries, and a plain layer whose weights stack (one transposed pass for two weights)."""
-    return _plain(module) and _stackable(module) and not _signed(x)
+    negative entries, and a torch Linear / Conv itself (a subclass may compute its output otherwise) whose weights
+    stack (one transposed pass for two weights)."""
+    return type(module) in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d) and _stackable(module) and not _signed(x)
 
 
 def _signed(x: Tensor) -> bool:
