@@ -279,6 +279,28 @@ def test_a_text_classifier_chooses_its_class_in_the_methods_own_forward(method, 
     finally:
         handle.remove()
     assert len(seen) == calls
-    given = wm.explain(model, ids, method, target=predicted.tolist(), **params)
+    seen.clear()
+    handle = model.register_forward_pre_hook(lambda _m, _a: seen.append(1))
+    try:
+        given = wm.explain(model, ids, method, target=predicted.tolist(), **params)
+    finally:
+        handle.remove()
+    assert len(seen) == calls  # a given class is checked on the method's own first call: no probe row
     assert chosen.target == given.target == predicted.tolist()
     torch.testing.assert_close(chosen.values, given.values)
+
+
+@pytest.mark.parametrize("method", ["saliency", "occlusion", "attention_rollout"])
+def test_a_given_class_out_of_range_is_refused_with_or_without_a_probe_row(method):
+    """A method that reads the classifier's outputs checks a given class on its first call; one that does not
+    choose classes from its own forward (attention rollout) keeps the probe row of the task's creation."""
+    from text_toys import KeyClassifier, key_rows
+
+    from whatmatters.core.errors import TargetError
+
+    model = KeyClassifier().eval()
+    ids, _ = key_rows(3)
+    with pytest.raises(TargetError, match="out of range: the classifier has 2 classes"):
+        wm.explain(model, ids, method, target=[0, 1, 5])
+    with pytest.raises(TargetError, match="out of range: class indices are 0 or more"):
+        wm.explain(model, ids, method, target=-1)

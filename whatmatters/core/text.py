@@ -60,6 +60,7 @@ class TextTask:
     progress: bool | None = None
     generated: bool = False
     predict: bool = False  # a classifier's target=None: targets -1 until the method's own forward chooses them
+    unchecked: bool = False  # a classifier's given target, checked against the outputs of the method's first call
 
     unit = "token"
 
@@ -132,6 +133,9 @@ class TextTask:
         if self.kind == "classifier":
             with replaced_output(self.embedding, embeds):
                 logits = _logits(self.model(input_ids=ids.to(device), attention_mask=mask.to(device)), 2)
+            if self.unchecked:
+                _check_classes(self.target[:, 0], int(logits.shape[1]))
+                self.unchecked = False
             if self.predict:
                 self._choose(rows, logits, own)
             out = logits.gather(1, self.target[rows].to(device))  # (r, 1)
@@ -177,7 +181,11 @@ class TextTask:
             self.target = _class_target(self.model, None, self.input_ids, self.attention_mask, self.n)
 
     def predicted(self) -> None:
-        """Every class chosen (a token scorer flagged ``predicts_target`` that left one undecided is a bug)."""
+        """Every class chosen (a token scorer flagged ``predicts_target`` that left one undecided is a bug), and a
+        given one checked (by one probe row if the method never read the classifier's outputs)."""
+        if self.unchecked:
+            _class_target(self.model, self.target[:, 0], self.input_ids[:1], self.attention_mask[:1], self.n)
+            self.unchecked = False
         if self.undecided():
             raise ModelError("internal error: the method did not choose every text's class; please report it")
 
@@ -472,8 +480,12 @@ def make_text_task(
         words = [w[: len(r)] for w, r in zip(words, rows)]
         ids, mask = _pad(rows, pad, left=False)
         predict = predicts_target and target is None
-        tgt = torch.full((n, 1), -1) if predict else _class_target(model, target, ids, mask, n)
+        if predict:
+            tgt = torch.full((n, 1), -1)
+        else:  # a method that reads the texts' outputs checks a given class on its first call: no probe row
+            tgt = _given_classes(target, n) if predicts_target else _class_target(model, target, ids, mask, n)
         task = TextTask(model, ids, mask, tgt, torch.ones_like(tgt, dtype=torch.bool), "classifier", predict=predict)
+        task.unchecked = predicts_target and not predict
         return _finish(task, rows, words, tokenizer, output, seed, batch_size, progress)
     if target is None and generate is None:
         raise TargetError("a causal LM explains a continuation: pass target=['continuation', ...] or generate=N")
@@ -527,15 +539,29 @@ def _class_target(model: nn.Module, target: Any, ids: torch.Tensor, mask: torch.
             .argmax(1)
             .cpu()[:, None]
         )
-    n_out = int(logits(slice(0, 1)).shape[1])
+    tgt = _given_classes(target, n)
+    _check_classes(tgt[:, 0], int(logits(slice(0, 1)).shape[1]))
+    return tgt
+
+
+def _given_classes(target: Any, n: int) -> torch.Tensor:
+    """A given class per text as ``(n, 1)`` indices (one index or one per text; none negative)."""
     tgt = as_indices(target)
     tgt = tgt.expand(n).clone() if tgt.ndim == 0 else tgt
     if tgt.shape != (n,):
         raise TargetError(f"target has shape {tuple(tgt.shape)}; give one class index or one per text ({n})")
-    if bool((tgt < 0).any() or (tgt >= n_out).any()):
-        bad = int(tgt[(tgt < 0) | (tgt >= n_out)][0])
-        raise TargetError(f"target {bad} is out of range: the classifier has {n_out} classes, indices 0..{n_out - 1}")
+    _check_classes(tgt, None)
     return tgt[:, None]
+
+
+def _check_classes(tgt: torch.Tensor, n_out: int | None) -> None:
+    """Every class index non-negative and (``n_out`` known) below the classifier's output count."""
+    bad = (tgt < 0) if n_out is None else (tgt < 0) | (tgt >= n_out)
+    if bool(bad.any()):
+        value = int(tgt[bad][0])
+        if n_out is None:
+            raise TargetError(f"target {value} is out of range: class indices are 0 or more")
+        raise TargetError(f"target {value} is out of range: the classifier has {n_out} classes, indices 0..{n_out - 1}")
 
 
 def _finish(
