@@ -278,15 +278,21 @@ def path_sum(
             path = b.unsqueeze(1) + alphas.view(1, steps, *ones) * (x - b).unsqueeze(1)  # (m, steps, *shape)
             index = torch.arange(s.start, s.start + m).repeat_interleave(steps)
             grads = grad_at(path.flatten(0, 1), index)
-            add(s, (weights.to(grads.dtype) @ grads.reshape(m, steps, -1)).view(m, *grads.shape[1:]), True)
+            add(s, _step_sum(grads, weights, m), True)
     else:  # one sample's path spans several calls
         pieces = [(i, k) for i in range(n) for k in row_slices(steps, rows)]
         for i, k in progress_bar(pieces, len(pieces), description, task.progress):
             x, b = ends[i : i + 1], start_of(slice(i, i + 1))
             path = b + alphas[k].view(-1, *ones) * (x - b)
             grads = grad_at(path, torch.full((len(path),), i))
-            add(i, (weights[k].to(grads.dtype) @ grads.reshape(len(grads), -1)).view(grads.shape[1:]), k.start == 0)
+            add(i, _step_sum(grads, weights[k], 1)[0], k.start == 0)
     return total
+
+
+def _step_sum(grads: torch.Tensor, weights: torch.Tensor, m: int) -> torch.Tensor:
+    """``(m, *shape)``: the ``weights``-weighted sum over each sample's ``len(weights)`` consecutive rows of
+    ``grads`` (one matrix product)."""
+    return (weights.to(grads.dtype) @ grads.reshape(m, len(weights), -1)).view(m, *grads.shape[1:])
 
 
 @scorer("integrated_gradients", aliases=("ig",), predicts_target=True, **GRADIENT_METHOD)

@@ -214,11 +214,10 @@ def token_integrated_gradients(
 def _all_scores(task: TextTask, embeds: torch.Tensor | None) -> torch.Tensor:
     """``(n, T)`` target outputs of every sample (with ``embeds``: those word embeddings), no gradients.
     Without ``embeds`` the rows are the samples themselves: they choose a classifier's undecided classes."""
-    outs = []
+    outs, own = [], embeds is None
     with torch.no_grad():
         for s in row_slices(task.n, task.rows_per_call()):
             rows = torch.arange(s.start, s.stop)
-            own = embeds is None
             outs.append(task.scores(rows, embeds=None if own else embeds[s], own=own).float().cpu())
     return torch.cat(outs)
 

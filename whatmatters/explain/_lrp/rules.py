@@ -95,11 +95,11 @@ def _plain(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (isinstance(module, nn.modules.conv._ConvNd) and not module.transposed)
 
 
-def _from_output(module: nn.Module, x: Tensor) -> bool:
+def _from_output(module: nn.Module, signed: bool) -> bool:
     """Whether a rule may read ``W x`` off the layer's output instead of a pass of its own: an input without
-    negative entries, and a torch Linear / Conv itself (a subclass may compute its output otherwise) whose weights
-    stack (one transposed pass for two weights)."""
-    return type(module) in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d) and _stackable(module) and not _signed(x)
+    negative entries (not ``signed``), and a torch Linear / Conv itself (a subclass may compute its output
+    otherwise) whose weights stack (one transposed pass for two weights)."""
+    return not signed and type(module) in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d) and _stackable(module)
 
 
 def _signed(x: Tensor) -> bool:
@@ -202,12 +202,12 @@ class AlphaBeta(Rule):
 
     def backward(self, module: nn.Module, x: Tensor, z: Tensor, g: Tensor) -> Tensor:
         w, b = _params(module)
-        f = _affine(module)
-        wp, wn = w.clamp(min=0), w.clamp(max=0)
         r = z * g
-        if self.beta != 0 and _from_output(module, x):
-            return self._unsigned(module, x, z, r, w, wp, _pos(b))
-        signed, ch = _signed(x), _ch(module)
+        signed = _signed(x)
+        if self.beta != 0 and _from_output(module, signed):
+            return self._unsigned(module, x, z, r, w, _pos(b))
+        f, ch = _affine(module), _ch(module)
+        wp, wn = w.clamp(min=0), w.clamp(max=0)
 
         def part(w_pos: Tensor, w_neg: Tensor, bias: Tensor | None, up: bool) -> tuple[Tensor, Tensor | None]:
             """Gradients through ``w_pos x+ + w_neg x- + bias``: at ``x >= 0`` and (signed inputs) at ``x < 0``."""
@@ -231,11 +231,10 @@ class AlphaBeta(Rule):
         neg = None if up_neg is None else self.alpha * up_neg - self.beta * down_neg
         return _by_sign(x, self.alpha * up - self.beta * down, neg)
 
-    def _unsigned(
-        self, module: nn.Module, x: Tensor, z: Tensor, r: Tensor, w: Tensor, wp: Tensor, bp: Tensor | None
-    ) -> Tensor:
+    def _unsigned(self, module: nn.Module, x: Tensor, z: Tensor, r: Tensor, w: Tensor, bp: Tensor | None) -> Tensor:
         """``x >= 0``: the negative part is ``z`` minus the positive one, and ``W-^T s = W^T s - W+^T s``, so one
         layer pass (``W+ x + b+``) and one transposed pass of ``[W+; W]`` (twice the outputs)."""
+        wp = w.clamp(min=0)
         zp = _affine(module)(x, wp, bp)
         s_down = r / stabilize(z - zp, self.stabilizer)
         s_up = r.div_(zp.add_(self.stabilizer))  # the up part has no negative terms: its stabilizer is + eps
@@ -262,14 +261,14 @@ class Gamma(Rule):
     def backward(self, module: nn.Module, x: Tensor, z: Tensor, g: Tensor) -> Tensor:
         w, b = _params(module)
         f = _affine(module)
+        r = z * g
+        signed = _signed(x)
+        if _from_output(module, signed):  # z = W+ x + b+ + W- x + b-: only W+ x + b+ needs a pass
+            return self._unsigned(module, x, z, r, w, f(x, w.clamp(min=0), _pos(b)))
         wu, wd = w + self.gamma * w.clamp(min=0), w + self.gamma * w.clamp(max=0)
         bu = None if b is None else b + self.gamma * b.clamp(min=0)
         bd = None if b is None else b + self.gamma * b.clamp(max=0)
-        r = z * g
         ch = _ch(module)
-        if _from_output(module, x):  # z = W+ x + b+ + W- x + b-: only W+ x + b+ needs a pass
-            return self._unsigned(module, x, z, r, w, f(x, w.clamp(min=0), _pos(b)))
-        signed = _signed(x)
         if _stackable(module):  # both parts as one layer of twice the outputs: one pass each way
             inp, w_up, w_down = x, wu, wd
             if signed:  # and [x+, x-] as one input of twice the channels
